@@ -1,1 +1,72 @@
-//! placeholder
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+//! Genesys Cloud OAuth for tower HTTP clients, as one layer.
+//!
+//! `genesys-auth-layer` obtains client-credentials tokens, attaches them to the requests your
+//! client sends to the Genesys Cloud API, refreshes them before they expire, and refreshes
+//! and replays a request once when the API answers 401, so that a thousand concurrent 401s
+//! cost one token request.
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use genesys_auth_layer::{default_client::https_client, GenesysAuth, Region};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # async fn demo() -> Result<(), tower::BoxError> {
+//! let auth = GenesysAuth::client_credentials("client-id", "client-secret")
+//!     .region(Region::EuWest1)
+//!     .build_with_default_client()?;
+//! let client = ServiceBuilder::new()
+//!     .layer(auth.layers())
+//!     .service(https_client::<Full<Bytes>>());
+//! let request = http::Request::get("https://api.mypurecloud.ie/api/v2/organizations/me")
+//!     .body(Full::default())?;
+//! let response = client.oneshot(request).await?;
+//! println!("{}", response.status());
+//! # Ok(()) }
+//! ```
+//!
+//! # Pieces
+//!
+//! | piece | what it does |
+//! | --- | --- |
+//! | [`Region`], [`Endpoints`] | where tokens come from and which origin they are for |
+//! | [`Credentials`] | client id and secret (redacted, zeroized) |
+//! | [`TokenSource`], [`ClientCredentials`] | one token request |
+//! | [`TokenCache`] | lock-free reads, single-flight refresh, refresh ahead, backoff |
+//! | [`AuthLayer`], [`AuthService`] | attach the token to in-scope requests |
+//! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once |
+//! | [`GenesysAuth`] | all of the above, built in a few lines |
+//!
+//! # Order of layers
+//!
+//! The retry layer must sit *outside* the auth layer so the replayed request passes through
+//! [`AuthService`] again and gets the new token; [`GenesysAuth::layers`] stacks them so.
+
+mod auth;
+mod cache;
+mod credentials;
+#[cfg(feature = "default-client")]
+pub mod default_client;
+mod error;
+mod genesys;
+mod region;
+mod retry;
+mod source;
+mod token;
+
+pub use auth::{AuthLayer, AuthService, ResponseFuture, Scope};
+pub use cache::{
+    CacheConfig, CacheStats, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL,
+    DEFAULT_BACKOFF_MAX, DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD,
+    DEFAULT_REFRESH_AHEAD_FRACTION, DEFAULT_REFRESH_JITTER,
+};
+pub use credentials::{ClientId, ClientSecret, Credentials};
+pub use error::{AuthError, ConfigError, InvalidTokenResponse, OAuthErrorCode};
+pub use genesys::{GenesysAuth, GenesysAuthBuilder};
+pub use region::{Endpoints, Region, UnknownRegion};
+pub use retry::{RefreshOn401, ReplayableBody};
+pub use source::{parse, BoxFuture, ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
+pub use token::{IssuedToken, Token, TokenGeneration};

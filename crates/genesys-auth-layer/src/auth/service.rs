@@ -1,0 +1,86 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use tower::{BoxError, Service};
+
+use super::{ResponseFuture, Shared};
+
+/// Attaches `Authorization: Bearer …` to in-scope requests.
+///
+/// * With a valid token cached, `call` takes no lock and allocates nothing beyond the
+///   header insert.
+/// * With none (first call, expiry, or right after a 401), the request waits for the one
+///   refresh in flight; a failed refresh comes back as an [`AuthError`](crate::AuthError)
+///   boxed in the service error.
+/// * Requests outside the [`Scope`](crate::Scope), or with their own `Authorization`,
+///   pass through untouched.
+/// * A `401` answer to a request it authorized carries the
+///   [`TokenGeneration`](crate::TokenGeneration) it sent in its extensions.
+///
+/// Errors of the inner service are boxed into [`BoxError`] unchanged.
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S> AuthService<S> {
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        if !self.shared.scope.applies_to(&request) {
+            return ResponseFuture::called(self.inner.call(request), None);
+        }
+        match self.shared.cache.fresh_header() {
+            Some((header, generation)) => {
+                request.headers_mut().insert(AUTHORIZATION, header);
+                ResponseFuture::called(self.inner.call(request), Some(generation))
+            }
+            None => {
+                // The ready service goes into the future, which calls it once a token is
+                // there; this service keeps a fresh clone (tower's usual hand-off).
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let cache = self.shared.cache.clone();
+                tracing::debug!(
+                    target: "genesys_auth_layer::auth",
+                    "no valid token cached; request waits for one"
+                );
+                ResponseFuture::waiting(
+                    Box::pin(async move { cache.token().await }),
+                    ready,
+                    request,
+                )
+            }
+        }
+    }
+}

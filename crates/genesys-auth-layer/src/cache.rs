@@ -1,0 +1,897 @@
+//! The token cell.
+//!
+//! This module owns [`TokenCache`]: the current token in an `arc-swap` cell that requests
+//! read without a lock, and the slow path that replaces it: single-flight refresh with a
+//! shared outcome, refresh ahead of expiry, generation-scoped invalidation after a 401, and
+//! backoff after failures. It must never hold a lock across an `.await`, never let two token
+//! requests be in flight at once, and never let a caller wait without a bound.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::AuthError;
+use crate::source::TokenSource;
+use crate::token::{Token, TokenGeneration};
+
+/// Refresh at least this long before expiry. Genesys tokens live for hours; a minute
+/// covers a slow token endpoint, a retry or two, and clock drift between hosts.
+pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(60);
+/// ... or this share of the token's lifetime, if larger (10 %: 2.4 h of a 24 h token).
+pub const DEFAULT_REFRESH_AHEAD_FRACTION: f64 = 0.10;
+/// Up to this share of the refresh window is added at random, so that a fleet started
+/// together does not refresh in lock-step.
+pub const DEFAULT_REFRESH_JITTER: f64 = 0.25;
+/// How long one token request may take, body included. Every caller waiting on a refresh
+/// gets an answer within this bound.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// First wait after a failed token request; doubled per consecutive failure.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Longest wait between failed token requests, also the cap on an honoured `Retry-After`:
+/// a misconfigured client is retried once a minute, not in a loop, yet recovers without a
+/// restart once it is fixed.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How a [`TokenCache`] refreshes and backs off. Every field has a documented default.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::CacheConfig;
+///
+/// let config = CacheConfig::default()
+///     .refresh_ahead(Duration::from_secs(120), 0.2)
+///     .fetch_timeout(Duration::from_secs(5))
+///     .backoff(Duration::from_millis(500), Duration::from_secs(30));
+/// assert_eq!(config.fetch_timeout_value(), Duration::from_secs(5));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheConfig {
+    refresh_ahead: Duration,
+    refresh_ahead_fraction: f64,
+    refresh_jitter: f64,
+    fetch_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            refresh_ahead_fraction: DEFAULT_REFRESH_AHEAD_FRACTION,
+            refresh_jitter: DEFAULT_REFRESH_JITTER,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Refresh once the remaining life is under `max(at_least, fraction × lifetime)`, but
+    /// never earlier than half-way through the lifetime. `fraction` is clamped to `0..=0.5`.
+    pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
+        self.refresh_ahead = at_least;
+        self.refresh_ahead_fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 0.5)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// The share of the refresh window added at random (`0` for none; clamped to `0..=1`).
+    pub fn refresh_jitter(mut self, share: f64) -> Self {
+        self.refresh_jitter = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// Bounds one token request, body included.
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
+    }
+
+    /// The configured fetch timeout.
+    pub fn fetch_timeout_value(&self) -> Duration {
+        self.fetch_timeout
+    }
+
+    /// Exponential backoff between failed token requests: `initial`, doubling, capped at
+    /// `max` (which also caps an honoured `Retry-After`).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max.max(initial);
+        self
+    }
+
+    /// How long before expiry a token of `lifetime` starts being refreshed.
+    fn refresh_window(&self, lifetime: Duration) -> Duration {
+        let base = self
+            .refresh_ahead
+            .max(lifetime.mul_f64(self.refresh_ahead_fraction));
+        let jittered = base + base.mul_f64(self.refresh_jitter * random_fraction());
+        jittered.min(lifetime / 2)
+    }
+
+    /// How long to wait after the `consecutive`-th failure in a row.
+    fn backoff_after(&self, consecutive: u32, error: &AuthError) -> Duration {
+        if let Some(asked) = error.retry_after() {
+            return asked.min(self.backoff_max);
+        }
+        let doubled = self
+            .backoff_initial
+            .saturating_mul(1u32 << consecutive.saturating_sub(1).min(20));
+        let capped = doubled.min(self.backoff_max);
+        // "Equal jitter": between half and all of the exponential value.
+        capped / 2 + (capped / 2).mul_f64(random_fraction())
+    }
+}
+
+/// A uniform number in `[0, 1)`, from the standard library's randomly keyed hasher: jitter
+/// needs spread, not cryptographic quality, and this keeps `rand` out of the build.
+fn random_fraction() -> f64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Why a token was requested; recorded in tracing events and counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshReason {
+    /// No token was cached, or it had expired: the caller waits.
+    Initial,
+    /// The token entered its refresh window; requests keep using it meanwhile.
+    AheadOfExpiry,
+    /// The API answered 401 for the current token.
+    After401,
+}
+
+impl RefreshReason {
+    /// A stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initial => "initial",
+            Self::AheadOfExpiry => "ahead-of-expiry",
+            Self::After401 => "after-401",
+        }
+    }
+}
+
+/// A snapshot of a cache's counters. Cheap: a handful of relaxed atomic loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Token requests started (successful or not).
+    pub token_requests: u64,
+    /// Tokens obtained.
+    pub tokens_fetched: u64,
+    /// Token requests that failed.
+    pub fetch_failures: u64,
+    /// Requests that found no usable token and had to wait for one.
+    pub waited_for_token: u64,
+    /// 401 answers that asked the cache for a newer token.
+    pub unauthorized_reported: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicU64,
+    tokens_fetched: AtomicU64,
+    fetch_failures: AtomicU64,
+    waited_for_token: AtomicU64,
+    unauthorized_reported: AtomicU64,
+}
+
+type Outcome = Result<Arc<Token>, AuthError>;
+
+/// The slow-path state, behind a mutex that is only ever held for a few instructions.
+struct RefreshState {
+    /// The refresh in flight, if any; its receivers see its outcome.
+    in_flight: Option<watch::Receiver<Option<Outcome>>>,
+    /// The last failure, while the next attempt is not due.
+    failure: Option<Failure>,
+    last_generation: u64,
+}
+
+struct Failure {
+    error: Arc<AuthError>,
+    consecutive: u32,
+    retry_at: Instant,
+}
+
+struct Inner {
+    current: ArcSwapOption<Token>,
+    state: Mutex<RefreshState>,
+    source: Box<dyn TokenSource>,
+    config: CacheConfig,
+    counters: Counters,
+}
+
+/// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
+///
+/// Cloning is cheap and every clone shares the same token. Reading a valid token takes no
+/// lock (`ArcSwap::load`). When a token is missing or expired, one request goes to the
+/// token endpoint and every caller awaits its outcome; once a token enters its refresh
+/// window, a background refresh starts while requests keep using it.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{BoxFuture, AuthError, CacheConfig, IssuedToken, TokenCache, TokenSource};
+///
+/// struct Fixed;
+/// impl TokenSource for Fixed {
+///     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+///         Box::pin(async { Ok(IssuedToken::bearer("t", Duration::from_secs(3600)).unwrap()) })
+///     }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let cache = TokenCache::new(Fixed, CacheConfig::default());
+/// let token = cache.token().await?;
+/// assert_eq!(token.generation().0, 1);
+/// assert_eq!(cache.stats().token_requests, 1);
+/// cache.token().await?; // cached: no second request
+/// assert_eq!(cache.stats().token_requests, 1);
+/// # Ok::<(), AuthError>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+impl TokenCache {
+    /// A cache that obtains its tokens from `source`.
+    pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                current: ArcSwapOption::empty(),
+                state: Mutex::new(RefreshState {
+                    in_flight: None,
+                    failure: None,
+                    last_generation: 0,
+                }),
+                source: Box::new(source),
+                config,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The hot path: the header and generation of a token valid now, if there is one.
+    ///
+    /// Takes no lock and allocates nothing (a `HeaderValue` clone is a reference-count
+    /// increment). Once the token is inside its refresh window it also starts a background
+    /// refresh, unless one is running or backoff forbids it.
+    pub(crate) fn fresh_header(&self) -> Option<(HeaderValue, TokenGeneration)> {
+        let guard = self.inner.current.load();
+        let token = guard.as_deref()?;
+        let now = Instant::now();
+        if now >= token.expires_at() {
+            return None;
+        }
+        if now >= token.refresh_at() {
+            self.refresh_ahead(now);
+        }
+        Some((token.header().clone(), token.generation()))
+    }
+
+    /// A token valid now: the cached one, or a fresh one after waiting for the single
+    /// refresh in flight (starting it if needed).
+    ///
+    /// Fails with the refresh's error (shared by all its waiters) or, while a backoff after
+    /// a failure runs, at once with [`AuthError::BackingOff`].
+    pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
+        let now = Instant::now();
+        if let Some(token) = self.inner.current.load_full() {
+            if token.is_valid_at(now) {
+                if now >= token.refresh_at() {
+                    self.refresh_ahead(now);
+                }
+                return Ok(token);
+            }
+        }
+        self.wait_for_token(RefreshReason::Initial, None).await
+    }
+
+    /// Reports that the API answered 401 for a token of `generation`, and returns a token
+    /// newer than it.
+    ///
+    /// If `generation` is still current, it is dropped and one refresh starts; a 401 for an
+    /// older generation (it arrived after a refresh) causes no token request at all. Any
+    /// number of concurrent calls for the same generation cause at most one token request.
+    pub async fn refresh_after_401(
+        &self,
+        generation: TokenGeneration,
+    ) -> Result<Arc<Token>, AuthError> {
+        self.inner
+            .counters
+            .unauthorized_reported
+            .fetch_add(1, Ordering::Relaxed);
+        self.wait_for_token(RefreshReason::After401, Some(generation))
+            .await
+    }
+
+    /// The cached token, valid or not, without side effects.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.inner.current.load_full()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        CacheStats {
+            token_requests: c.token_requests.load(Ordering::Relaxed),
+            tokens_fetched: c.tokens_fetched.load(Ordering::Relaxed),
+            fetch_failures: c.fetch_failures.load(Ordering::Relaxed),
+            waited_for_token: c.waited_for_token.load(Ordering::Relaxed),
+            unauthorized_reported: c.unauthorized_reported.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The slow path, shared by a missing/expired token and a 401.
+    async fn wait_for_token(
+        &self,
+        reason: RefreshReason,
+        rejected: Option<TokenGeneration>,
+    ) -> Result<Arc<Token>, AuthError> {
+        let mut receiver = {
+            let mut state = self.lock_state();
+            let now = Instant::now();
+            if let Some(token) = self.inner.current.load_full() {
+                let newer = rejected.is_none_or(|g| token.generation() > g);
+                if newer && token.is_valid_at(now) {
+                    return Ok(token);
+                }
+                if rejected == Some(token.generation()) {
+                    // The API refused the current token: nobody may use it any more.
+                    self.inner.current.store(None);
+                }
+            }
+            self.inner.counters.waited_for_token.fetch_add(
+                u64::from(reason == RefreshReason::Initial),
+                Ordering::Relaxed,
+            );
+            match self.joinable_refresh(&mut state) {
+                Some(receiver) => receiver,
+                None => {
+                    if let Some(failure) = &state.failure {
+                        if now < failure.retry_at {
+                            return Err(AuthError::BackingOff {
+                                retry_in: failure.retry_at - now,
+                                last: failure.error.clone(),
+                            });
+                        }
+                    }
+                    self.start_refresh(&mut state, reason)?
+                }
+            }
+        };
+        let outcome = match receiver.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone(),
+            Err(_) => None,
+        };
+        outcome.unwrap_or(Err(AuthError::RefreshAborted))
+    }
+
+    /// Starts a background refresh for a token inside its refresh window, unless one runs,
+    /// the backoff forbids it, or another thread is already deciding (`try_lock`).
+    fn refresh_ahead(&self, now: Instant) {
+        let Ok(mut state) = self.inner.state.try_lock() else {
+            return;
+        };
+        let still_due = self
+            .inner
+            .current
+            .load()
+            .as_deref()
+            .is_some_and(|t| now >= t.refresh_at());
+        let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
+        if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
+            // Without a runtime the request goes on with the still-valid token.
+            let _ = self.start_refresh(&mut state, RefreshReason::AheadOfExpiry);
+        }
+    }
+
+    /// The refresh in flight, if its task is still alive.
+    fn joinable_refresh(
+        &self,
+        state: &mut RefreshState,
+    ) -> Option<watch::Receiver<Option<Outcome>>> {
+        match &state.in_flight {
+            // `has_changed` fails once the sender is gone: the task died without reporting.
+            Some(receiver) if receiver.has_changed().is_ok() => Some(receiver.clone()),
+            Some(_) => {
+                state.in_flight = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Spawns the one refresh task. It runs to completion even if every caller that waits
+    /// on it goes away, so dropping a request never cancels a refresh others need.
+    fn start_refresh(
+        &self,
+        state: &mut RefreshState,
+        reason: RefreshReason,
+    ) -> Result<watch::Receiver<Option<Outcome>>, AuthError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
+        let (sender, receiver) = watch::channel(None);
+        state.in_flight = Some(receiver.clone());
+        self.inner
+            .counters
+            .token_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let cache = self.clone();
+        runtime.spawn(async move {
+            let requested_at = Instant::now();
+            let timeout = cache.inner.config.fetch_timeout;
+            let result = match tokio::time::timeout(timeout, cache.inner.source.fetch()).await {
+                Ok(result) => result,
+                Err(_) => Err(AuthError::Timeout(timeout)),
+            };
+            let outcome = cache.complete(result, requested_at, reason);
+            // Nobody listening is fine: the token is stored either way.
+            let _ = sender.send(Some(outcome));
+        });
+        Ok(receiver)
+    }
+
+    /// Records a refresh's result: the new token, or the failure and its backoff.
+    fn complete(
+        &self,
+        result: Result<crate::IssuedToken, AuthError>,
+        requested_at: Instant,
+        reason: RefreshReason,
+    ) -> Outcome {
+        let mut state = self.lock_state();
+        state.in_flight = None;
+        let counters = &self.inner.counters;
+        match result {
+            Ok(issued) => {
+                state.last_generation += 1;
+                state.failure = None;
+                let lifetime = issued.lifetime();
+                let window = self.inner.config.refresh_window(lifetime);
+                let token = Arc::new(Token::new(
+                    issued,
+                    TokenGeneration(state.last_generation),
+                    requested_at,
+                    window,
+                ));
+                self.inner.current.store(Some(token.clone()));
+                counters.tokens_fetched.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    target: "genesys_auth_layer::token",
+                    generation = state.last_generation,
+                    lifetime_secs = lifetime.as_secs(),
+                    refresh_in_secs = (lifetime - window).as_secs_f64(),
+                    duration_ms = requested_at.elapsed().as_millis() as u64,
+                    reason = reason.as_str(),
+                    "token fetched"
+                );
+                Ok(token)
+            }
+            Err(error) => {
+                let consecutive = state.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+                let wait = self.inner.config.backoff_after(consecutive, &error);
+                counters.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    target: "genesys_auth_layer::token",
+                    error = %error,
+                    oauth_error = error.oauth_code().map(|c| c.as_str()),
+                    attempt = consecutive,
+                    retry_in_ms = wait.as_millis() as u64,
+                    reason = reason.as_str(),
+                    "token fetch failed"
+                );
+                state.failure = Some(Failure {
+                    error: Arc::new(error.clone()),
+                    consecutive,
+                    retry_at: Instant::now() + wait,
+                });
+                Err(error)
+            }
+        }
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
+        // The lock guards plain data and no code panics while holding it; if a panic ever
+        // did poison it, the data is still consistent, so carry on.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("current", &self.inner.current.load().as_deref())
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::OAuthErrorCode;
+    use crate::source::BoxFuture;
+    use crate::IssuedToken;
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A token source whose answers are scripted; it counts calls and can be slow.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        calls: Arc<AtomicUsize>,
+        script: Arc<Mutex<VecDeque<Result<IssuedToken, AuthError>>>>,
+        delay: Duration,
+        lifetime: Duration,
+        hang: bool,
+    }
+
+    impl Scripted {
+        fn new(lifetime: Duration, delay: Duration) -> Self {
+            Self {
+                lifetime,
+                delay,
+                ..Default::default()
+            }
+        }
+        fn then(&self, result: Result<IssuedToken, AuthError>) {
+            self.script.lock().unwrap().push_back(result);
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for Scripted {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if self.hang {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(self.delay).await;
+                let scripted = self.script.lock().unwrap().pop_front();
+                scripted.unwrap_or_else(|| {
+                    Ok(IssuedToken::bearer(&format!("token-{n}"), self.lifetime).unwrap())
+                })
+            })
+        }
+    }
+
+    fn config() -> CacheConfig {
+        CacheConfig::default()
+            .refresh_ahead(Duration::from_secs(10), 0.0)
+            .refresh_jitter(0.0)
+            .backoff(Duration::from_secs(1), Duration::from_secs(8))
+    }
+
+    fn invalid_client() -> AuthError {
+        AuthError::OAuth {
+            status: http::StatusCode::UNAUTHORIZED,
+            code: OAuthErrorCode::InvalidClient,
+            description: Some("client not found".into()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_callers_share_one_fetch() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(200));
+        let cache = TokenCache::new(source.clone(), config());
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.token().await.map(|t| t.generation()) })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), TokenGeneration(1));
+        }
+        assert_eq!(source.calls(), 1);
+        assert_eq!(cache.stats().token_requests, 1);
+        assert_eq!(cache.stats().waited_for_token, 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_ahead_runs_in_background_once_per_lifetime() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(500));
+        let cache = TokenCache::new(source.clone(), config());
+        cache.token().await.unwrap();
+        let waited_after_first = cache.stats().waited_for_token;
+
+        // Use the token every second for three lifetimes: each time the token enters its
+        // 10 s window a background refresh starts, and no request ever waits.
+        for _ in 0..300 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let (_, generation) = cache.fresh_header().expect("a valid token at every step");
+            assert!(generation.0 >= 1);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cache.stats().waited_for_token, waited_after_first);
+        // One initial fetch, then one per 90 s of the 300 s: at 90, 180 and 270 s.
+        assert_eq!(source.calls(), 4);
+        assert_eq!(cache.current().unwrap().generation(), TokenGeneration(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_token_makes_callers_wait_for_exactly_one_fetch() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
+        let cache = TokenCache::new(source.clone(), config());
+        cache.token().await.unwrap();
+        tokio::time::advance(Duration::from_secs(101)).await;
+        assert!(
+            cache.fresh_header().is_none(),
+            "an expired token is never sent"
+        );
+        let (a, b) = tokio::join!(cache.token(), cache.token());
+        assert_eq!(a.unwrap().generation(), TokenGeneration(2));
+        assert_eq!(b.unwrap().generation(), TokenGeneration(2));
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_counts_from_when_the_request_was_sent() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_secs(5));
+        let cache = TokenCache::new(source, config());
+        let sent = Instant::now();
+        let token = cache.token().await.unwrap();
+        assert_eq!(token.requested_at(), sent);
+        assert_eq!(token.expires_at(), sent + Duration::from_secs(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_401s_for_one_generation_cost_one_fetch() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(100));
+        let cache = TokenCache::new(source.clone(), config());
+        let first = cache.token().await.unwrap().generation();
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(
+                    async move { cache.refresh_after_401(first).await.map(|t| t.generation()) },
+                )
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), TokenGeneration(2));
+        }
+        assert_eq!(source.calls(), 2);
+        // A late 401 for the old generation: no fetch, the newer token is returned.
+        assert_eq!(
+            cache.refresh_after_401(first).await.unwrap().generation(),
+            TokenGeneration(2)
+        );
+        assert_eq!(source.calls(), 2);
+        assert_eq!(cache.stats().unauthorized_reported, 1001);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_drops_the_current_token_at_once() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(100));
+        let cache = TokenCache::new(source.clone(), config());
+        let first = cache.token().await.unwrap().generation();
+        let refreshing = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.refresh_after_401(first).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            cache.fresh_header().is_none(),
+            "the refused token must not be sent again"
+        );
+        assert_eq!(
+            refreshing.await.unwrap().unwrap().generation(),
+            TokenGeneration(2)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_caller_that_started_a_refresh_does_not_cancel_it() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_secs(1));
+        let cache = TokenCache::new(source.clone(), config());
+        let starter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.token().await }
+        });
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.token().await }
+        });
+        tokio::task::yield_now().await;
+        starter.abort();
+        assert!(starter.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            waiter.await.unwrap().unwrap().generation(),
+            TokenGeneration(1)
+        );
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_shared_then_backed_off() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(100));
+        source.then(Err(invalid_client()));
+        let cache = TokenCache::new(source.clone(), config());
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.token().await })
+            })
+            .collect();
+        for task in tasks {
+            let err = task.await.unwrap().unwrap_err();
+            assert_eq!(
+                err.oauth_code(),
+                Some(&OAuthErrorCode::InvalidClient),
+                "{err}"
+            );
+        }
+        assert_eq!(source.calls(), 1);
+
+        // Within the backoff: an immediate typed error, no request.
+        let err = cache.token().await.unwrap_err();
+        assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
+        assert!(err.is_fatal());
+        assert_eq!(source.calls(), 1);
+
+        // After it (1 s with equal jitter is at most 1 s): one new request, which succeeds.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            cache.token().await.unwrap().generation(),
+            TokenGeneration(1)
+        );
+        assert_eq!(source.calls(), 2);
+        assert_eq!(cache.stats().fetch_failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_and_is_capped() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        let cache = TokenCache::new(source.clone(), config());
+        for _ in 0..6 {
+            source.then(Err(AuthError::UnexpectedStatus {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+            }));
+        }
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            assert!(cache.token().await.is_err());
+            let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+                panic!("expected backoff");
+            };
+            waits.push(retry_in);
+            tokio::time::advance(retry_in).await;
+        }
+        // Equal jitter: attempt n waits between half and all of min(1 s × 2^(n-1), 8 s).
+        for (n, wait) in waits.iter().enumerate() {
+            let full = Duration::from_secs(1 << n.min(3));
+            assert!(
+                *wait >= full / 2 && *wait <= full,
+                "attempt {}: {wait:?}",
+                n + 1
+            );
+        }
+        assert_eq!(source.calls(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        source.then(Err(AuthError::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+        }));
+        let cache = TokenCache::new(source.clone(), config());
+        assert!(cache.token().await.is_err());
+        tokio::time::advance(Duration::from_millis(4900)).await;
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::BackingOff { .. })
+        ));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(cache.token().await.is_ok());
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_valid_token_keeps_serving_while_refreshes_fail() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::ZERO);
+        let cache = TokenCache::new(source.clone(), config());
+        cache.token().await.unwrap();
+        for _ in 0..20 {
+            source.then(Err(AuthError::UnexpectedStatus {
+                status: http::StatusCode::BAD_GATEWAY,
+            }));
+        }
+        // In the refresh window with a failing endpoint: every request still gets the token,
+        // and token requests are spaced by the backoff, not made per request.
+        tokio::time::advance(Duration::from_secs(91)).await;
+        for _ in 0..80 {
+            assert!(cache.fresh_header().is_some());
+            tokio::task::yield_now().await;
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let calls = source.calls();
+        assert!(
+            (2..=6).contains(&calls),
+            "{calls} token requests in 8 s of backoff"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_endpoint_times_out() {
+        let source = Scripted {
+            hang: true,
+            ..Scripted::new(Duration::from_secs(60), Duration::ZERO)
+        };
+        let cache = TokenCache::new(source, config().fetch_timeout(Duration::from_secs(3)));
+        let started = Instant::now();
+        let err = cache.token().await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::Timeout(d) if d == Duration::from_secs(3)),
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn outside_a_runtime_it_is_an_error_not_a_panic() {
+        let cache = TokenCache::new(
+            Scripted::new(Duration::from_secs(60), Duration::ZERO),
+            config(),
+        );
+        let result = futures_lite_block_on(cache.token());
+        assert!(matches!(result, Err(AuthError::NoRuntime)));
+    }
+
+    /// Polls a future that completes without a runtime (it must not need one).
+    fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(out) => out,
+            std::task::Poll::Pending => panic!("future did not complete without a runtime"),
+        }
+    }
+
+    #[test]
+    fn refresh_window_defaults() {
+        let config = CacheConfig::default().refresh_jitter(0.0);
+        assert_eq!(
+            config.refresh_window(Duration::from_secs(86_400)),
+            Duration::from_secs(8_640)
+        );
+        assert_eq!(
+            config.refresh_window(Duration::from_secs(300)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            config.refresh_window(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
+        let jittered = CacheConfig::default().refresh_window(Duration::from_secs(86_400));
+        assert!(jittered >= Duration::from_secs(8_640) && jittered <= Duration::from_secs(10_800));
+    }
+}

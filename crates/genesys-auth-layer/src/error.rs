@@ -1,0 +1,328 @@
+//! Typed errors.
+//!
+//! This module owns [`AuthError`], the one error type the token machinery returns, and the
+//! RFC 6749 error codes it can carry. No variant ever holds a client secret or an access
+//! token, so every error can be logged as it is.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// An OAuth 2.0 error code from a token endpoint (RFC 6749 §5.2), with an arm for codes
+/// outside the RFC.
+///
+/// ```
+/// use genesys_auth_layer::OAuthErrorCode;
+///
+/// let code = OAuthErrorCode::from_code("invalid_client");
+/// assert_eq!(code, OAuthErrorCode::InvalidClient);
+/// assert!(code.is_fatal());
+/// assert_eq!(OAuthErrorCode::from_code("rate_limited").as_str(), "rate_limited");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OAuthErrorCode {
+    /// `invalid_request`: the request is missing a parameter or is malformed.
+    InvalidRequest,
+    /// `invalid_client`: client authentication failed (unknown client, wrong secret).
+    InvalidClient,
+    /// `invalid_grant`: the grant (code, refresh token) is invalid or expired.
+    InvalidGrant,
+    /// `unauthorized_client`: the client may not use this grant type.
+    UnauthorizedClient,
+    /// `unsupported_grant_type`: the server does not support this grant type.
+    UnsupportedGrantType,
+    /// `invalid_scope`: the requested scope is invalid or exceeds what the client may ask.
+    InvalidScope,
+    /// Any other code the server sent, kept verbatim (at most 64 bytes).
+    Extension(String),
+}
+
+impl OAuthErrorCode {
+    /// Maps a code string to its variant; unknown codes become [`OAuthErrorCode::Extension`].
+    pub fn from_code(code: &str) -> Self {
+        match code {
+            "invalid_request" => Self::InvalidRequest,
+            "invalid_client" => Self::InvalidClient,
+            "invalid_grant" => Self::InvalidGrant,
+            "unauthorized_client" => Self::UnauthorizedClient,
+            "unsupported_grant_type" => Self::UnsupportedGrantType,
+            "invalid_scope" => Self::InvalidScope,
+            other => Self::Extension(truncate(other, 64)),
+        }
+    }
+
+    /// The code as the server spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::InvalidGrant => "invalid_grant",
+            Self::UnauthorizedClient => "unauthorized_client",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidScope => "invalid_scope",
+            Self::Extension(code) => code,
+        }
+    }
+
+    /// Whether asking again with the same credentials cannot succeed: the configuration
+    /// (client, secret, grant, scope) has to change first.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidClient
+                | Self::UnauthorizedClient
+                | Self::InvalidScope
+                | Self::UnsupportedGrantType
+        )
+    }
+}
+
+impl fmt::Display for OAuthErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a token response could not be used. Built by the parser, never from the token's
+/// own characters, so it is safe to log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidTokenResponse {
+    /// The body is not JSON.
+    #[error("the body is not valid JSON")]
+    NotJson,
+    /// The body is JSON but not an object.
+    #[error("the body is not a JSON object")]
+    NotAnObject,
+    /// `access_token` is absent or not a string.
+    #[error("`access_token` is missing or not a string")]
+    MissingAccessToken,
+    /// `access_token` is empty or cannot be sent in an HTTP header (control characters,
+    /// CR/LF, non-visible ASCII).
+    #[error("`access_token` is empty or not a valid HTTP header value")]
+    InvalidAccessToken,
+    /// `token_type` is absent or not a string.
+    #[error("`token_type` is missing or not a string")]
+    MissingTokenType,
+    /// `token_type` is not `bearer` (in any case).
+    #[error("`token_type` is {0:?}, expected \"bearer\"")]
+    UnsupportedTokenType(String),
+    /// `expires_in` is absent.
+    #[error("`expires_in` is missing")]
+    MissingExpiresIn,
+    /// `expires_in` is not a positive whole number of seconds.
+    #[error("`expires_in` is {0}, expected a positive whole number of seconds")]
+    InvalidExpiresIn(String),
+}
+
+/// Everything that can go wrong while obtaining a token.
+///
+/// Cloneable, because one failed refresh is shared by every request that waited on it.
+/// Boxes into [`tower::BoxError`]; the services of this crate return it that way, so get it
+/// back with `downcast_ref::<AuthError>()`.
+///
+/// ```
+/// use genesys_auth_layer::{AuthError, OAuthErrorCode};
+/// use http::StatusCode;
+///
+/// let err = AuthError::OAuth {
+///     status: StatusCode::UNAUTHORIZED,
+///     code: OAuthErrorCode::InvalidClient,
+///     description: Some("client not found".into()),
+/// };
+/// assert!(err.is_fatal());
+/// assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidClient));
+/// assert_eq!(
+///     err.to_string(),
+///     "token endpoint refused the request: invalid_client (HTTP 401): client not found"
+/// );
+/// let boxed: tower::BoxError = err.into();
+/// assert!(boxed.downcast_ref::<AuthError>().is_some());
+/// ```
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The token endpoint answered with an OAuth error body.
+    #[error("token endpoint refused the request: {code} (HTTP {}){}", status.as_u16(), Described(description))]
+    OAuth {
+        /// The HTTP status of the answer.
+        status: StatusCode,
+        /// The OAuth `error` code.
+        code: OAuthErrorCode,
+        /// The server's `error_description` or Genesys' `description`, if any.
+        description: Option<String>,
+    },
+    /// The token endpoint answered 429 Too Many Requests.
+    #[error(
+        "token endpoint is rate limiting this client (HTTP 429){}",
+        RetryAfter(retry_after)
+    )]
+    RateLimited {
+        /// The delay the server asked for in `Retry-After`, if it gave a readable one.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint answered a status that is neither success nor an OAuth error.
+    #[error("token endpoint answered HTTP {}", status.as_u16())]
+    UnexpectedStatus {
+        /// The HTTP status of the answer.
+        status: StatusCode,
+    },
+    /// The token request could not be sent or its answer could not be read (connection
+    /// refused or closed, TLS failure, a broken body).
+    #[error("token request failed in transport")]
+    Transport(#[source] Arc<dyn StdError + Send + Sync>),
+    /// The token endpoint did not answer, body included, within the configured time.
+    #[error("token endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The token response body was larger than the configured cap.
+    #[error("token response is larger than {limit} bytes")]
+    ResponseTooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The token endpoint answered success with a body that is not a usable token.
+    #[error("token endpoint answered an unusable token response: {0}")]
+    InvalidResponse(#[from] InvalidTokenResponse),
+    /// A recent token request failed and the next attempt is not due yet. `last` is that
+    /// failure; no request was sent for this caller.
+    #[error("not asking for a token for another {retry_in:?} after the last failure: {last}")]
+    BackingOff {
+        /// How long until the next attempt is allowed.
+        retry_in: Duration,
+        /// The failure that started the wait.
+        last: Arc<AuthError>,
+    },
+    /// The refresh was stopped before it finished (its runtime shut down).
+    #[error("the token refresh stopped before it finished")]
+    RefreshAborted,
+    /// A token was needed outside a Tokio runtime, so no refresh could be started.
+    #[error("a token refresh needs a Tokio runtime")]
+    NoRuntime,
+}
+
+impl AuthError {
+    /// The OAuth error code, looking through [`AuthError::BackingOff`].
+    pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
+        match self {
+            Self::OAuth { code, .. } => Some(code),
+            Self::BackingOff { last, .. } => last.oauth_code(),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying with the same configuration cannot help (see
+    /// [`OAuthErrorCode::is_fatal`]), looking through [`AuthError::BackingOff`].
+    pub fn is_fatal(&self) -> bool {
+        self.oauth_code().is_some_and(OAuthErrorCode::is_fatal)
+    }
+
+    /// The delay a 429 answer asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            Self::BackingOff { last, .. } => last.retry_after(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn transport(err: impl Into<tower::BoxError>) -> Self {
+        Self::Transport(Arc::from(err.into()))
+    }
+}
+
+/// A configuration mistake found while building the layer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The token endpoint is plain `http` on a host that is not loopback.
+    #[error("token endpoint {0} must use https (plain http is allowed only on loopback)")]
+    InsecureTokenEndpoint(String),
+    /// A URI is not absolute (`scheme://host[:port]`) or uses a scheme other than http(s).
+    #[error("{0} is not an absolute http(s) URI")]
+    InvalidUri(String),
+    /// The client id is empty.
+    #[error("the client id is empty")]
+    EmptyClientId,
+    /// The client secret is empty.
+    #[error("the client secret is empty")]
+    EmptyClientSecret,
+}
+
+struct Described<'a>(&'a Option<String>);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) if !d.is_empty() => write!(f, ": {d}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct RetryAfter<'a>(&'a Option<Duration>);
+
+impl fmt::Display for RetryAfter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, ", retry after {d:?}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_off_looks_through_to_the_cause() {
+        let last = AuthError::OAuth {
+            status: StatusCode::BAD_REQUEST,
+            code: OAuthErrorCode::InvalidScope,
+            description: None,
+        };
+        let err = AuthError::BackingOff {
+            retry_in: Duration::from_secs(2),
+            last: Arc::new(last),
+        };
+        assert!(err.is_fatal());
+        assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidScope));
+        assert!(err.to_string().contains("invalid_scope"), "{err}");
+    }
+
+    #[test]
+    fn extension_codes_are_bounded() {
+        let long = "x".repeat(1000);
+        match OAuthErrorCode::from_code(&long) {
+            OAuthErrorCode::Extension(s) => assert_eq!(s.len(), 64),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(truncate("héllo", 2), "h");
+    }
+
+    #[test]
+    fn rate_limited_display_names_the_delay() {
+        let err = AuthError::RateLimited {
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
+        assert!(err.to_string().contains("retry after 2s"), "{err}");
+        assert!(!err.is_fatal());
+    }
+}

@@ -1,0 +1,235 @@
+//! The front door: [`GenesysAuth`] and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::Body;
+use http_body_util::Full;
+use tower::layer::util::Stack;
+use tower::retry::RetryLayer;
+use tower::{BoxError, Service};
+
+use crate::auth::{AuthLayer, Scope, Shared};
+use crate::cache::{CacheConfig, TokenCache};
+use crate::credentials::{ClientId, ClientSecret, Credentials};
+use crate::error::{AuthError, ConfigError};
+use crate::region::{Endpoints, Region};
+use crate::retry::RefreshOn401;
+use crate::source::{ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
+use crate::token::Token;
+
+/// Genesys Cloud authentication for a tower HTTP client: one token cache, the layer that
+/// attaches its tokens, and the policy that replays a request once after a 401.
+///
+/// Cheap to clone; clones share the cache.
+///
+/// ```no_run
+/// use genesys_auth_layer::{GenesysAuth, Region};
+/// use tower::ServiceBuilder;
+/// use tower_http::trace::TraceLayer;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+///     .region(Region::EuWest1)
+///     .build_with_default_client()?;
+/// let client = ServiceBuilder::new()
+///     .layer(TraceLayer::new_for_http())
+///     .layer(auth.layers()) // retry outside, auth inside
+///     .service(genesys_auth_layer::default_client::https_client::<http_body_util::Full<bytes::Bytes>>());
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct GenesysAuth {
+    shared: Arc<Shared>,
+}
+
+impl GenesysAuth {
+    /// Starts building authentication with the client-credentials grant.
+    pub fn client_credentials(
+        client_id: impl Into<ClientId>,
+        client_secret: impl Into<ClientSecret>,
+    ) -> GenesysAuthBuilder {
+        GenesysAuthBuilder {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            endpoints: Region::UsEast1.endpoints(),
+            extra_origins: Vec::new(),
+            cache: CacheConfig::default(),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+
+    /// Authentication from any [`TokenSource`], attaching its tokens to `scope`.
+    pub fn from_source(source: impl TokenSource, config: CacheConfig, scope: Scope) -> Self {
+        Self::from_layer(AuthLayer::new(TokenCache::new(source, config), scope))
+    }
+
+    fn from_layer(layer: AuthLayer) -> Self {
+        Self {
+            shared: layer.shared,
+        }
+    }
+
+    /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer).
+    pub fn layer(&self) -> AuthLayer {
+        AuthLayer {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The refresh-and-replay-once policy.
+    pub fn retry_policy(&self) -> RefreshOn401 {
+        RefreshOn401::new(self.shared.clone())
+    }
+
+    /// `tower::retry::RetryLayer` with [`RefreshOn401`]. Put it *outside*
+    /// [`layer`](Self::layer).
+    pub fn retry_layer(&self) -> RetryLayer<RefreshOn401> {
+        RetryLayer::new(self.retry_policy())
+    }
+
+    /// Both layers stacked in the right order: retry outside, auth inside.
+    pub fn layers(&self) -> Stack<AuthLayer, RetryLayer<RefreshOn401>> {
+        Stack::new(self.layer(), self.retry_layer())
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &TokenCache {
+        &self.shared.cache
+    }
+
+    /// The origins tokens are attached to.
+    pub fn scope(&self) -> &Scope {
+        &self.shared.scope
+    }
+
+    /// A valid token, fetching one if needed. Call it at start-up to fail fast on bad
+    /// credentials, before the first API call.
+    pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
+        self.shared.cache.token().await
+    }
+}
+
+impl fmt::Debug for GenesysAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenesysAuth")
+            .field("scope", &self.shared.scope)
+            .field("cache", &self.shared.cache)
+            .finish()
+    }
+}
+
+/// Configures a [`GenesysAuth`] using the client-credentials grant.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{GenesysAuth, Region};
+///
+/// let builder = GenesysAuth::client_credentials("id", "secret")
+///     .region(Region::ApSoutheast2)
+///     .fetch_timeout(Duration::from_secs(5));
+/// assert!(!format!("{builder:?}").contains("secret\""));
+/// ```
+pub struct GenesysAuthBuilder {
+    client_id: ClientId,
+    client_secret: ClientSecret,
+    endpoints: Endpoints,
+    extra_origins: Vec<Uri>,
+    cache: CacheConfig,
+    max_response_bytes: usize,
+}
+
+impl GenesysAuthBuilder {
+    /// The region (default `us-east-1`): tokens come from `https://login.<domain>` and are
+    /// attached to requests for `https://api.<domain>`.
+    pub fn region(mut self, region: Region) -> Self {
+        self.endpoints = region.endpoints();
+        self
+    }
+
+    /// Custom endpoints, for proxies, gateways and tests.
+    pub fn endpoints(mut self, endpoints: Endpoints) -> Self {
+        self.endpoints = endpoints;
+        self
+    }
+
+    /// Also attach tokens to requests for this origin (scheme, host and port of `uri`).
+    pub fn authorize_origin(mut self, uri: Uri) -> Self {
+        self.extra_origins.push(uri);
+        self
+    }
+
+    /// All cache settings at once.
+    pub fn cache_config(mut self, config: CacheConfig) -> Self {
+        self.cache = config;
+        self
+    }
+
+    /// See [`CacheConfig::refresh_ahead`].
+    pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
+        self.cache = self.cache.refresh_ahead(at_least, fraction);
+        self
+    }
+
+    /// See [`CacheConfig::fetch_timeout`].
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.cache = self.cache.fetch_timeout(timeout);
+        self
+    }
+
+    /// See [`CacheConfig::backoff`].
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.cache = self.cache.backoff(initial, max);
+        self
+    }
+
+    /// See [`ClientCredentials::max_response_bytes`].
+    pub fn max_token_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// Builds it, sending token requests through `token_http` (any tower HTTP service, such
+    /// as a hyper-util client).
+    pub fn build<S, B>(self, token_http: S) -> Result<GenesysAuth, ConfigError>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let credentials = Credentials::new(self.client_id, self.client_secret)?;
+        let source =
+            ClientCredentials::new(token_http, self.endpoints.token_url().clone(), credentials)?
+                .max_response_bytes(self.max_response_bytes);
+        let mut scope = Scope::new([self.endpoints.api_uri().clone()])?;
+        for origin in self.extra_origins {
+            scope = scope.with_origin(origin)?;
+        }
+        Ok(GenesysAuth::from_source(source, self.cache, scope))
+    }
+
+    /// Builds it with the crate's default HTTPS client for token requests.
+    #[cfg(feature = "default-client")]
+    pub fn build_with_default_client(self) -> Result<GenesysAuth, ConfigError> {
+        self.build(crate::default_client::https_client::<Full<Bytes>>())
+    }
+}
+
+impl fmt::Debug for GenesysAuthBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenesysAuthBuilder")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("endpoints", &self.endpoints)
+            .field("extra_origins", &self.extra_origins)
+            .field("cache", &self.cache)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish()
+    }
+}

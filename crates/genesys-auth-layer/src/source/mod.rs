@@ -1,0 +1,375 @@
+//! Where tokens come from.
+//!
+//! This module owns the [`TokenSource`] trait (one method: fetch a fresh token) and the
+//! client-credentials grant, [`ClientCredentials`], over any tower HTTP service. A source
+//! does one request per call and never retries: when to ask again is the cache's decision.
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tower::{BoxError, Service, ServiceExt};
+
+use crate::credentials::Credentials;
+use crate::error::{AuthError, ConfigError};
+use crate::token::IssuedToken;
+
+pub mod parse;
+
+/// A boxed, `Send` future, as [`TokenSource::fetch`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something that can obtain a fresh token: one request to a token endpoint per call.
+///
+/// Implement it to plug another grant or a token broker into a
+/// [`TokenCache`](crate::TokenCache). The cache calls `fetch` at most once at a time, bounds
+/// it with a timeout, and decides about retries and backoff; `fetch` should just try once.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{AuthError, IssuedToken, TokenSource, BoxFuture};
+///
+/// /// A source for tests: always the same token.
+/// struct Fixed;
+///
+/// impl TokenSource for Fixed {
+///     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+///         Box::pin(async {
+///             Ok(IssuedToken::bearer("fixed", Duration::from_secs(3600)).expect("valid token"))
+///         })
+///     }
+/// }
+/// ```
+pub trait TokenSource: Send + Sync + 'static {
+    /// Requests one new token.
+    fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>>;
+}
+
+/// The largest token response read by default. A Genesys token response is a few hundred
+/// bytes; 64 KiB leaves room for any gateway's decorations and stops a hostile server from
+/// making us buffer megabytes.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The OAuth client-credentials grant over any tower HTTP service.
+///
+/// Each fetch is one `POST <token_url>` with HTTP Basic client authentication (id and
+/// secret form-urlencoded first, RFC 6749 §2.3.1) and the form body
+/// `grant_type=client_credentials`. The answer is read up to a size cap and parsed into an
+/// [`IssuedToken`] or a typed [`AuthError`].
+///
+/// ```
+/// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
+/// # fn http_client() -> tower::util::BoxCloneSyncService<http::Request<http_body_util::Full<bytes::Bytes>>, http::Response<http_body_util::Full<bytes::Bytes>>, tower::BoxError> { unimplemented!() }
+/// # fn demo() -> Result<(), genesys_auth_layer::ConfigError> {
+/// let creds = Credentials::new("my-client-id", "my-secret")?;
+/// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ClientCredentials<S> {
+    http: S,
+    token_url: Uri,
+    credentials: Credentials,
+    max_response_bytes: usize,
+}
+
+impl<S> ClientCredentials<S> {
+    /// A grant against `token_url`, sent through `http`.
+    ///
+    /// Fails with [`ConfigError::InsecureTokenEndpoint`] if `token_url` is plain `http` on a
+    /// host that is not loopback: the secret must not cross a network in clear.
+    pub fn new(http: S, token_url: Uri, credentials: Credentials) -> Result<Self, ConfigError> {
+        let token_url = crate::region::check_absolute(token_url)?;
+        if token_url.scheme_str() != Some("https") && !is_loopback(&token_url) {
+            return Err(ConfigError::InsecureTokenEndpoint(token_url.to_string()));
+        }
+        Ok(Self {
+            http,
+            token_url,
+            credentials,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        })
+    }
+
+    /// Caps how many bytes of a token response are read (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]); a larger answer is [`AuthError::ResponseTooLarge`].
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// The token endpoint.
+    pub fn token_url(&self) -> &Uri {
+        &self.token_url
+    }
+
+    /// The credentials sent.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    fn token_request(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(Bytes::from_static(
+            b"grant_type=client_credentials",
+        )));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = self.token_url.clone();
+        let headers = request.headers_mut();
+        headers.insert(AUTHORIZATION, self.credentials.basic_authorization());
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        request
+    }
+}
+
+impl<S> fmt::Debug for ClientCredentials<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("token_url", &self.token_url)
+            .field("credentials", &self.credentials)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> TokenSource for ClientCredentials<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+        let request = self.token_request();
+        Box::pin(async move {
+            let response = self
+                .http
+                .clone()
+                .oneshot(request)
+                .await
+                .map_err(AuthError::transport)?;
+            read_token_response(response, self.max_response_bytes).await
+        })
+    }
+}
+
+/// Turns a token endpoint's answer into a token or a typed error.
+async fn read_token_response<B>(
+    response: Response<B>,
+    max_bytes: usize,
+) -> Result<IssuedToken, AuthError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| parse::parse_retry_after(v, SystemTime::now()));
+        return Err(AuthError::RateLimited { retry_after });
+    }
+    let body = Limited::new(response.into_body(), max_bytes)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes());
+    if status.is_success() {
+        let body = body.map_err(|e| body_error(e, max_bytes))?;
+        return Ok(parse::parse_token_response(&body)?);
+    }
+    // An error status: its body, if readable, may say which OAuth error it is.
+    match body.ok().as_deref().and_then(parse::parse_error_body) {
+        Some(error) => Err(AuthError::OAuth {
+            status,
+            code: error.code,
+            description: error.description,
+        }),
+        None => Err(AuthError::UnexpectedStatus { status }),
+    }
+}
+
+fn body_error(err: BoxError, limit: usize) -> AuthError {
+    if err.is::<LengthLimitError>() {
+        AuthError::ResponseTooLarge { limit }
+    } else {
+        AuthError::Transport(err.into())
+    }
+}
+
+/// Whether `uri`'s host is loopback: `localhost`, 127.0.0.0/8 or `::1`.
+pub(crate) fn is_loopback(uri: &Uri) -> bool {
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn creds() -> Credentials {
+        Credentials::new("id", "secret").unwrap()
+    }
+
+    fn respond(
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: &'static str,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + Sync {
+        tower::service_fn(move |req: Request<Full<Bytes>>| async move {
+            assert_eq!(req.method(), http::Method::POST);
+            let mut response = Response::builder().status(status);
+            for (k, v) in headers {
+                response = response.header(*k, *v);
+            }
+            Ok::<_, BoxError>(response.body(Full::new(Bytes::from_static(body.as_bytes())))?)
+        })
+    }
+
+    fn source<S>(http: S) -> ClientCredentials<S> {
+        ClientCredentials::new(
+            http,
+            Uri::from_static("http://127.0.0.1:1/oauth/token"),
+            creds(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        for ok in [
+            "https://login.mypurecloud.com/oauth/token",
+            "http://127.0.0.1:8080/oauth/token",
+            "http://127.9.9.9/oauth/token",
+            "http://localhost/oauth/token",
+            "http://[::1]:9/oauth/token",
+        ] {
+            assert!(
+                ClientCredentials::new((), Uri::from_static(ok), creds()).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "http://login.mypurecloud.com/oauth/token",
+            "http://10.0.0.1/oauth/token",
+            "http://localhost.evil.com/",
+        ] {
+            assert!(
+                matches!(
+                    ClientCredentials::new((), Uri::from_static(bad), creds()),
+                    Err(ConfigError::InsecureTokenEndpoint(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn success_and_error_answers_are_typed() {
+        let ok = source(respond(
+            200,
+            &[],
+            r#"{"access_token":"t","token_type":"bearer","expires_in":60}"#,
+        ));
+        assert_eq!(
+            ok.fetch().await.unwrap().lifetime(),
+            Duration::from_secs(60)
+        );
+
+        let denied = source(respond(
+            401,
+            &[("content-type", "application/json")],
+            r#"{"error":"invalid_client","description":"client not found","error_description":"client not found"}"#,
+        ));
+        match denied.fetch().await.unwrap_err() {
+            AuthError::OAuth {
+                status,
+                code,
+                description,
+            } => {
+                assert_eq!(status, StatusCode::UNAUTHORIZED);
+                assert_eq!(code, crate::OAuthErrorCode::InvalidClient);
+                assert_eq!(description.as_deref(), Some("client not found"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let limited = source(respond(429, &[("retry-after", "2")], "{}"));
+        assert_eq!(
+            limited.fetch().await.unwrap_err().retry_after(),
+            Some(Duration::from_secs(2))
+        );
+
+        let broken = source(respond(502, &[], "<html>bad gateway</html>"));
+        assert!(
+            matches!(broken.fetch().await.unwrap_err(), AuthError::UnexpectedStatus { status } if status == 502)
+        );
+
+        let big = source(respond(
+            200,
+            &[],
+            r#"{"access_token":"t","token_type":"bearer","expires_in":60}"#,
+        ))
+        .max_response_bytes(10);
+        assert!(matches!(
+            big.fetch().await.unwrap_err(),
+            AuthError::ResponseTooLarge { limit: 10 }
+        ));
+    }
+
+    #[tokio::test]
+    async fn sends_basic_auth_and_the_grant() {
+        let http = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+            assert!(req.headers()[AUTHORIZATION].is_sensitive());
+            assert!(req.headers()[AUTHORIZATION]
+                .to_str()
+                .unwrap()
+                .starts_with("Basic "));
+            assert_eq!(
+                req.headers()[CONTENT_TYPE],
+                "application/x-www-form-urlencoded"
+            );
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"grant_type=client_credentials");
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                br#"{"access_token":"t","token_type":"bearer","expires_in":60}"#,
+            ))))
+        });
+        source(http).fetch().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn transport_failures_are_typed() {
+        let http = tower::service_fn(|_req: Request<Full<Bytes>>| async move {
+            Err::<Response<Full<Bytes>>, BoxError>("connection refused".into())
+        });
+        assert!(matches!(
+            source(http).fetch().await.unwrap_err(),
+            AuthError::Transport(_)
+        ));
+    }
+}
