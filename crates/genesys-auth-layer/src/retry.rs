@@ -179,3 +179,240 @@ where
         Some(copy)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, Scope};
+    use http::header::AUTHORIZATION;
+    use http::Uri;
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+    /// Issues `token-1`, `token-2`, … and counts them.
+    #[derive(Clone, Default)]
+    struct Counter(Arc<AtomicUsize>);
+
+    impl crate::TokenSource for Counter {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(3600)).unwrap())
+            })
+        }
+    }
+
+    /// An API that accepts only the tokens listed in `valid` and records what it saw.
+    #[derive(Clone, Default)]
+    struct Api {
+        valid: Arc<Mutex<Vec<String>>>,
+        seen: Arc<Mutex<Vec<(Option<String>, Bytes)>>>,
+    }
+
+    impl Api {
+        fn service<B>(
+            &self,
+        ) -> impl Service<
+            Request<B>,
+            Response = Response<String>,
+            Error = BoxError,
+            Future = impl Send,
+        > + Clone
+               + Send
+        where
+            B: http_body::Body + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<BoxError>,
+        {
+            let api = self.clone();
+            tower::service_fn(move |req: Request<B>| {
+                let api = api.clone();
+                async move {
+                    let auth = req
+                        .headers()
+                        .get(AUTHORIZATION)
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(Into::into)?
+                        .to_bytes();
+                    api.seen.lock().unwrap().push((auth.clone(), body));
+                    let ok = auth.is_some_and(|a| api.valid.lock().unwrap().contains(&a));
+                    let status = if ok { 200 } else { 401 };
+                    Ok(Response::builder().status(status).body(String::new())?)
+                }
+            })
+        }
+        fn accept(&self, tokens: &[&str]) {
+            *self.valid.lock().unwrap() = tokens.iter().map(|t| format!("Bearer {t}")).collect();
+        }
+        fn seen(&self) -> Vec<(Option<String>, Bytes)> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    fn auth(source: Counter) -> GenesysAuth {
+        let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
+        GenesysAuth::from_source(source, CacheConfig::default(), scope)
+    }
+
+    fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
+        Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_401_refreshes_and_replays_the_same_bytes_once() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        api.accept(&["token-1"]);
+        let mut client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+
+        let ok = client
+            .ready()
+            .await
+            .unwrap()
+            .call(post("https://api.example.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+
+        api.accept(&["token-2"]); // the server revoked token-1
+        let body = r#"{"name":"replay me","n":[1,2,3]}"#;
+        let res = client
+            .ready()
+            .await
+            .unwrap()
+            .call(post("https://api.example.test/x", body))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let seen = api.seen();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(
+            seen[1],
+            (
+                Some("Bearer token-1".into()),
+                Bytes::from_static(body.as_bytes())
+            )
+        );
+        assert_eq!(
+            seen[2],
+            (
+                Some("Bearer token-2".into()),
+                Bytes::from_static(body.as_bytes())
+            )
+        );
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_second_401_goes_back_to_the_caller() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default(); // accepts nothing
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+        let res = client
+            .oneshot(post("https://api.example.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(api.seen().len(), 2, "sent once, replayed once, no loop");
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn own_authorization_and_other_hosts_are_never_touched_nor_retried() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+
+        let mut own = post("https://api.example.test/x", "{}");
+        own.headers_mut()
+            .insert(AUTHORIZATION, "Bearer mine".parse().unwrap());
+        let res = client.clone().oneshot(own).await.unwrap();
+        assert_eq!(res.status(), 401);
+
+        let res = client
+            .oneshot(post("https://other.example.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+
+        let seen = api.seen();
+        assert_eq!(seen.len(), 2, "neither was replayed");
+        assert_eq!(seen[0].0.as_deref(), Some("Bearer mine"));
+        assert_eq!(seen[1].0, None, "no token for another host");
+        assert_eq!(source.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_cannot_be_copied_is_sent_once() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+        let body = Full::new(Bytes::from_static(b"stream"))
+            .map_err(|e| -> BoxError { match e {} })
+            .boxed_unsync();
+        let req = Request::post("https://api.example.test/x")
+            .body(body)
+            .unwrap();
+        let res = client.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(
+            res.extensions().get::<TokenGeneration>(),
+            Some(&TokenGeneration(1))
+        );
+        assert_eq!(api.seen().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_copy_keeps_method_uri_version_headers_and_extensions() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Marker(u8);
+        let auth = auth(Counter::default());
+        let mut policy = auth.retry_policy();
+        let mut req = post("https://api.example.test/x?q=1", "abc");
+        *req.method_mut() = http::Method::PUT;
+        *req.version_mut() = http::Version::HTTP_2;
+        req.headers_mut().insert("x-trace", "7".parse().unwrap());
+        req.extensions_mut().insert(Marker(9));
+        let copy = <RefreshOn401 as Policy<_, Response<()>, ()>>::clone_request(&mut policy, &req)
+            .unwrap();
+        assert_eq!(copy.method(), req.method());
+        assert_eq!(copy.uri(), req.uri());
+        assert_eq!(copy.version(), req.version());
+        assert_eq!(copy.headers(), req.headers());
+        assert_eq!(copy.extensions().get::<Marker>(), Some(&Marker(9)));
+        assert_eq!(copy.into_body().collect().await.unwrap().to_bytes(), "abc");
+    }
+
+    #[tokio::test]
+    async fn an_unstamped_401_is_not_retried_by_the_policy() {
+        let auth = auth(Counter::default());
+        let mut policy = auth.retry_policy();
+        let mut req = post("https://api.example.test/x", "");
+        let mut result: Result<Response<()>, ()> =
+            Ok(Response::builder().status(401).body(()).unwrap());
+        assert!(policy.retry(&mut req, &mut result).is_none());
+    }
+}
