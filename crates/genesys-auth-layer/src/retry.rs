@@ -206,11 +206,14 @@ mod tests {
         }
     }
 
+    /// What the API saw: the `Authorization` header and the body.
+    type Seen = (Option<String>, Bytes);
+
     /// An API that accepts only the tokens listed in `valid` and records what it saw.
     #[derive(Clone, Default)]
     struct Api {
         valid: Arc<Mutex<Vec<String>>>,
-        seen: Arc<Mutex<Vec<(Option<String>, Bytes)>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
     }
 
     impl Api {
@@ -252,7 +255,7 @@ mod tests {
         fn accept(&self, tokens: &[&str]) {
             *self.valid.lock().unwrap() = tokens.iter().map(|t| format!("Bearer {t}")).collect();
         }
-        fn seen(&self) -> Vec<(Option<String>, Bytes)> {
+        fn seen(&self) -> Vec<Seen> {
             self.seen.lock().unwrap().clone()
         }
     }
