@@ -1,0 +1,235 @@
+//! Shared state of one fake: knobs, counters, issued tokens, recorded requests.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::TokenFault;
+
+/// At most this many API requests are kept for [`crate::FakeGenesys::recorded_api_requests`].
+pub(crate) const MAX_RECORDED: usize = 100_000;
+
+/// One request the API host answered, as recorded before answering.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// The request method.
+    pub method: http::Method,
+    /// Path and query, e.g. `/api/v2/echo?x=1`.
+    pub path: String,
+    /// Every request header, as received.
+    pub headers: http::HeaderMap,
+    /// The full request body (empty if it was over the 16 MiB cap or could not be read).
+    pub body: Bytes,
+    /// The status the fake answered with.
+    pub status: u16,
+}
+
+pub(crate) struct ClientState {
+    pub(crate) id: String,
+    pub(crate) primary: String,
+    pub(crate) secondary: Option<String>,
+    pub(crate) deleted: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct RateState {
+    pub(crate) limit: Option<(u32, Duration)>,
+    pub(crate) window_end: Option<Instant>,
+    pub(crate) count: u32,
+}
+
+#[derive(Default)]
+pub(crate) struct FaultState {
+    pub(crate) queue: VecDeque<TokenFault>,
+    pub(crate) persistent: Option<TokenFault>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) client: Mutex<ClientState>,
+    pub(crate) token_lifetime: AtomicU64,
+    pub(crate) token_latency: AtomicU64,
+    pub(crate) api_latency: AtomicU64,
+    pub(crate) rate: Mutex<RateState>,
+    pub(crate) faults: Mutex<FaultState>,
+    pub(crate) tokens: RwLock<HashMap<String, Instant>>,
+    pub(crate) recorded: Mutex<VecDeque<RecordedRequest>>,
+    pub(crate) token_requests: AtomicU64,
+    pub(crate) tokens_issued: AtomicU64,
+    pub(crate) api_requests: AtomicU64,
+    pub(crate) api_unauthorized: AtomicU64,
+    pub(crate) connections: AtomicU64,
+    token_counter: AtomicU64,
+    hasher: RandomState,
+    pub(crate) org_id: String,
+}
+
+/// Locks a mutex, ignoring poisoning (state stays usable after a panicking test thread).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whole seconds, rounded up.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
+}
+
+impl Inner {
+    pub(crate) fn new(
+        id: String,
+        secret: String,
+        lifetime: Duration,
+        token_latency: Duration,
+        api_latency: Duration,
+        rate_limit: Option<(u32, Duration)>,
+    ) -> Self {
+        let hasher = RandomState::new();
+        let a = hasher.hash_one(("org", 1u8)).to_le_bytes();
+        let b = hasher.hash_one(("org", 2u8)).to_le_bytes();
+        let hex: String = a
+            .iter()
+            .chain(b.iter())
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        let org_id = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        Inner {
+            client: Mutex::new(ClientState {
+                id,
+                primary: secret,
+                secondary: None,
+                deleted: false,
+            }),
+            token_lifetime: AtomicU64::new(nanos(lifetime)),
+            token_latency: AtomicU64::new(nanos(token_latency)),
+            api_latency: AtomicU64::new(nanos(api_latency)),
+            rate: Mutex::new(RateState {
+                limit: rate_limit,
+                ..RateState::default()
+            }),
+            faults: Mutex::new(FaultState::default()),
+            tokens: RwLock::new(HashMap::new()),
+            recorded: Mutex::new(VecDeque::new()),
+            token_requests: AtomicU64::new(0),
+            tokens_issued: AtomicU64::new(0),
+            api_requests: AtomicU64::new(0),
+            api_unauthorized: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            token_counter: AtomicU64::new(0),
+            hasher,
+            org_id,
+        }
+    }
+
+    pub(crate) fn duration(a: &AtomicU64) -> Duration {
+        Duration::from_nanos(a.load(Ordering::Relaxed))
+    }
+
+    /// The next fault to apply: the queue first, then the persistent one.
+    pub(crate) fn next_fault(&self) -> Option<TokenFault> {
+        let mut f = lock(&self.faults);
+        match f.queue.pop_front() {
+            Some(fault) => Some(fault),
+            None => f.persistent.clone(),
+        }
+    }
+
+    /// `None` if the request may proceed, else the `Retry-After` seconds.
+    pub(crate) fn check_rate(&self) -> Option<u64> {
+        let mut r = lock(&self.rate);
+        let (limit, per) = r.limit?;
+        let now = Instant::now();
+        let end = match r.window_end {
+            Some(end) if now < end => end,
+            _ => {
+                let end = now.checked_add(per).unwrap_or_else(crate::body::far_future);
+                r.window_end = Some(end);
+                r.count = 0;
+                end
+            }
+        };
+        if r.count >= limit {
+            Some(ceil_secs(end - now).max(1))
+        } else {
+            r.count += 1;
+            None
+        }
+    }
+
+    /// A new unique, URL-safe token (54 characters).
+    pub(crate) fn new_token_string(&self) -> String {
+        let n = self.token_counter.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = Vec::with_capacity(40);
+        for i in 0..4u64 {
+            bytes.extend_from_slice(&self.hasher.hash_one((n, i)).to_le_bytes());
+        }
+        bytes.extend_from_slice(&n.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Issues (stores) a new token; returns it with its lifetime.
+    pub(crate) fn issue_token(&self) -> (String, Duration) {
+        let lifetime = Self::duration(&self.token_lifetime);
+        let token = self.new_token_string();
+        let now = Instant::now();
+        let expires_at = now
+            .checked_add(lifetime)
+            .unwrap_or_else(crate::body::far_future);
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        if tokens.len() >= 100_000 {
+            tokens.retain(|_, exp| *exp > now);
+        }
+        tokens.insert(token.clone(), expires_at);
+        (token, lifetime)
+    }
+
+    pub(crate) fn token_valid(&self, token: &str) -> bool {
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        tokens.get(token).is_some_and(|exp| Instant::now() < *exp)
+    }
+
+    pub(crate) fn revoke(&self, token: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(token);
+    }
+
+    pub(crate) fn revoke_all(&self) {
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Does this id/secret pair authenticate the (not deleted) client?
+    pub(crate) fn client_ok(&self, id: &str, secret: &str) -> bool {
+        let c = lock(&self.client);
+        !c.deleted && c.id == id && (c.primary == secret || c.secondary.as_deref() == Some(secret))
+    }
+
+    pub(crate) fn record(&self, req: RecordedRequest) {
+        let mut rec = lock(&self.recorded);
+        if rec.len() >= MAX_RECORDED {
+            rec.pop_front();
+        }
+        rec.push_back(req);
+    }
+}
