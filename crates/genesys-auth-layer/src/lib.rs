@@ -70,3 +70,8 @@ pub use region::{Endpoints, Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
 pub use source::{parse, BoxFuture, ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
 pub use token::{IssuedToken, Token, TokenGeneration};
+
+/// The README's code blocks, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -141,7 +141,7 @@ where
         }
         let generation = *response.extensions().get::<TokenGeneration>()?;
         self.replayed = true;
-        tracing::info!(
+        tracing::debug!(
             target: "genesys_auth_layer::retry",
             generation = generation.0,
             method = %request.method(),
