@@ -1,0 +1,431 @@
+//! Behaviour seen from outside: a real hyper-util client through the full stack
+//! (`RetryLayer<RefreshOn401>` + `AuthLayer`) against `genesys-fake` over loopback, and, for
+//! tests that drive expiry with paused time, against the fake's in-process service.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use genesys_auth_layer::{AuthError, CacheConfig, Endpoints, GenesysAuth, OAuthErrorCode};
+use genesys_fake::FakeGenesys;
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::util::BoxCloneService;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type Stack = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
+
+/// One HTTP/2 connection (prior knowledge): thousands of concurrent requests stay far
+/// below the process's file-descriptor limit.
+fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_concurrent_reset_streams(100_000)
+        .build_http()
+}
+
+fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> GenesysAuth {
+    GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .endpoints(
+            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
+                .unwrap(),
+        )
+        .cache_config(config)
+        .build(h2_client())
+        .unwrap()
+}
+
+/// The full stack over `inner`, with bodies collected so results are easy to compare.
+fn stack<S, B>(auth: &GenesysAuth, inner: S) -> Stack
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let service = ServiceBuilder::new().layer(auth.layers()).service(inner);
+    BoxCloneService::new(service.and_then(|response: Response<B>| async move {
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.map_err(Into::into)?.to_bytes();
+        Ok(Response::from_parts(parts, bytes))
+    }))
+}
+
+fn get(fake: &FakeGenesys, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!(
+        "{}{}",
+        fake.api_uri(),
+        path.trim_start_matches('/')
+    ))
+    .body(Full::default())
+    .unwrap()
+}
+
+fn fire(
+    client: &Stack,
+    request: Request<Full<Bytes>>,
+) -> impl std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send {
+    client.clone().oneshot(request)
+}
+
+fn auth_error(err: &BoxError) -> &AuthError {
+    err.downcast_ref::<AuthError>()
+        .unwrap_or_else(|| panic!("expected an AuthError, got {err}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_401s_cost_one_token_request() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+    assert_eq!(
+        fire(&client, get(&fake, "/api/v2/ping"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(fake.token_requests(), 1);
+
+    fake.revoke_all_tokens();
+    let tasks: Vec<_> = (0..10_000)
+        .map(|_| {
+            let client = client.clone();
+            let request = get(&fake, "/api/v2/ping");
+            tokio::spawn(async move { fire(&client, request).await.map(|r| r.status()) })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "exactly one token request for the whole storm"
+    );
+    assert!(fake.api_unauthorized() > 0 && fake.api_unauthorized() <= 10_000);
+    assert_eq!(fake.api_requests(), 1 + 10_000 + fake.api_unauthorized());
+    fake.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_401s_after_the_refresh_cost_no_more_token_requests() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+    fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
+
+    // Every API answer takes 200 ms. Waves of requests leave every 25 ms: the early waves
+    // carry the revoked token and see their 401 after the refresh already finished (late
+    // 401s for an old generation); later waves leave after it and never see a 401.
+    fake.set_api_latency(Duration::from_millis(200));
+    fake.revoke_all_tokens();
+    let mut tasks = Vec::new();
+    for _wave in 0..16 {
+        for _ in 0..625 {
+            let client = client.clone();
+            let request = get(&fake, "/api/v2/ping");
+            tasks.push(tokio::spawn(async move {
+                fire(&client, request).await.map(|r| r.status())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "late 401s for the old generation must not refresh"
+    );
+    let stats = auth.cache().stats();
+    assert!(
+        stats.unauthorized_reported >= 625 * 2,
+        "several waves must have hit 401 ({} did)",
+        stats.unauthorized_reported
+    );
+    fake.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_once_per_lifetime_and_no_request_waits() {
+    let fake = FakeGenesys::builder()
+        .token_lifetime(Duration::from_secs(100))
+        .token_latency(Duration::from_millis(300))
+        .build_in_process();
+    // The in-process fake routes by path; a loopback origin satisfies the https rule.
+    let endpoints =
+        Endpoints::custom("http://127.0.0.1:9/oauth/token", "http://127.0.0.1:9").unwrap();
+    let config = CacheConfig::default()
+        .refresh_ahead(Duration::from_secs(10), 0.0)
+        .refresh_jitter(0.0);
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .endpoints(endpoints)
+        .cache_config(config)
+        .build(fake.service())
+        .unwrap();
+    let client = stack(&auth, fake.service());
+    let ping = || {
+        Request::get("http://127.0.0.1:9/api/v2/ping")
+            .body(Full::default())
+            .unwrap()
+    };
+
+    fire(&client, ping()).await.unwrap();
+    assert_eq!(auth.cache().stats().waited_for_token, 1);
+
+    // One request a second for 300 s: refreshes start at 90 s of each token's life
+    // (requested at 0, 90.3, 180.6 s...), in the background.
+    for _ in 0..300 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(fire(&client, ping()).await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        fake.token_requests(),
+        4,
+        "one initial fetch and one per lifetime"
+    );
+    assert_eq!(
+        auth.cache().stats().waited_for_token,
+        1,
+        "no request waited after the first"
+    );
+    assert_eq!(fake.api_unauthorized(), 0);
+
+    // Idle past hard expiry: the next request waits for exactly one refresh.
+    tokio::time::advance(Duration::from_secs(200)).await;
+    let before = tokio::time::Instant::now();
+    assert_eq!(fire(&client, ping()).await.unwrap().status(), 200);
+    assert_eq!(
+        before.elapsed(),
+        Duration::from_millis(300),
+        "it waited one token round trip"
+    );
+    assert_eq!(fake.token_requests(), 5);
+    assert_eq!(auth.cache().stats().waited_for_token, 2);
+}
+
+#[tokio::test]
+async fn a_replayed_post_reaches_the_api_byte_for_byte() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+    fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
+    fake.revoke_all_tokens();
+    fake.clear_recorded();
+
+    let json = r#"{"name":"Ünïcode & spaces","list":[1,2,3],"nested":{"empty":""}}"#;
+    let request = Request::post(format!("{}api/v2/echo", fake.api_uri()))
+        .header("content-type", "application/json")
+        .header("x-correlation-id", "abc-123")
+        .body(Full::new(Bytes::from_static(json.as_bytes())))
+        .unwrap();
+    let response = fire(&client, request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.body(), json.as_bytes());
+
+    let recorded = fake.recorded_api_requests();
+    assert_eq!(recorded.len(), 2, "sent, refused, replayed once");
+    assert_eq!((recorded[0].status, recorded[1].status), (401, 200));
+    for r in &recorded {
+        assert_eq!(r.method, http::Method::POST);
+        assert_eq!(r.path, "/api/v2/echo");
+        assert_eq!(r.body, json.as_bytes());
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["x-correlation-id"], "abc-123");
+    }
+    assert_ne!(
+        recorded[0].headers[AUTHORIZATION],
+        recorded[1].headers[AUTHORIZATION]
+    );
+    assert_eq!(fake.token_requests(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_401_goes_back_to_the_caller_without_a_loop() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    // An API that refuses every token: all tokens are revoked just before each request.
+    let revoking = {
+        let fake = fake.clone();
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            fake.revoke_all_tokens();
+            h2_client().oneshot(request)
+        })
+    };
+    let client = stack(&auth, revoking);
+    let response = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    assert_eq!(
+        body["code"], "bad.credentials",
+        "the API's own 401 reaches the caller"
+    );
+    assert_eq!(
+        fake.api_requests(),
+        2,
+        "one request and one replay, no more"
+    );
+    assert_eq!(fake.token_requests(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_callers_own_authorization_is_never_replaced_nor_retried() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+    let mut request = get(&fake, "/api/v2/ping");
+    request
+        .headers_mut()
+        .insert(AUTHORIZATION, "Bearer callers-own-token".parse().unwrap());
+    let response = fire(&client, request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let recorded = fake.recorded_api_requests();
+    assert_eq!(recorded.len(), 1, "not retried");
+    assert_eq!(
+        recorded[0].headers[AUTHORIZATION],
+        "Bearer callers-own-token"
+    );
+    assert_eq!(fake.token_requests(), 0, "no token was even fetched");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_to_another_host_carries_no_token() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let other = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+    // Warm the cache so a token exists that could leak.
+    fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
+
+    let response = fire(&client, get(&other, "/api/v2/ping")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let recorded = other.recorded_api_requests();
+    assert_eq!(recorded.len(), 1, "its 401 is not retried either");
+    assert!(recorded[0].headers.get(AUTHORIZATION).is_none());
+    // Nor does the login host of our own region get it.
+    let to_login = Request::get(format!("{}anything", fake.login_uri()))
+        .body(Full::default())
+        .unwrap();
+    let _ = fire(&client, to_login).await.unwrap();
+    assert_eq!(fake.token_requests(), 1);
+    fake.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
+    let fake = FakeGenesys::builder()
+        .token_latency(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = stack(&auth, h2_client());
+
+    let starter = tokio::spawn({
+        let client = client.clone();
+        let request = get(&fake, "/api/v2/ping");
+        async move { fire(&client, request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiters: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            let request = get(&fake, "/api/v2/ping");
+            tokio::spawn(async move { fire(&client, request).await.map(|r| r.status()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    starter.abort();
+    assert!(starter.await.unwrap_err().is_cancelled());
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(fake.token_requests(), 1);
+    fake.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_client_reaches_every_waiter_once_and_the_backoff_holds() {
+    let fake = FakeGenesys::builder()
+        .token_latency(Duration::from_millis(100))
+        .start()
+        .await
+        .unwrap();
+    fake.delete_client();
+    let config = CacheConfig::default().backoff(Duration::from_millis(400), Duration::from_secs(5));
+    let auth = auth_for(&fake, config);
+    let client = stack(&auth, h2_client());
+
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let client = client.clone();
+            let request = get(&fake, "/api/v2/ping");
+            tokio::spawn(async move { fire(&client, request).await })
+        })
+        .collect();
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        let err = auth_error(&err);
+        assert_eq!(
+            err.oauth_code(),
+            Some(&OAuthErrorCode::InvalidClient),
+            "{err}"
+        );
+        assert!(err.is_fatal());
+        assert!(err.to_string().contains("invalid_client"), "{err}");
+    }
+    assert_eq!(
+        fake.token_requests(),
+        1,
+        "one token request for all 200 callers"
+    );
+    assert_eq!(fake.api_requests(), 0);
+
+    // Within the backoff: a typed error at once, and no token request.
+    let err = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap_err();
+    let err = auth_error(&err);
+    assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
+    assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidClient));
+    assert_eq!(fake.token_requests(), 1);
+
+    // The client is fixed; after the backoff (at most 400 ms) the next call recovers.
+    fake.restore_client();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let response = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.token_requests(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn tower_http_layers_compose_around_the_stack() {
+    use tower_http::trace::TraceLayer;
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = auth_for(&fake, CacheConfig::default());
+    let client = ServiceBuilder::new()
+        .layer(TraceLayer::new_for_http())
+        .layer(auth.retry_layer())
+        .layer(auth.layer())
+        .service(h2_client());
+    let response = client
+        .oneshot(get(&fake, "/api/v2/organizations/me"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let org: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(org["name"], "Fake Genesys Org");
+    fake.shutdown().await;
+}
