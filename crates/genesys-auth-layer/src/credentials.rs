@@ -12,6 +12,40 @@ use zeroize::Zeroizing;
 
 use crate::error::ConfigError;
 
+/// The environment variable holding the client id.
+pub const ENV_CLIENT_ID: &str = "GENESYSCLOUD_OAUTHCLIENT_ID";
+/// The environment variable holding the client secret.
+pub const ENV_CLIENT_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECRET";
+/// The environment variable holding an optional secondary client secret.
+pub const ENV_SECONDARY_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET";
+
+/// Which of a client's two secrets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecretSlot {
+    /// The primary secret.
+    Primary,
+    /// The secondary secret.
+    Secondary,
+}
+
+impl SecretSlot {
+    /// The other slot.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Primary => Self::Secondary,
+            Self::Secondary => Self::Primary,
+        }
+    }
+
+    /// `"primary"` or `"secondary"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Secondary => "secondary",
+        }
+    }
+}
+
 /// An OAuth client id. Not a secret: it is shown in `Debug` to help tell clients apart.
 ///
 /// ```
@@ -94,18 +128,25 @@ impl From<String> for ClientSecret {
     }
 }
 
-/// A client id with its secret: what the client-credentials grant authenticates with.
+/// A client id with its secret, and optionally a secondary secret: what the
+/// client-credentials grant authenticates with.
+///
+/// Genesys lets an OAuth client hold two secrets while one is rotated. Give both and a
+/// token request refused with `invalid_client` is tried once with the other secret; the one
+/// that works is kept for later requests.
 ///
 /// ```
 /// use genesys_auth_layer::Credentials;
-/// let creds = Credentials::new("my-client", "my-secret")?;
-/// assert!(!format!("{creds:?}").contains("my-secret"));
+/// let creds = Credentials::new("my-client", "my-secret")?.with_secondary("my-next-secret")?;
+/// assert!(creds.secondary_secret().is_some());
+/// assert!(!format!("{creds:?}").contains("secret\""));
 /// # Ok::<(), genesys_auth_layer::ConfigError>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct Credentials {
     id: ClientId,
     secret: ClientSecret,
+    secondary: Option<ClientSecret>,
 }
 
 impl Credentials {
@@ -121,7 +162,41 @@ impl Credentials {
         if secret.expose_secret().is_empty() {
             return Err(ConfigError::EmptyClientSecret);
         }
-        Ok(Self { id, secret })
+        Ok(Self {
+            id,
+            secret,
+            secondary: None,
+        })
+    }
+
+    /// Adds a secondary secret, tried when the primary one is refused.
+    pub fn with_secondary(mut self, secret: impl Into<ClientSecret>) -> Result<Self, ConfigError> {
+        let secret = secret.into();
+        if secret.expose_secret().is_empty() {
+            return Err(ConfigError::EmptyClientSecret);
+        }
+        self.secondary = Some(secret);
+        Ok(self)
+    }
+
+    /// Credentials from the environment variables Genesys' CLI and Terraform provider use:
+    /// `GENESYSCLOUD_OAUTHCLIENT_ID`, `GENESYSCLOUD_OAUTHCLIENT_SECRET` and, optionally,
+    /// `GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Credentials from `KEY=value` pairs looked up by name, as [`Credentials::from_env`].
+    pub(crate) fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let id = lookup(ENV_CLIENT_ID).ok_or(ConfigError::Missing(ENV_CLIENT_ID))?;
+        let secret = lookup(ENV_CLIENT_SECRET).ok_or(ConfigError::Missing(ENV_CLIENT_SECRET))?;
+        let credentials = Self::new(id, secret)?;
+        match lookup(ENV_SECONDARY_SECRET).filter(|s| !s.is_empty()) {
+            Some(secondary) => credentials.with_secondary(secondary),
+            None => Ok(credentials),
+        }
     }
 
     /// The client id.
@@ -129,21 +204,34 @@ impl Credentials {
         &self.id
     }
 
-    /// The client secret.
+    /// The (primary) client secret.
     pub fn secret(&self) -> &ClientSecret {
         &self.secret
+    }
+
+    /// The secondary secret, if any.
+    pub fn secondary_secret(&self) -> Option<&ClientSecret> {
+        self.secondary.as_ref()
+    }
+
+    /// The secret in `slot`, if present.
+    pub(crate) fn secret_in(&self, slot: SecretSlot) -> Option<&ClientSecret> {
+        match slot {
+            SecretSlot::Primary => Some(&self.secret),
+            SecretSlot::Secondary => self.secondary.as_ref(),
+        }
     }
 
     /// The `Authorization: Basic …` header for the token endpoint, marked sensitive.
     ///
     /// Per RFC 6749 §2.3.1 the id and the secret are each form-urlencoded before they are
     /// joined with `:` and base64-encoded.
-    pub(crate) fn basic_authorization(&self) -> HeaderValue {
+    pub(crate) fn basic_authorization(&self, secret: &ClientSecret) -> HeaderValue {
         let mut pair = Zeroizing::new(String::new());
         pair.extend(form_urlencoded::byte_serialize(self.id.as_str().as_bytes()));
         pair.push(':');
         pair.extend(form_urlencoded::byte_serialize(
-            self.secret.expose_secret().as_bytes(),
+            secret.expose_secret().as_bytes(),
         ));
         let mut value = Zeroizing::new(String::from("Basic "));
         base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut value);
@@ -162,7 +250,7 @@ mod tests {
     #[test]
     fn basic_authorization_form_encodes_before_base64() {
         let creds = Credentials::new("id:with space", "p@ss/wörd").unwrap();
-        let header = creds.basic_authorization();
+        let header = creds.basic_authorization(creds.secret());
         assert!(header.is_sensitive());
         let encoded = header.to_str().unwrap().strip_prefix("Basic ").unwrap();
         let decoded = base64::engine::general_purpose::STANDARD

@@ -187,6 +187,14 @@ pub enum AuthError {
     /// The token endpoint answered success with a body that is not a usable token.
     #[error("token endpoint answered an unusable token response: {0}")]
     InvalidResponse(#[from] InvalidTokenResponse),
+    /// Both the primary and the secondary secret were refused; each attempt's error is kept.
+    #[error("token endpoint refused both secrets: primary: {primary}; secondary: {secondary}")]
+    BothSecretsRejected {
+        /// The answer to the primary secret.
+        primary: Arc<AuthError>,
+        /// The answer to the secondary secret.
+        secondary: Arc<AuthError>,
+    },
     /// A recent token request failed and the next attempt is not due yet. `last` is that
     /// failure; no request was sent for this caller.
     #[error("not asking for a token for another {retry_in:?} after the last failure: {last}")]
@@ -210,6 +218,37 @@ impl AuthError {
         match self {
             Self::OAuth { code, .. } => Some(code),
             Self::BackingOff { last, .. } => last.oauth_code(),
+            Self::BothSecretsRejected { secondary, .. } => secondary.oauth_code(),
+            _ => None,
+        }
+    }
+
+    /// A stable, low-cardinality name for the kind of failure, for logs and metrics:
+    /// `oauth_error`, `rate_limited`, `http_status`, `transport`, `timeout`, `too_large`,
+    /// `invalid_response`, `secrets_rejected`, `backing_off`, `aborted` or `no_runtime`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::OAuth { .. } => "oauth_error",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::UnexpectedStatus { .. } => "http_status",
+            Self::Transport(_) => "transport",
+            Self::Timeout(_) => "timeout",
+            Self::ResponseTooLarge { .. } => "too_large",
+            Self::InvalidResponse(_) => "invalid_response",
+            Self::BothSecretsRejected { .. } => "secrets_rejected",
+            Self::BackingOff { .. } => "backing_off",
+            Self::RefreshAborted => "aborted",
+            Self::NoRuntime => "no_runtime",
+        }
+    }
+
+    /// The HTTP status the token endpoint answered, if the failure came with one.
+    pub fn http_status(&self) -> Option<StatusCode> {
+        match self {
+            Self::OAuth { status, .. } | Self::UnexpectedStatus { status } => Some(*status),
+            Self::RateLimited { .. } => Some(StatusCode::TOO_MANY_REQUESTS),
+            Self::BackingOff { last, .. } => last.http_status(),
+            Self::BothSecretsRejected { secondary, .. } => secondary.http_status(),
             _ => None,
         }
     }
@@ -250,6 +289,17 @@ pub enum ConfigError {
     /// The client secret is empty.
     #[error("the client secret is empty")]
     EmptyClientSecret,
+    /// A required setting (an environment variable or a key of a credentials file) is absent.
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    /// A credentials file could not be read.
+    #[error("cannot read credentials from {path}: {reason}")]
+    CredentialsFile {
+        /// The file or directory.
+        path: String,
+        /// Why (an I/O error's description; never file contents).
+        reason: String,
+    },
 }
 
 struct Described<'a>(&'a Option<String>);

@@ -18,6 +18,7 @@ use crate::credentials::{ClientId, ClientSecret, Credentials};
 use crate::error::{AuthError, ConfigError};
 use crate::region::{Endpoints, Region};
 use crate::retry::RefreshOn401;
+use crate::rotation::CredentialStore;
 use crate::source::{ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::token::Token;
 
@@ -44,6 +45,7 @@ use crate::token::Token;
 #[derive(Clone)]
 pub struct GenesysAuth {
     shared: Arc<Shared>,
+    credentials: Option<CredentialStore>,
 }
 
 impl GenesysAuth {
@@ -52,9 +54,23 @@ impl GenesysAuth {
         client_id: impl Into<ClientId>,
         client_secret: impl Into<ClientSecret>,
     ) -> GenesysAuthBuilder {
+        Self::builder(CredentialSpec::Given {
+            id: client_id.into(),
+            secret: client_secret.into(),
+            secondary: None,
+        })
+    }
+
+    /// Starts building authentication with the client-credentials grant from a
+    /// [`CredentialStore`] (or [`Credentials`]) that can be rotated at run time, for example
+    /// one from [`CredentialStore::watch_file`] or [`Credentials::from_env`].
+    pub fn with_credentials(credentials: impl Into<CredentialStore>) -> GenesysAuthBuilder {
+        Self::builder(CredentialSpec::Store(credentials.into()))
+    }
+
+    fn builder(credentials: CredentialSpec) -> GenesysAuthBuilder {
         GenesysAuthBuilder {
-            client_id: client_id.into(),
-            client_secret: client_secret.into(),
+            credentials,
             endpoints: Region::UsEast1.endpoints(),
             extra_origins: Vec::new(),
             cache: CacheConfig::default(),
@@ -70,6 +86,25 @@ impl GenesysAuth {
     fn from_layer(layer: AuthLayer) -> Self {
         Self {
             shared: layer.shared,
+            credentials: None,
+        }
+    }
+
+    /// The credentials used for token requests, if this was built with the
+    /// client-credentials grant.
+    pub fn credentials(&self) -> Option<&CredentialStore> {
+        self.credentials.as_ref()
+    }
+
+    /// Replaces the credentials for the next token requests. Returns `false` (and changes
+    /// nothing) if this was built from a custom [`TokenSource`].
+    pub fn rotate_credentials(&self, credentials: Credentials) -> bool {
+        match &self.credentials {
+            Some(store) => {
+                store.rotate(credentials);
+                true
+            }
+            None => false,
         }
     }
 
@@ -134,15 +169,55 @@ impl fmt::Debug for GenesysAuth {
 /// assert!(!format!("{builder:?}").contains("secret\""));
 /// ```
 pub struct GenesysAuthBuilder {
-    client_id: ClientId,
-    client_secret: ClientSecret,
+    credentials: CredentialSpec,
     endpoints: Endpoints,
     extra_origins: Vec<Uri>,
     cache: CacheConfig,
     max_response_bytes: usize,
 }
 
+/// Credentials as given to the builder, checked when it builds.
+#[derive(Debug)]
+enum CredentialSpec {
+    Given {
+        id: ClientId,
+        secret: ClientSecret,
+        secondary: Option<ClientSecret>,
+    },
+    Store(CredentialStore),
+}
+
+impl CredentialSpec {
+    fn into_store(self) -> Result<CredentialStore, ConfigError> {
+        match self {
+            Self::Given {
+                id,
+                secret,
+                secondary,
+            } => {
+                let credentials = Credentials::new(id, secret)?;
+                let credentials = match secondary {
+                    Some(secondary) => credentials.with_secondary(secondary)?,
+                    None => credentials,
+                };
+                Ok(CredentialStore::new(credentials))
+            }
+            Self::Store(store) => Ok(store),
+        }
+    }
+}
+
 impl GenesysAuthBuilder {
+    /// A secondary client secret, tried once when the primary one is refused with
+    /// `invalid_client` (zero-downtime secret rotation). Ignored when the credentials
+    /// came from [`GenesysAuth::with_credentials`].
+    pub fn secondary_secret(mut self, secret: impl Into<ClientSecret>) -> Self {
+        if let CredentialSpec::Given { secondary, .. } = &mut self.credentials {
+            *secondary = Some(secret.into());
+        }
+        self
+    }
+
     /// The region (default `us-east-1`): tokens come from `https://login.<domain>` and are
     /// attached to requests for `https://api.<domain>`.
     pub fn region(mut self, region: Region) -> Self {
@@ -203,15 +278,20 @@ impl GenesysAuthBuilder {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let credentials = Credentials::new(self.client_id, self.client_secret)?;
-        let source =
-            ClientCredentials::new(token_http, self.endpoints.token_url().clone(), credentials)?
-                .max_response_bytes(self.max_response_bytes);
+        let store = self.credentials.into_store()?;
+        let source = ClientCredentials::new(
+            token_http,
+            self.endpoints.token_url().clone(),
+            store.clone(),
+        )?
+        .max_response_bytes(self.max_response_bytes);
         let mut scope = Scope::new([self.endpoints.api_uri().clone()])?;
         for origin in self.extra_origins {
             scope = scope.with_origin(origin)?;
         }
-        Ok(GenesysAuth::from_source(source, self.cache, scope))
+        let mut auth = GenesysAuth::from_source(source, self.cache, scope);
+        auth.credentials = Some(store);
+        Ok(auth)
     }
 
     /// Builds it with the crate's default HTTPS client for token requests.
@@ -224,8 +304,7 @@ impl GenesysAuthBuilder {
 impl fmt::Debug for GenesysAuthBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GenesysAuthBuilder")
-            .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret)
+            .field("credentials", &self.credentials)
             .field("endpoints", &self.endpoints)
             .field("extra_origins", &self.extra_origins)
             .field("cache", &self.cache)

@@ -54,6 +54,7 @@ mod error;
 mod genesys;
 mod region;
 mod retry;
+mod rotation;
 mod source;
 mod token;
 
@@ -63,11 +64,15 @@ pub use cache::{
     DEFAULT_BACKOFF_MAX, DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD,
     DEFAULT_REFRESH_AHEAD_FRACTION, DEFAULT_REFRESH_JITTER,
 };
-pub use credentials::{ClientId, ClientSecret, Credentials};
+pub use credentials::{
+    ClientId, ClientSecret, Credentials, SecretSlot, ENV_CLIENT_ID, ENV_CLIENT_SECRET,
+    ENV_SECONDARY_SECRET,
+};
 pub use error::{AuthError, ConfigError, InvalidTokenResponse, OAuthErrorCode};
 pub use genesys::{GenesysAuth, GenesysAuthBuilder};
 pub use region::{Endpoints, Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
+pub use rotation::{CredentialStore, CredentialsWatcher, DEFAULT_WATCH_INTERVAL};
 pub use source::{parse, BoxFuture, ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
 pub use token::{IssuedToken, Token, TokenGeneration};
 

@@ -8,6 +8,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -17,8 +18,9 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::credentials::Credentials;
-use crate::error::{AuthError, ConfigError};
+use crate::credentials::{ClientSecret, Credentials, SecretSlot};
+use crate::error::{AuthError, ConfigError, OAuthErrorCode};
+use crate::rotation::CredentialStore;
 use crate::token::IssuedToken;
 
 pub mod parse;
@@ -64,6 +66,11 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// `grant_type=client_credentials`. The answer is read up to a size cap and parsed into an
 /// [`IssuedToken`] or a typed [`AuthError`].
 ///
+/// With a secondary secret, a request refused with `invalid_client` is tried once with the
+/// other secret; the one that works is used first from then on (a `warn` event says so).
+/// Both refused is [`AuthError::BothSecretsRejected`]. Credentials are read from a
+/// [`CredentialStore`] at each fetch, so they can be rotated while the process runs.
+///
 /// ```
 /// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
 /// # fn http_client() -> tower::util::BoxCloneSyncService<http::Request<http_body_util::Full<bytes::Bytes>>, http::Response<http_body_util::Full<bytes::Bytes>>, tower::BoxError> { unimplemented!() }
@@ -76,7 +83,7 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 pub struct ClientCredentials<S> {
     http: S,
     token_url: Uri,
-    credentials: Credentials,
+    credentials: CredentialStore,
     max_response_bytes: usize,
 }
 
@@ -85,7 +92,11 @@ impl<S> ClientCredentials<S> {
     ///
     /// Fails with [`ConfigError::InsecureTokenEndpoint`] if `token_url` is plain `http` on a
     /// host that is not loopback: the secret must not cross a network in clear.
-    pub fn new(http: S, token_url: Uri, credentials: Credentials) -> Result<Self, ConfigError> {
+    pub fn new(
+        http: S,
+        token_url: Uri,
+        credentials: impl Into<CredentialStore>,
+    ) -> Result<Self, ConfigError> {
         let token_url = crate::region::check_absolute(token_url)?;
         if token_url.scheme_str() != Some("https") && !is_loopback(&token_url) {
             return Err(ConfigError::InsecureTokenEndpoint(token_url.to_string()));
@@ -93,7 +104,7 @@ impl<S> ClientCredentials<S> {
         Ok(Self {
             http,
             token_url,
-            credentials,
+            credentials: credentials.into(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         })
     }
@@ -110,19 +121,23 @@ impl<S> ClientCredentials<S> {
         &self.token_url
     }
 
-    /// The credentials sent.
-    pub fn credentials(&self) -> &Credentials {
+    /// The credentials sent, replaceable at run time.
+    pub fn credentials(&self) -> &CredentialStore {
         &self.credentials
     }
 
-    fn token_request(&self) -> Request<Full<Bytes>> {
+    fn token_request(
+        &self,
+        credentials: &Credentials,
+        secret: &ClientSecret,
+    ) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(Bytes::from_static(
             b"grant_type=client_credentials",
         )));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = self.token_url.clone();
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, self.credentials.basic_authorization());
+        headers.insert(AUTHORIZATION, credentials.basic_authorization(secret));
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded"),
@@ -152,16 +167,76 @@ where
     B::Error: Into<BoxError>,
 {
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-        let request = self.token_request();
         Box::pin(async move {
-            let response = self
-                .http
-                .clone()
-                .oneshot(request)
-                .await
-                .map_err(AuthError::transport)?;
-            read_token_response(response, self.max_response_bytes).await
+            let credentials = self.credentials.current();
+            let first = match self.credentials.preferred_slot() {
+                slot if credentials.secret_in(slot).is_some() => slot,
+                _ => SecretSlot::Primary,
+            };
+            let first_result = self.request_with(&credentials, first).await;
+            let other = first.other();
+            let refused = matches!(
+                &first_result,
+                Err(e) if e.oauth_code() == Some(&OAuthErrorCode::InvalidClient)
+            );
+            if !refused || credentials.secret_in(other).is_none() {
+                return first_result;
+            }
+            let first_error = Arc::new(first_result.err().unwrap_or(AuthError::RefreshAborted));
+            let second_result = self.request_with(&credentials, other).await;
+            tracing::warn!(
+                target: "genesys_auth_layer::credentials",
+                client_id = credentials.id().as_str(),
+                refused = first.as_str(),
+                tried = other.as_str(),
+                succeeded = second_result.is_ok(),
+                "secret fallback used"
+            );
+            match second_result {
+                Ok(token) => {
+                    self.credentials.prefer(&credentials, other);
+                    Ok(token)
+                }
+                Err(e) if e.oauth_code() == Some(&OAuthErrorCode::InvalidClient) => {
+                    let second_error = Arc::new(e);
+                    let (primary, secondary) = match first {
+                        SecretSlot::Primary => (first_error, second_error),
+                        SecretSlot::Secondary => (second_error, first_error),
+                    };
+                    Err(AuthError::BothSecretsRejected { primary, secondary })
+                }
+                Err(e) => Err(e),
+            }
         })
+    }
+}
+
+impl<S, B> ClientCredentials<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// One token request with the secret in `slot`.
+    async fn request_with(
+        &self,
+        credentials: &Credentials,
+        slot: SecretSlot,
+    ) -> Result<IssuedToken, AuthError> {
+        let secret = credentials
+            .secret_in(slot)
+            .unwrap_or_else(|| credentials.secret());
+        let request = self.token_request(credentials, secret);
+        let response = self
+            .http
+            .clone()
+            .oneshot(request)
+            .await
+            .map_err(AuthError::transport)?;
+        read_token_response(response, self.max_response_bytes).await
     }
 }
 
@@ -371,5 +446,75 @@ mod tests {
             source(http).fetch().await.unwrap_err(),
             AuthError::Transport(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn secondary_secret_fallback_is_tried_once_and_remembered() {
+        let fake = genesys_fake::FakeGenesys::builder()
+            .client("id", "current")
+            .build_in_process();
+        let creds = Credentials::new("id", "retired")
+            .unwrap()
+            .with_secondary("current")
+            .unwrap();
+        let source = ClientCredentials::new(
+            fake.service(),
+            Uri::from_static("http://127.0.0.1:9/oauth/token"),
+            creds,
+        )
+        .unwrap();
+        source.fetch().await.unwrap();
+        assert_eq!(
+            fake.token_requests(),
+            2,
+            "primary refused, secondary accepted"
+        );
+        assert_eq!(source.credentials().preferred_slot(), SecretSlot::Secondary);
+        source.fetch().await.unwrap();
+        assert_eq!(
+            fake.token_requests(),
+            3,
+            "the secret that worked is tried first"
+        );
+
+        // Both refused: one typed error naming both attempts, after exactly two requests.
+        fake.set_primary_secret("something-else");
+        fake.remove_secondary_secret();
+        let err = source.fetch().await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::BothSecretsRejected { .. }),
+            "{err}"
+        );
+        assert!(err.is_fatal());
+        let shown = err.to_string();
+        assert!(
+            shown.contains("primary: token endpoint refused") && shown.contains("secondary:"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("retired") && !shown.contains("current"),
+            "{shown}"
+        );
+        assert_eq!(fake.token_requests(), 5);
+    }
+
+    #[tokio::test]
+    async fn rotated_credentials_are_used_by_the_next_fetch() {
+        let fake = genesys_fake::FakeGenesys::builder()
+            .client("id", "one")
+            .build_in_process();
+        let source = ClientCredentials::new(
+            fake.service(),
+            Uri::from_static("http://127.0.0.1:9/oauth/token"),
+            Credentials::new("id", "one").unwrap(),
+        )
+        .unwrap();
+        source.fetch().await.unwrap();
+        fake.set_primary_secret("two");
+        assert!(source.fetch().await.is_err());
+        source
+            .credentials()
+            .rotate(Credentials::new("id", "two").unwrap());
+        source.fetch().await.unwrap();
     }
 }

@@ -1,0 +1,376 @@
+//! Credentials that change while the process runs.
+//!
+//! This module owns [`CredentialStore`]: the credentials a token source reads at each token
+//! request, replaceable at run time ([`CredentialStore::rotate`]) and re-read from a secrets
+//! file or directory when its contents change ([`CredentialStore::watch_file`]). It also
+//! remembers which of the two secrets last worked. It never logs a secret, and never keeps a
+//! file's contents beyond parsing them.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use zeroize::Zeroizing;
+
+use crate::credentials::{
+    Credentials, SecretSlot, ENV_CLIENT_ID, ENV_CLIENT_SECRET, ENV_SECONDARY_SECRET,
+};
+use crate::error::ConfigError;
+
+/// How often a watched credentials file is re-read by default. Mounted Kubernetes secrets
+/// change within about a minute of an update; ten seconds adds little to that.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The credentials used for token requests, shared and replaceable at run time.
+///
+/// Cheap to clone; clones share the credentials.
+///
+/// ```
+/// use genesys_auth_layer::{CredentialStore, Credentials};
+///
+/// let store = CredentialStore::new(Credentials::new("id", "old-secret")?);
+/// store.rotate(Credentials::new("id", "new-secret")?);
+/// assert_eq!(store.current().secret().expose_secret(), "new-secret");
+/// # Ok::<(), genesys_auth_layer::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct CredentialStore {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    credentials: ArcSwap<Credentials>,
+    /// Whether the secondary secret is the one that last worked.
+    prefer_secondary: AtomicBool,
+}
+
+impl CredentialStore {
+    /// A store holding `credentials`.
+    pub fn new(credentials: Credentials) -> Self {
+        Self {
+            inner: Arc::new(StoreInner {
+                credentials: ArcSwap::from_pointee(credentials),
+                prefer_secondary: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The credentials now.
+    pub fn current(&self) -> Arc<Credentials> {
+        self.inner.credentials.load_full()
+    }
+
+    /// Replaces the credentials. The next token request uses the new primary secret; tokens
+    /// already issued stay in use until they expire or are refused.
+    pub fn rotate(&self, credentials: Credentials) {
+        tracing::info!(
+            target: "genesys_auth_layer::credentials",
+            client_id = credentials.id().as_str(),
+            has_secondary = credentials.secondary_secret().is_some(),
+            "credentials rotated"
+        );
+        self.inner.credentials.store(Arc::new(credentials));
+        self.inner.prefer_secondary.store(false, Ordering::Relaxed);
+    }
+
+    /// The secret to try first.
+    pub fn preferred_slot(&self) -> SecretSlot {
+        if self.inner.prefer_secondary.load(Ordering::Relaxed) {
+            SecretSlot::Secondary
+        } else {
+            SecretSlot::Primary
+        }
+    }
+
+    /// Remembers that `slot` of `credentials` worked, unless they were rotated meanwhile.
+    pub(crate) fn prefer(&self, credentials: &Arc<Credentials>, slot: SecretSlot) {
+        if Arc::ptr_eq(&self.inner.credentials.load(), credentials) {
+            self.inner
+                .prefer_secondary
+                .store(slot == SecretSlot::Secondary, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads credentials from `path` and keeps re-reading it every `interval`, rotating
+    /// whenever its contents change to valid credentials. A file that becomes unreadable or
+    /// invalid is reported (`warn`) and the last good credentials are kept.
+    ///
+    /// `path` is either a file of `KEY=value` lines (a vault agent template or an env file)
+    /// or a directory with one file per key (a mounted Kubernetes secret). Keys are
+    /// `GENESYSCLOUD_OAUTHCLIENT_ID` / `_SECRET` / `_SECONDARY_SECRET`, or `client_id`,
+    /// `client_secret` and `secondary_client_secret`.
+    ///
+    /// The watch stops when the returned [`CredentialsWatcher`] is dropped. Needs a Tokio
+    /// runtime.
+    ///
+    /// ```no_run
+    /// use genesys_auth_layer::{CredentialStore, DEFAULT_WATCH_INTERVAL};
+    /// # async fn demo() -> Result<(), genesys_auth_layer::ConfigError> {
+    /// let (store, watcher) =
+    ///     CredentialStore::watch_file("/var/run/secrets/genesys", DEFAULT_WATCH_INTERVAL).await?;
+    /// // build with GenesysAuth::with_credentials(store.clone()), keep `watcher` alive
+    /// # Ok(()) }
+    /// ```
+    pub async fn watch_file(
+        path: impl AsRef<Path>,
+        interval: Duration,
+    ) -> Result<(Self, CredentialsWatcher), ConfigError> {
+        let path = path.as_ref().to_path_buf();
+        let (credentials, fingerprint) = read_credentials(&path).await?;
+        let store = Self::new(credentials);
+        let weak = Arc::downgrade(&store.inner);
+        let watched = path.clone();
+        let task = tokio::spawn(async move {
+            let mut last = fingerprint;
+            let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = CredentialStore { inner };
+                match read_credentials(&watched).await {
+                    Ok((_, fingerprint)) if fingerprint == last => {}
+                    Ok((credentials, fingerprint)) => {
+                        last = fingerprint;
+                        tracing::info!(
+                            target: "genesys_auth_layer::credentials",
+                            path = %watched.display(),
+                            "credentials file changed"
+                        );
+                        store.rotate(credentials);
+                    }
+                    Err(error) => tracing::warn!(
+                        target: "genesys_auth_layer::credentials",
+                        path = %watched.display(),
+                        %error,
+                        "credentials file unusable; keeping the last good credentials"
+                    ),
+                }
+            }
+        });
+        Ok((store, CredentialsWatcher { task, path }))
+    }
+}
+
+impl From<Credentials> for CredentialStore {
+    fn from(credentials: Credentials) -> Self {
+        Self::new(credentials)
+    }
+}
+
+impl fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field("credentials", &self.current())
+            .field("preferred", &self.preferred_slot())
+            .finish()
+    }
+}
+
+/// Keeps a credentials file watched; dropping it stops the watch.
+pub struct CredentialsWatcher {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl fmt::Debug for CredentialsWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialsWatcher")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Drop for CredentialsWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads credentials from a file or directory, with a fingerprint of what was read (a hash,
+/// so the contents themselves need not be kept to notice a change).
+async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError> {
+    let unreadable = |e: std::io::Error| ConfigError::CredentialsFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let metadata = tokio::fs::metadata(path).await.map_err(unreadable)?;
+    let mut pairs: Vec<(String, Zeroizing<String>)> = Vec::new();
+    if metadata.is_dir() {
+        for name in [
+            "client_id",
+            "client_secret",
+            "secondary_client_secret",
+            ENV_CLIENT_ID,
+            ENV_CLIENT_SECRET,
+            ENV_SECONDARY_SECRET,
+        ] {
+            match tokio::fs::read(path.join(name)).await {
+                Ok(bytes) => {
+                    let bytes = Zeroizing::new(bytes);
+                    let text = Zeroizing::new(String::from_utf8_lossy(&bytes).trim().to_owned());
+                    pairs.push((name.to_owned(), text));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(unreadable(e)),
+            }
+        }
+    } else {
+        let bytes = Zeroizing::new(tokio::fs::read(path).await.map_err(unreadable)?);
+        let text = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
+        pairs = parse_env_lines(&text);
+    }
+    let mut hasher = DefaultHasher::new();
+    for (key, value) in &pairs {
+        key.hash(&mut hasher);
+        value.as_str().hash(&mut hasher);
+    }
+    let fingerprint = hasher.finish();
+    let credentials = Credentials::from_lookup(|name| {
+        let short = match name {
+            ENV_CLIENT_ID => "client_id",
+            ENV_CLIENT_SECRET => "client_secret",
+            _ => "secondary_client_secret",
+        };
+        pairs
+            .iter()
+            .find(|(k, _)| k == name || k == short)
+            .map(|(_, v)| v.to_string())
+    })?;
+    Ok((credentials, fingerprint))
+}
+
+/// Parses `KEY=value` lines: blank lines and `#` comments skipped, an `export ` prefix and
+/// matching quotes around the value removed.
+fn parse_env_lines(text: &str) -> Vec<(String, Zeroizing<String>)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| {
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let (key, value) = line.split_once('=')?;
+            let value = value.trim();
+            let value = ['"', '\'']
+                .iter()
+                .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+                .unwrap_or(value);
+            Some((key.trim().to_owned(), Zeroizing::new(value.to_owned())))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("genesys-auth-layer-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn env_lines() {
+        let pairs = parse_env_lines(
+            "# comment\nexport GENESYSCLOUD_OAUTHCLIENT_ID=abc\n\nGENESYSCLOUD_OAUTHCLIENT_SECRET=\"s=1\"\nbad line\n",
+        );
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[0].0, "GENESYSCLOUD_OAUTHCLIENT_ID");
+        assert_eq!(pairs[1].1.as_str(), "s=1");
+    }
+
+    #[tokio::test]
+    async fn reads_an_env_file_and_a_secret_directory() {
+        let file = temp_path("file");
+        std::fs::write(
+            &file,
+            "GENESYSCLOUD_OAUTHCLIENT_ID=id1\nGENESYSCLOUD_OAUTHCLIENT_SECRET=s1\nGENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET=s2\n",
+        )
+        .unwrap();
+        let (creds, _) = read_credentials(&file).await.unwrap();
+        assert_eq!(creds.id().as_str(), "id1");
+        assert_eq!(creds.secondary_secret().unwrap().expose_secret(), "s2");
+
+        let dir = temp_path("dir");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("client_id"), "id2\n").unwrap();
+        std::fs::write(dir.join("client_secret"), "s3\n").unwrap();
+        let (creds, _) = read_credentials(&dir).await.unwrap();
+        assert_eq!(creds.id().as_str(), "id2");
+        assert_eq!(creds.secret().expose_secret(), "s3");
+        assert!(creds.secondary_secret().is_none());
+
+        std::fs::remove_file(dir.join("client_secret")).unwrap();
+        let err = read_credentials(&dir).await.unwrap_err();
+        assert_eq!(err, ConfigError::Missing(ENV_CLIENT_SECRET));
+        let err = read_credentials(&temp_path("absent")).await.unwrap_err();
+        assert!(matches!(err, ConfigError::CredentialsFile { .. }), "{err}");
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_watched_file_rotates_on_change_and_survives_a_bad_edit() {
+        let file = temp_path("watched");
+        std::fs::write(&file, "client_id=id\nclient_secret=first\n").unwrap();
+        let (store, watcher) = CredentialStore::watch_file(&file, Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert_eq!(store.current().secret().expose_secret(), "first");
+
+        std::fs::write(&file, "client_id=id\nclient_secret=second\n").unwrap();
+        wait_until(|| store.current().secret().expose_secret() == "second").await;
+
+        std::fs::write(&file, "client_id=id\n").unwrap(); // secret missing: ignored
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.current().secret().expose_secret(), "second");
+
+        drop(watcher);
+        std::fs::write(&file, "client_id=id\nclient_secret=third\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            store.current().secret().expose_secret(),
+            "second",
+            "the watch stopped"
+        );
+        let _ = std::fs::remove_file(&file);
+    }
+
+    async fn wait_until(mut done: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached within 2 s");
+    }
+
+    #[test]
+    fn preference_is_dropped_by_a_rotation() {
+        let store = CredentialStore::new(
+            Credentials::new("id", "a")
+                .unwrap()
+                .with_secondary("b")
+                .unwrap(),
+        );
+        store.prefer(&store.current(), SecretSlot::Secondary);
+        assert_eq!(store.preferred_slot(), SecretSlot::Secondary);
+        let stale = store.current();
+        store.rotate(Credentials::new("id", "c").unwrap());
+        assert_eq!(store.preferred_slot(), SecretSlot::Primary);
+        store.prefer(&stale, SecretSlot::Secondary);
+        assert_eq!(
+            store.preferred_slot(),
+            SecretSlot::Primary,
+            "stale credentials change nothing"
+        );
+    }
+}
