@@ -17,8 +17,10 @@ use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::AuthError;
+use crate::observe::{CacheStats, Counters, Health};
 use crate::source::TokenSource;
 use crate::token::{Token, TokenGeneration};
 
@@ -171,31 +173,6 @@ impl RefreshReason {
     }
 }
 
-/// A snapshot of a cache's counters. Cheap: a handful of relaxed atomic loads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CacheStats {
-    /// Token requests started (successful or not).
-    pub token_requests: u64,
-    /// Tokens obtained.
-    pub tokens_fetched: u64,
-    /// Token requests that failed.
-    pub fetch_failures: u64,
-    /// Requests that found no usable token and had to wait for one.
-    pub waited_for_token: u64,
-    /// 401 answers that asked the cache for a newer token.
-    pub unauthorized_reported: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    token_requests: AtomicU64,
-    tokens_fetched: AtomicU64,
-    fetch_failures: AtomicU64,
-    waited_for_token: AtomicU64,
-    unauthorized_reported: AtomicU64,
-}
-
 type Outcome = Result<Arc<Token>, AuthError>;
 
 /// The slow-path state, behind a mutex that is only ever held for a few instructions.
@@ -205,11 +182,15 @@ struct RefreshState {
     /// The last failure, while the next attempt is not due.
     failure: Option<Failure>,
     last_generation: u64,
+    last_success: Option<Instant>,
+    last_error: Option<(Instant, Arc<AuthError>)>,
 }
 
+/// Failures since the last success.
 struct Failure {
     error: Arc<AuthError>,
     consecutive: u32,
+    since: Instant,
     retry_at: Instant,
 }
 
@@ -263,6 +244,8 @@ impl TokenCache {
                     in_flight: None,
                     failure: None,
                     last_generation: 0,
+                    last_success: None,
+                    last_error: None,
                 }),
                 source: Box::new(source),
                 config,
@@ -286,6 +269,7 @@ impl TokenCache {
         if now >= token.refresh_at() {
             self.refresh_ahead(now);
         }
+        self.inner.counters.request_authorized();
         Some((token.header().clone(), token.generation()))
     }
 
@@ -317,10 +301,7 @@ impl TokenCache {
         &self,
         generation: TokenGeneration,
     ) -> Result<Arc<Token>, AuthError> {
-        self.inner
-            .counters
-            .unauthorized_reported
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.unauthorized_reported();
         self.wait_for_token(RefreshReason::After401, Some(generation))
             .await
     }
@@ -332,13 +313,32 @@ impl TokenCache {
 
     /// The counters so far.
     pub fn stats(&self) -> CacheStats {
-        let c = &self.inner.counters;
-        CacheStats {
-            token_requests: c.token_requests.load(Ordering::Relaxed),
-            tokens_fetched: c.tokens_fetched.load(Ordering::Relaxed),
-            fetch_failures: c.fetch_failures.load(Ordering::Relaxed),
-            waited_for_token: c.waited_for_token.load(Ordering::Relaxed),
-            unauthorized_reported: c.unauthorized_reported.load(Ordering::Relaxed),
+        self.inner.counters.snapshot()
+    }
+
+    /// How the token supply is doing (takes the slow-path lock briefly; not for every
+    /// request).
+    pub fn health(&self) -> Health {
+        let now = Instant::now();
+        let token = self
+            .inner
+            .current
+            .load_full()
+            .filter(|t| t.is_valid_at(now));
+        let state = self.lock_state();
+        Health {
+            generation: token.as_ref().map(|t| t.generation()),
+            token_expires_in: token.as_ref().map(|t| t.expires_at() - now),
+            token_age: token.as_ref().map(|t| now - t.requested_at()),
+            since_last_success: state.last_success.map(|at| now - at),
+            last_error: state.last_error.as_ref().map(|(_, e)| AuthError::clone(e)),
+            since_last_error: state.last_error.as_ref().map(|(at, _)| now - *at),
+            consecutive_failures: state.failure.as_ref().map_or(0, |f| f.consecutive),
+            backoff_remaining: state
+                .failure
+                .as_ref()
+                .filter(|f| now < f.retry_at)
+                .map(|f| f.retry_at - now),
         }
     }
 
@@ -361,10 +361,9 @@ impl TokenCache {
                     self.inner.current.store(None);
                 }
             }
-            self.inner.counters.waited_for_token.fetch_add(
-                u64::from(reason == RefreshReason::Initial),
-                Ordering::Relaxed,
-            );
+            if reason == RefreshReason::Initial {
+                self.inner.counters.waited_for_token();
+            }
             match self.joinable_refresh(&mut state) {
                 Some(receiver) => receiver,
                 None => {
@@ -432,78 +431,106 @@ impl TokenCache {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let (sender, receiver) = watch::channel(None);
         state.in_flight = Some(receiver.clone());
-        self.inner
-            .counters
-            .token_requests
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.token_request();
         let cache = self.clone();
-        runtime.spawn(async move {
-            let requested_at = Instant::now();
-            let timeout = cache.inner.config.fetch_timeout;
-            let result = match tokio::time::timeout(timeout, cache.inner.source.fetch()).await {
-                Ok(result) => result,
-                Err(_) => Err(AuthError::Timeout(timeout)),
-            };
-            let outcome = cache.complete(result, requested_at, reason);
-            // Nobody listening is fine: the token is stored either way.
-            let _ = sender.send(Some(outcome));
-        });
+        let span = tracing::info_span!(
+            target: "genesys_auth_layer::token",
+            "token_fetch",
+            reason = reason.as_str()
+        );
+        runtime.spawn(
+            async move {
+                let requested_at = Instant::now();
+                let timeout = cache.inner.config.fetch_timeout;
+                let result = match tokio::time::timeout(timeout, cache.inner.source.fetch()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(AuthError::Timeout(timeout)),
+                };
+                let outcome = cache.complete(result, requested_at, reason);
+                // Nobody listening is fine: the token is stored either way.
+                let _ = sender.send(Some(outcome));
+            }
+            .instrument(span),
+        );
         Ok(receiver)
     }
 
-    /// Records a refresh's result: the new token, or the failure and its backoff.
+    /// Records a refresh's result: the new token, or the failure and its backoff. Events
+    /// are emitted after the lock is released.
     fn complete(
         &self,
         result: Result<crate::IssuedToken, AuthError>,
         requested_at: Instant,
         reason: RefreshReason,
     ) -> Outcome {
+        let now = Instant::now();
         let mut state = self.lock_state();
         state.in_flight = None;
-        let counters = &self.inner.counters;
         match result {
             Ok(issued) => {
                 state.last_generation += 1;
-                state.failure = None;
+                state.last_success = Some(now);
+                let generation = TokenGeneration(state.last_generation);
+                let recovered = state.failure.take();
                 let lifetime = issued.lifetime();
                 let window = self.inner.config.refresh_window(lifetime);
-                let token = Arc::new(Token::new(
-                    issued,
-                    TokenGeneration(state.last_generation),
-                    requested_at,
-                    window,
-                ));
+                let token = Arc::new(Token::new(issued, generation, requested_at, window));
                 self.inner.current.store(Some(token.clone()));
-                counters.tokens_fetched.fetch_add(1, Ordering::Relaxed);
+                drop(state);
+
+                self.inner.counters.token_fetched();
                 tracing::info!(
                     target: "genesys_auth_layer::token",
-                    generation = state.last_generation,
+                    generation = generation.0,
                     lifetime_secs = lifetime.as_secs(),
-                    refresh_in_secs = (lifetime - window).as_secs_f64(),
-                    duration_ms = requested_at.elapsed().as_millis() as u64,
+                    refresh_in_secs = (lifetime - window).as_secs(),
+                    duration_ms = (now - requested_at).as_millis() as u64,
                     reason = reason.as_str(),
                     "token fetched"
                 );
+                if let Some(failure) = recovered {
+                    tracing::info!(
+                        target: "genesys_auth_layer::token",
+                        failed_attempts = failure.consecutive,
+                        outage_ms = (now - failure.since).as_millis() as u64,
+                        "backoff left"
+                    );
+                }
                 Ok(token)
             }
             Err(error) => {
-                let consecutive = state.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+                let previous = state.failure.take();
+                let consecutive = previous.as_ref().map_or(0, |f| f.consecutive) + 1;
                 let wait = self.inner.config.backoff_after(consecutive, &error);
-                counters.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                let shared = Arc::new(error.clone());
+                state.last_error = Some((now, shared.clone()));
+                state.failure = Some(Failure {
+                    error: shared,
+                    consecutive,
+                    since: previous.map_or(now, |f| f.since),
+                    retry_at: now + wait,
+                });
+                drop(state);
+
+                self.inner.counters.fetch_failed(&error);
                 tracing::warn!(
                     target: "genesys_auth_layer::token",
                     error = %error,
+                    cause = error.cause(),
                     oauth_error = error.oauth_code().map(|c| c.as_str()),
+                    http_status = error.http_status().map(|s| s.as_u16()),
                     attempt = consecutive,
                     retry_in_ms = wait.as_millis() as u64,
                     reason = reason.as_str(),
                     "token fetch failed"
                 );
-                state.failure = Some(Failure {
-                    error: Arc::new(error.clone()),
-                    consecutive,
-                    retry_at: Instant::now() + wait,
-                });
+                if consecutive == 1 {
+                    tracing::warn!(
+                        target: "genesys_auth_layer::token",
+                        retry_in_ms = wait.as_millis() as u64,
+                        "backoff entered"
+                    );
+                }
                 Err(error)
             }
         }

@@ -16,6 +16,7 @@ use crate::auth::{AuthLayer, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
 use crate::credentials::{ClientId, ClientSecret, Credentials};
 use crate::error::{AuthError, ConfigError};
+use crate::observe::{CacheStats, Health};
 use crate::region::{Endpoints, Region};
 use crate::retry::RefreshOn401;
 use crate::rotation::CredentialStore;
@@ -134,6 +135,16 @@ impl GenesysAuth {
     /// The token cache.
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
+    }
+
+    /// The counters so far (see [`CacheStats`]).
+    pub fn stats(&self) -> CacheStats {
+        self.shared.cache.stats()
+    }
+
+    /// The token supply's health, for a readiness probe (see [`Health`]).
+    pub fn health(&self) -> Health {
+        self.shared.cache.health()
     }
 
     /// The origins tokens are attached to.

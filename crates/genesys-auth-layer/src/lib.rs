@@ -52,6 +52,7 @@ mod credentials;
 pub mod default_client;
 mod error;
 mod genesys;
+mod observe;
 mod region;
 mod retry;
 mod rotation;
@@ -60,9 +61,9 @@ mod token;
 
 pub use auth::{AuthLayer, AuthService, ResponseFuture, Scope};
 pub use cache::{
-    CacheConfig, CacheStats, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL,
-    DEFAULT_BACKOFF_MAX, DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD,
-    DEFAULT_REFRESH_AHEAD_FRACTION, DEFAULT_REFRESH_JITTER,
+    CacheConfig, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
+    DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION,
+    DEFAULT_REFRESH_JITTER,
 };
 pub use credentials::{
     ClientId, ClientSecret, Credentials, SecretSlot, ENV_CLIENT_ID, ENV_CLIENT_SECRET,
@@ -70,6 +71,10 @@ pub use credentials::{
 };
 pub use error::{AuthError, ConfigError, InvalidTokenResponse, OAuthErrorCode};
 pub use genesys::{GenesysAuth, GenesysAuthBuilder};
+pub use observe::{
+    CacheStats, FailureCounts, Health, METRIC_FAILURES, METRIC_REPLAYS, METRIC_REQUESTS_AUTHORIZED,
+    METRIC_REQUESTS_WAITED, METRIC_TOKENS_RETRIEVED, UNHEALTHY_AFTER_FAILURES,
+};
 pub use region::{Endpoints, Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
 pub use rotation::{CredentialStore, CredentialsWatcher, DEFAULT_WATCH_INTERVAL};

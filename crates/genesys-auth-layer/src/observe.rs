@@ -1,0 +1,340 @@
+//! What operators can see: counters, the health view, and `metrics` export.
+//!
+//! This module owns the cache's counters ([`CacheStats`], a cheap snapshot), the
+//! [`Health`] view for readiness probes, and, behind the `metrics` cargo feature, the same
+//! counters through the `metrics` crate facade. Counting must stay off the hot path's
+//! critical costs: the one counter bumped per request is striped across cache lines so two
+//! cores authorizing requests do not fight over one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::AuthError;
+use crate::token::TokenGeneration;
+
+/// Token-request failures by cause (see [`AuthError::cause`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailureCounts {
+    /// The token endpoint answered an OAuth error (`invalid_client`, `invalid_scope`, …).
+    pub oauth_error: u64,
+    /// Both the primary and the secondary secret were refused.
+    pub secrets_rejected: u64,
+    /// 429 Too Many Requests.
+    pub rate_limited: u64,
+    /// Another unexpected HTTP status (5xx, …).
+    pub http_status: u64,
+    /// Connection refused or closed, TLS or body errors.
+    pub transport: u64,
+    /// No answer within the fetch timeout.
+    pub timeout: u64,
+    /// The answer was larger than the size cap.
+    pub too_large: u64,
+    /// The answer was not a usable token (bad JSON, wrong `token_type`, bad `expires_in`…).
+    pub invalid_response: u64,
+}
+
+/// A snapshot of a cache's counters: a few relaxed atomic loads.
+///
+/// Comparable to Duende.AccessTokenManagement's meter: tokens retrieved, retrieval failures
+/// by cause, requests authorized, 401 replays, and requests that waited for a token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Token requests started (successful or not). With a secondary secret, a fallback
+    /// attempt is part of the same token request.
+    pub token_requests: u64,
+    /// Tokens retrieved.
+    pub tokens_fetched: u64,
+    /// Token requests that failed.
+    pub fetch_failures: u64,
+    /// The failures, by cause.
+    pub failures_by_cause: FailureCounts,
+    /// Requests the layer attached a token to.
+    pub requests_authorized: u64,
+    /// Requests that found no usable token and had to wait for one.
+    pub waited_for_token: u64,
+    /// 401 answers to a token this layer attached that asked for a newer token: one per
+    /// replay.
+    pub unauthorized_reported: u64,
+}
+
+/// How many stripes the per-request counter has: more than the cores of most hosts that
+/// run one client, few enough that summing them is trivial.
+const STRIPES: usize = 16;
+
+/// One counter per cache line, so cores do not invalidate each other's line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
+
+/// A counter that many threads bump at once without contending.
+#[derive(Default)]
+struct StripedCounter {
+    stripes: [Padded; STRIPES],
+}
+
+impl StripedCounter {
+    fn increment(&self) {
+        thread_local! {
+            static STRIPE: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES
+            };
+        }
+        let stripe = STRIPE.try_with(|s| *s).unwrap_or(0);
+        self.stripes[stripe].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+const CAUSES: [&str; 8] = [
+    "oauth_error",
+    "secrets_rejected",
+    "rate_limited",
+    "http_status",
+    "transport",
+    "timeout",
+    "too_large",
+    "invalid_response",
+];
+
+/// The cache's counters.
+#[derive(Default)]
+pub(crate) struct Counters {
+    token_requests: AtomicU64,
+    tokens_fetched: AtomicU64,
+    failures: [AtomicU64; CAUSES.len() + 1],
+    requests_authorized: StripedCounter,
+    waited_for_token: AtomicU64,
+    unauthorized_reported: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: MetricHandles,
+}
+
+impl Counters {
+    pub(crate) fn token_request(&self) {
+        self.token_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn token_fetched(&self) {
+        self.tokens_fetched.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.tokens_retrieved.increment(1);
+    }
+
+    pub(crate) fn fetch_failed(&self, error: &AuthError) {
+        let cause = error.cause();
+        let slot = CAUSES
+            .iter()
+            .position(|c| *c == cause)
+            .unwrap_or(CAUSES.len());
+        self.failures[slot].fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(METRIC_FAILURES, "cause" => cause).increment(1);
+    }
+
+    /// The hot path's only counter.
+    #[inline]
+    pub(crate) fn request_authorized(&self) {
+        self.requests_authorized.increment();
+        #[cfg(feature = "metrics")]
+        self.metrics.requests_authorized.increment(1);
+    }
+
+    pub(crate) fn waited_for_token(&self) {
+        self.waited_for_token.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.requests_waited.increment(1);
+    }
+
+    pub(crate) fn unauthorized_reported(&self) {
+        self.unauthorized_reported.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.replays.increment(1);
+    }
+
+    pub(crate) fn snapshot(&self) -> CacheStats {
+        let failure = |i: usize| self.failures[i].load(Ordering::Relaxed);
+        let failures_by_cause = FailureCounts {
+            oauth_error: failure(0),
+            secrets_rejected: failure(1),
+            rate_limited: failure(2),
+            http_status: failure(3),
+            transport: failure(4),
+            timeout: failure(5),
+            too_large: failure(6),
+            invalid_response: failure(7),
+        };
+        CacheStats {
+            token_requests: self.token_requests.load(Ordering::Relaxed),
+            tokens_fetched: self.tokens_fetched.load(Ordering::Relaxed),
+            fetch_failures: (0..self.failures.len()).map(failure).sum(),
+            failures_by_cause,
+            requests_authorized: self.requests_authorized.sum(),
+            waited_for_token: self.waited_for_token.load(Ordering::Relaxed),
+            unauthorized_reported: self.unauthorized_reported.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `genesys_auth_tokens_retrieved_total`: tokens obtained.
+pub const METRIC_TOKENS_RETRIEVED: &str = "genesys_auth_tokens_retrieved_total";
+/// `genesys_auth_token_failures_total{cause}`: failed token requests by
+/// [`AuthError::cause`].
+pub const METRIC_FAILURES: &str = "genesys_auth_token_failures_total";
+/// `genesys_auth_requests_authorized_total`: requests a token was attached to.
+pub const METRIC_REQUESTS_AUTHORIZED: &str = "genesys_auth_requests_authorized_total";
+/// `genesys_auth_replays_total`: requests replayed after a 401.
+pub const METRIC_REPLAYS: &str = "genesys_auth_replays_total";
+/// `genesys_auth_requests_waited_total`: requests that waited for a token.
+pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
+
+/// Counter handles registered once, when the cache is built: install the `metrics`
+/// recorder before building the layer.
+#[cfg(feature = "metrics")]
+struct MetricHandles {
+    tokens_retrieved: metrics::Counter,
+    requests_authorized: metrics::Counter,
+    replays: metrics::Counter,
+    requests_waited: metrics::Counter,
+}
+
+#[cfg(feature = "metrics")]
+impl Default for MetricHandles {
+    fn default() -> Self {
+        Self {
+            tokens_retrieved: metrics::counter!(METRIC_TOKENS_RETRIEVED),
+            requests_authorized: metrics::counter!(METRIC_REQUESTS_AUTHORIZED),
+            replays: metrics::counter!(METRIC_REPLAYS),
+            requests_waited: metrics::counter!(METRIC_REQUESTS_WAITED),
+        }
+    }
+}
+
+/// How the token supply is doing, for a readiness probe or a status page.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{AuthError, BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
+///
+/// struct Fixed;
+/// impl TokenSource for Fixed {
+///     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+///         Box::pin(async { Ok(IssuedToken::bearer("t", Duration::from_secs(3600)).unwrap()) })
+///     }
+/// }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let cache = TokenCache::new(Fixed, CacheConfig::default());
+/// assert!(!cache.health().has_valid_token());
+/// cache.token().await.unwrap();
+/// let health = cache.health();
+/// assert!(health.has_valid_token() && health.can_obtain_tokens());
+/// assert_eq!(health.consecutive_failures, 0);
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Health {
+    /// The cached token's generation, if a valid one is cached.
+    pub generation: Option<TokenGeneration>,
+    /// How long the cached token stays valid (`None`: no valid token).
+    pub token_expires_in: Option<Duration>,
+    /// How long ago the cached token was requested.
+    pub token_age: Option<Duration>,
+    /// How long ago a token was last obtained.
+    pub since_last_success: Option<Duration>,
+    /// The most recent failure, even if a success followed it.
+    pub last_error: Option<AuthError>,
+    /// How long ago that failure happened.
+    pub since_last_error: Option<Duration>,
+    /// Failed token requests since the last success.
+    pub consecutive_failures: u32,
+    /// How long until the next token request is allowed, while backing off.
+    pub backoff_remaining: Option<Duration>,
+}
+
+/// From this many failures in a row, [`Health::can_obtain_tokens`] says no: one or two
+/// failures are routine (a 503, a timeout), three in a row with backoff between them span
+/// several seconds of the token endpoint failing.
+pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
+
+impl Health {
+    /// Whether a token valid now is cached: requests are authorized without waiting.
+    pub fn has_valid_token(&self) -> bool {
+        self.token_expires_in.is_some()
+    }
+
+    /// Whether the process can still obtain tokens: false once the last failure was fatal
+    /// (`invalid_client`, …) or [`UNHEALTHY_AFTER_FAILURES`] requests failed in a row. It
+    /// turns false while the cached token is still valid, so a readiness probe sees the
+    /// problem before requests start failing.
+    pub fn can_obtain_tokens(&self) -> bool {
+        if self.consecutive_failures == 0 {
+            return true;
+        }
+        let fatal = self.last_error.as_ref().is_some_and(AuthError::is_fatal);
+        !fatal && self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counter_sums_across_threads() {
+        let counter = std::sync::Arc::new(StripedCounter::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || (0..10_000).for_each(|_| counter.increment()))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(counter.sum(), 80_000);
+    }
+
+    #[test]
+    fn failures_are_counted_by_cause() {
+        let counters = Counters::default();
+        counters.fetch_failed(&AuthError::Timeout(Duration::from_secs(1)));
+        counters.fetch_failed(&AuthError::RateLimited { retry_after: None });
+        counters.fetch_failed(&AuthError::RefreshAborted);
+        let stats = counters.snapshot();
+        assert_eq!(stats.fetch_failures, 3);
+        assert_eq!(stats.failures_by_cause.timeout, 1);
+        assert_eq!(stats.failures_by_cause.rate_limited, 1);
+    }
+
+    #[test]
+    fn health_turns_unready_on_fatal_or_repeated_failures() {
+        let mut health = Health {
+            generation: None,
+            token_expires_in: Some(Duration::from_secs(60)),
+            token_age: None,
+            since_last_success: None,
+            last_error: Some(AuthError::Timeout(Duration::from_secs(1))),
+            since_last_error: None,
+            consecutive_failures: 2,
+            backoff_remaining: None,
+        };
+        assert!(health.can_obtain_tokens());
+        health.consecutive_failures = 3;
+        assert!(!health.can_obtain_tokens());
+        health.consecutive_failures = 1;
+        health.last_error = Some(AuthError::OAuth {
+            status: http::StatusCode::UNAUTHORIZED,
+            code: crate::OAuthErrorCode::InvalidClient,
+            description: None,
+        });
+        assert!(!health.can_obtain_tokens());
+        assert!(health.has_valid_token());
+    }
+}
