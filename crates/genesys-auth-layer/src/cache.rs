@@ -273,6 +273,11 @@ impl TokenCache {
         Some((token.header().clone(), token.generation()))
     }
 
+    /// Counts a request authorized after waiting for a token.
+    pub(crate) fn count_authorized(&self) {
+        self.inner.counters.request_authorized();
+    }
+
     /// A token valid now: the cached one, or a fresh one after waiting for the single
     /// refresh in flight (starting it if needed).
     ///

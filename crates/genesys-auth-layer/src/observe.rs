@@ -137,7 +137,7 @@ impl Counters {
             .unwrap_or(CAUSES.len());
         self.failures[slot].fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(METRIC_FAILURES, "cause" => cause).increment(1);
+        self.metrics.failures[slot].increment(1);
     }
 
     /// The hot path's only counter.
@@ -201,6 +201,8 @@ pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
 #[cfg(feature = "metrics")]
 struct MetricHandles {
     tokens_retrieved: metrics::Counter,
+    /// One per cause in `CAUSES`, then one for any other cause.
+    failures: [metrics::Counter; CAUSES.len() + 1],
     requests_authorized: metrics::Counter,
     replays: metrics::Counter,
     requests_waited: metrics::Counter,
@@ -211,6 +213,9 @@ impl Default for MetricHandles {
     fn default() -> Self {
         Self {
             tokens_retrieved: metrics::counter!(METRIC_TOKENS_RETRIEVED),
+            failures: std::array::from_fn(
+                |i| metrics::counter!(METRIC_FAILURES, "cause" => CAUSES.get(i).copied().unwrap_or("other")),
+            ),
             requests_authorized: metrics::counter!(METRIC_REQUESTS_AUTHORIZED),
             replays: metrics::counter!(METRIC_REPLAYS),
             requests_waited: metrics::counter!(METRIC_REQUESTS_WAITED),
@@ -336,5 +341,65 @@ mod tests {
         });
         assert!(!health.can_obtain_tokens());
         assert!(health.has_valid_token());
+    }
+
+    #[cfg(feature = "metrics")]
+    #[tokio::test]
+    async fn counters_reach_a_metrics_recorder() {
+        use crate::{BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        struct FailsOnce(std::sync::atomic::AtomicBool);
+        impl TokenSource for FailsOnce {
+            fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+                let fail = !self.0.swap(true, Ordering::SeqCst);
+                Box::pin(async move {
+                    if fail {
+                        Err(AuthError::Timeout(Duration::from_secs(1)))
+                    } else {
+                        Ok(IssuedToken::bearer("t", Duration::from_secs(60)).unwrap())
+                    }
+                })
+            }
+        }
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let config = CacheConfig::default().backoff(Duration::ZERO, Duration::ZERO);
+        let cache = metrics::with_local_recorder(&recorder, || {
+            TokenCache::new(FailsOnce(Default::default()), config)
+        });
+        assert!(cache.token().await.is_err());
+        cache.token().await.unwrap();
+        for _ in 0..5 {
+            assert!(cache.fresh_header().is_some());
+        }
+        let counters: std::collections::HashMap<String, u64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) => {
+                    let key = key.key();
+                    let labels: Vec<String> = key
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect();
+                    Some((format!("{}{:?}", key.name(), labels), n))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counters[&format!("{METRIC_TOKENS_RETRIEVED}[]")], 1);
+        assert_eq!(
+            counters[&format!("{METRIC_FAILURES}[\"cause=timeout\"]")],
+            1
+        );
+        assert_eq!(
+            counters[&format!("{METRIC_FAILURES}[\"cause=transport\"]")],
+            0
+        );
+        assert_eq!(counters[&format!("{METRIC_REQUESTS_AUTHORIZED}[]")], 5);
+        assert_eq!(counters[&format!("{METRIC_REQUESTS_WAITED}[]")], 2);
     }
 }

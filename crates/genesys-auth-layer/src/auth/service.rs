@@ -75,11 +75,14 @@ where
                     target: "genesys_auth_layer::auth",
                     "no valid token cached; request waits for one"
                 );
-                ResponseFuture::waiting(
-                    Box::pin(async move { cache.token().await }),
-                    ready,
-                    request,
-                )
+                let token = async move {
+                    let token = cache.token().await;
+                    if token.is_ok() {
+                        cache.count_authorized();
+                    }
+                    token
+                };
+                ResponseFuture::waiting(Box::pin(token), ready, request)
             }
         }
     }

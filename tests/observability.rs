@@ -1,0 +1,159 @@
+//! What an operator sees: the documented tracing events with their fields, the counters,
+//! and the health view turning unready before the cached token runs out.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use genesys_auth_layer::{CacheConfig, Endpoints, GenesysAuth, OAuthErrorCode};
+use genesys_fake::FakeGenesys;
+use http::Request;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::{ServiceBuilder, ServiceExt};
+
+/// Collects everything a `fmt` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    /// The captured lines holding `message` (the event's stable name).
+    fn events(&self, message: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(message))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+// Current-thread runtime: spawned tasks (the refresh) run on this thread, under the
+// thread-local subscriber set below.
+#[tokio::test]
+async fn documented_events_counters_and_health() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(captured.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fake = FakeGenesys::builder()
+        .client("obs-client", "primary")
+        .token_lifetime(Duration::from_secs(600))
+        .start()
+        .await
+        .unwrap();
+    let auth = GenesysAuth::client_credentials("obs-client", "wrong-primary")
+        .secondary_secret("primary")
+        .endpoints(
+            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
+                .unwrap(),
+        )
+        .cache_config(
+            CacheConfig::default().backoff(Duration::from_millis(50), Duration::from_millis(50)),
+        )
+        .build(h2_client())
+        .unwrap();
+    let client = ServiceBuilder::new()
+        .layer(auth.layers())
+        .service(h2_client());
+    let ping = || {
+        Request::get(format!("{}api/v2/ping", fake.api_uri()))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+
+    // 1. First call: the primary secret is refused, the secondary works.
+    assert_eq!(client.clone().oneshot(ping()).await.unwrap().status(), 200);
+    let fallback = captured.events("secret fallback used");
+    assert_eq!(fallback.len(), 1, "{}", captured.text());
+    assert!(fallback[0].contains("refused=\"primary\"") && fallback[0].contains("succeeded=true"));
+    let fetched = captured.events("token fetched");
+    assert!(fetched[0].contains("generation=1") && fetched[0].contains("reason=\"initial\""));
+    assert!(fetched[0].contains("lifetime_secs=600"), "{}", fetched[0]);
+    assert!(
+        captured.text().contains("token_fetch{reason=\"initial\"}"),
+        "span around the fetch"
+    );
+
+    // 2. A revocation: the 401 is replayed once with a token fetched "after-401".
+    fake.revoke_all_tokens();
+    assert_eq!(client.clone().oneshot(ping()).await.unwrap().status(), 200);
+    assert!(captured.events("401 replayed")[0].contains("generation=1"));
+    assert!(captured.events("token fetched")[1].contains("reason=\"after-401\""));
+
+    // 3. The client is deleted while a valid token is cached: the health view says the
+    //    process cannot obtain tokens any more, before the token runs out.
+    fake.delete_client();
+    fake.revoke_all_tokens();
+    let err = client.clone().oneshot(ping()).await.unwrap_err();
+    assert!(err.to_string().contains("invalid_client"), "{err}");
+    let failed = captured.events("token fetch failed");
+    assert!(
+        failed[0].contains("cause=\"secrets_rejected\""),
+        "{}",
+        failed[0]
+    );
+    assert!(
+        failed[0].contains("oauth_error=\"invalid_client\"")
+            && failed[0].contains("http_status=401")
+    );
+    assert_eq!(captured.events("backoff entered").len(), 1);
+    let health = auth.health();
+    assert!(!health.can_obtain_tokens());
+    assert_eq!(health.consecutive_failures, 1);
+    assert_eq!(
+        health.last_error.as_ref().and_then(|e| e.oauth_code()),
+        Some(&OAuthErrorCode::InvalidClient)
+    );
+
+    // 4. The client is restored: after the backoff the next call recovers.
+    fake.restore_client();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(client.clone().oneshot(ping()).await.unwrap().status(), 200);
+    let left = captured.events("backoff left");
+    assert_eq!(left.len(), 1);
+    assert!(left[0].contains("failed_attempts=1"));
+    let health = auth.health();
+    assert!(health.can_obtain_tokens() && health.has_valid_token());
+    assert!(health.last_error.is_some(), "the last error stays visible");
+
+    let stats = auth.stats();
+    assert_eq!(stats.tokens_fetched, 3);
+    assert_eq!(stats.fetch_failures, 1);
+    assert_eq!(stats.failures_by_cause.secrets_rejected, 1);
+    assert_eq!(stats.unauthorized_reported, 2);
+    assert!(stats.requests_authorized >= 4, "{stats:?}");
+    fake.shutdown().await;
+}

@@ -1,0 +1,195 @@
+//! Zero-downtime secret rotation, seen from outside: load runs through the full stack over
+//! loopback while the fake Genesys goes through a whole rotation.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use genesys_auth_layer::{CredentialStore, Endpoints, GenesysAuth, SecretSlot};
+use genesys_fake::FakeGenesys;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+fn endpoints(fake: &FakeGenesys) -> Endpoints {
+    Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string()).unwrap()
+}
+
+/// Runs `workers` loops of GET /api/v2/ping until `stop`; returns (ok, failed).
+async fn load<S, B>(
+    client: S,
+    fake: &FakeGenesys,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64)
+where
+    S: Service<Request<Full<Bytes>>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let uri = format!("{}api/v2/ping", fake.api_uri());
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (client, stop, ok, failed, uri) = (
+                client.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                uri.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let request = Request::get(&uri).body(Full::default()).unwrap();
+                    let result = client.clone().oneshot(request).await.map_err(Into::into);
+                    let good = match result {
+                        Ok(response) => {
+                            let status = response.status();
+                            let _ = response.into_body().collect().await;
+                            status == 200
+                        }
+                        Err(_) => false,
+                    };
+                    if good { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_rotation_under_load_fails_no_request() {
+    let fake = FakeGenesys::builder()
+        .client("rotating-client", "secret-A")
+        .token_latency(Duration::from_millis(20))
+        .start()
+        .await
+        .unwrap();
+    // The application knows the old secret and the next one.
+    let auth = GenesysAuth::client_credentials("rotating-client", "secret-A")
+        .secondary_secret("secret-B")
+        .endpoints(endpoints(&fake))
+        .build(h2_client())
+        .unwrap();
+    let client = ServiceBuilder::new()
+        .layer(auth.layers())
+        .service(h2_client());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn({
+        let (client, fake, stop) = (client.clone(), fake.clone(), stop.clone());
+        async move { load(client, &fake, 32, stop).await }
+    });
+    let step = Duration::from_millis(150);
+    tokio::time::sleep(step).await;
+    fake.add_secondary_secret("secret-B"); // 1. the operator adds the new secret
+    tokio::time::sleep(step).await;
+    fake.promote_secondary_secret(); // 2. switches to it
+    tokio::time::sleep(step).await;
+    fake.remove_secondary_secret(); // 3. deletes the old one
+    tokio::time::sleep(step).await;
+    fake.revoke_all_tokens(); // 4. and revokes every token issued with it
+    tokio::time::sleep(step * 2).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = running.await.unwrap();
+
+    assert_eq!(
+        failed, 0,
+        "no request may fail during the rotation ({ok} succeeded)"
+    );
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert!(fake.api_unauthorized() > 0, "the revocation was felt");
+    assert_eq!(
+        auth.credentials().unwrap().preferred_slot(),
+        SecretSlot::Secondary,
+        "the secret that works is kept"
+    );
+    // Initial token, then one refresh after the revocation: A refused, B accepted.
+    assert_eq!(fake.token_requests(), 3);
+    assert_eq!(fake.tokens_issued(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secrets_file_update_rotates_without_a_restart() {
+    let fake = FakeGenesys::builder()
+        .client("file-client", "first")
+        .start()
+        .await
+        .unwrap();
+    let path = std::env::temp_dir().join(format!("genesys-rotation-{}.env", std::process::id()));
+    std::fs::write(
+        &path,
+        "GENESYSCLOUD_OAUTHCLIENT_ID=file-client\nGENESYSCLOUD_OAUTHCLIENT_SECRET=first\n",
+    )
+    .unwrap();
+    let (store, _watcher) = CredentialStore::watch_file(&path, Duration::from_millis(20))
+        .await
+        .unwrap();
+    let auth = GenesysAuth::with_credentials(store.clone())
+        .endpoints(endpoints(&fake))
+        .build(h2_client())
+        .unwrap();
+    let client = ServiceBuilder::new()
+        .layer(auth.layers())
+        .service(h2_client());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn({
+        let (client, fake, stop) = (client.clone(), fake.clone(), stop.clone());
+        async move { load(client, &fake, 16, stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The vault agent writes the new secret; the fake starts accepting it; later the old
+    // one goes away and its tokens are revoked.
+    fake.add_secondary_secret("second");
+    std::fs::write(
+        &path,
+        "GENESYSCLOUD_OAUTHCLIENT_ID=file-client\nGENESYSCLOUD_OAUTHCLIENT_SECRET=second\n",
+    )
+    .unwrap();
+    for _ in 0..200 {
+        if store.current().secret().expose_secret() == "second" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        store.current().secret().expose_secret(),
+        "second",
+        "the file was re-read"
+    );
+    fake.promote_secondary_secret();
+    fake.remove_secondary_secret();
+    fake.revoke_all_tokens();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = running.await.unwrap();
+    assert_eq!(failed, 0, "{ok} succeeded");
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "one refresh, with the new secret at once"
+    );
+    let _ = std::fs::remove_file(&path);
+    fake.shutdown().await;
+}
