@@ -112,7 +112,7 @@ impl CacheConfig {
     }
 
     /// Exponential backoff between failed token requests: `initial`, doubling, capped at
-    /// `max` (which also caps an honoured `Retry-After`).
+    /// `max`. A 429's `Retry-After` replaces it, kept between `initial` and `max`.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
         self.backoff_max = max.max(initial);
@@ -131,7 +131,9 @@ impl CacheConfig {
     /// How long to wait after the `consecutive`-th failure in a row.
     fn backoff_after(&self, consecutive: u32, error: &AuthError) -> Duration {
         if let Some(asked) = error.retry_after() {
-            return asked.min(self.backoff_max);
+            // Honour the server, within bounds: `Retry-After: 0` must not turn every
+            // caller into a token request, nor a huge value stop refreshing for hours.
+            return asked.clamp(self.backoff_initial, self.backoff_max);
         }
         let doubled = self
             .backoff_initial
@@ -844,6 +846,33 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(cache.token().await.is_ok());
         assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_bounded() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        source.then(Err(AuthError::RateLimited {
+            retry_after: Some(Duration::ZERO),
+        }));
+        source.then(Err(AuthError::RateLimited {
+            retry_after: Some(Duration::from_secs(86_400)),
+        }));
+        let cache = TokenCache::new(source.clone(), config());
+        assert!(cache.token().await.is_err());
+        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+            panic!("Retry-After: 0 still backs off");
+        };
+        assert_eq!(retry_in, Duration::from_secs(1));
+        tokio::time::advance(retry_in).await;
+        assert!(cache.token().await.is_err());
+        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+            panic!("expected backoff");
+        };
+        assert_eq!(
+            retry_in,
+            Duration::from_secs(8),
+            "capped at the configured maximum"
+        );
     }
 
     #[tokio::test(start_paused = true)]
