@@ -19,10 +19,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::error::AuthError;
+use crate::error::{AuthError, InvalidTokenResponse};
 use crate::observe::{CacheStats, Counters, Health};
 use crate::source::TokenSource;
-use crate::token::{Token, TokenGeneration};
+use crate::token::{Phase, Token, TokenGeneration, MAX_TOKEN_LIFETIME};
 
 /// Refresh at least this long before expiry. Genesys tokens live for hours; a minute
 /// covers a slow token endpoint, a retry or two, and clock drift between hosts.
@@ -41,6 +41,15 @@ pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// a misconfigured client is retried once a minute, not in a loop, yet recovers without a
 /// restart once it is fixed.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// The shortest backoff after a failure: a floor so that no configuration turns a failing
+/// token endpoint into a loop of requests.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest backoff accepted.
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
+/// How much longer than the fetch timeout a caller waits for a refresh before giving up on
+/// it: the refresh task's own timeout normally answers first.
+const WAIT_GRACE: Duration = Duration::from_secs(1);
 
 /// How a [`TokenCache`] refreshes and backs off. Every field has a documented default.
 ///
@@ -81,7 +90,7 @@ impl CacheConfig {
     /// Refresh once the remaining life is under `max(at_least, fraction × lifetime)`, but
     /// never earlier than half-way through the lifetime. `fraction` is clamped to `0..=0.5`.
     pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
-        self.refresh_ahead = at_least;
+        self.refresh_ahead = at_least.min(MAX_TOKEN_LIFETIME);
         self.refresh_ahead_fraction = if fraction.is_finite() {
             fraction.clamp(0.0, 0.5)
         } else {
@@ -100,9 +109,9 @@ impl CacheConfig {
         self
     }
 
-    /// Bounds one token request, body included.
+    /// Bounds one token request, body included (kept between 1 ms and 1 hour).
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
-        self.fetch_timeout = timeout;
+        self.fetch_timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 
@@ -113,9 +122,12 @@ impl CacheConfig {
 
     /// Exponential backoff between failed token requests: `initial`, doubling, capped at
     /// `max`. A 429's `Retry-After` replaces it, kept between `initial` and `max`.
+    ///
+    /// `initial` is at least [`MIN_BACKOFF`] (no failure may turn into a loop of token
+    /// requests) and `max` at most one day.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff_initial = initial;
-        self.backoff_max = max.max(initial);
+        self.backoff_initial = initial.clamp(MIN_BACKOFF, MAX_BACKOFF);
+        self.backoff_max = max.clamp(self.backoff_initial, MAX_BACKOFF);
         self
     }
 
@@ -176,12 +188,14 @@ impl RefreshReason {
 }
 
 type Outcome = Result<Arc<Token>, AuthError>;
+type Channel = watch::Receiver<Option<Outcome>>;
 
-/// The slow-path state, behind a mutex that is only ever held for a few instructions.
+/// The slow-path state, behind a mutex that is only ever held for a few instructions and
+/// never across an `.await`.
 struct RefreshState {
     /// The refresh in flight, if any; its receivers see its outcome.
-    in_flight: Option<watch::Receiver<Option<Outcome>>>,
-    /// The last failure, while the next attempt is not due.
+    in_flight: Option<Channel>,
+    /// Failures since the last success; `retry_at` is when the next attempt is allowed.
     failure: Option<Failure>,
     last_generation: u64,
     last_success: Option<Instant>,
@@ -199,6 +213,11 @@ struct Failure {
 struct Inner {
     current: ArcSwapOption<Token>,
     state: Mutex<RefreshState>,
+    /// A lock-free mirror of `state` for requests in a token's refresh window: nanoseconds
+    /// after `epoch` before which no refresh ahead may start (`u64::MAX` while one is in
+    /// flight, the end of the backoff after a failure, 0 when idle).
+    refresh_blocked_until: AtomicU64,
+    epoch: Instant,
     source: Box<dyn TokenSource>,
     config: CacheConfig,
     counters: Counters,
@@ -207,9 +226,14 @@ struct Inner {
 /// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
 ///
 /// Cloning is cheap and every clone shares the same token. Reading a valid token takes no
-/// lock (`ArcSwap::load`). When a token is missing or expired, one request goes to the
-/// token endpoint and every caller awaits its outcome; once a token enters its refresh
-/// window, a background refresh starts while requests keep using it.
+/// lock and no clock read: an `ArcSwap` load and the token's phase (fresh, due for refresh,
+/// expired), which a timer moves forward. When a token is missing or expired, one request
+/// goes to the token endpoint and every caller awaits its outcome; once a token enters its
+/// refresh window, the next request starts a background refresh and goes on with the
+/// still-valid token.
+///
+/// Refreshes run on their own Tokio task (so dropping a waiting request cannot cancel one)
+/// and need a runtime with its time driver enabled.
 ///
 /// ```
 /// use std::time::Duration;
@@ -249,6 +273,8 @@ impl TokenCache {
                     last_success: None,
                     last_error: None,
                 }),
+                refresh_blocked_until: AtomicU64::new(0),
+                epoch: Instant::now(),
                 source: Box::new(source),
                 config,
                 counters: Counters::default(),
@@ -258,18 +284,24 @@ impl TokenCache {
 
     /// The hot path: the header and generation of a token valid now, if there is one.
     ///
-    /// Takes no lock and allocates nothing (a `HeaderValue` clone is a reference-count
-    /// increment). Once the token is inside its refresh window it also starts a background
-    /// refresh, unless one is running or backoff forbids it.
+    /// Takes no lock, reads no clock while the token is fresh, and allocates nothing (a
+    /// `HeaderValue` clone is a reference-count increment). Inside the refresh window it
+    /// reads the clock and, unless a refresh runs or the backoff forbids it (both known from
+    /// one atomic load), starts a background refresh.
+    #[inline]
     pub(crate) fn fresh_header(&self) -> Option<(HeaderValue, TokenGeneration)> {
         let guard = self.inner.current.load();
         let token = guard.as_deref()?;
-        let now = Instant::now();
-        if now >= token.expires_at() {
-            return None;
-        }
-        if now >= token.refresh_at() {
-            self.refresh_ahead(now);
+        match token.phase() {
+            Phase::Fresh => {}
+            Phase::Due => {
+                let now = Instant::now();
+                if !token.is_valid_at(now) {
+                    return None;
+                }
+                self.refresh_ahead(now);
+            }
+            Phase::Expired => return None,
         }
         self.inner.counters.request_authorized();
         Some((token.header().clone(), token.generation()))
@@ -284,7 +316,8 @@ impl TokenCache {
     /// refresh in flight (starting it if needed).
     ///
     /// Fails with the refresh's error (shared by all its waiters) or, while a backoff after
-    /// a failure runs, at once with [`AuthError::BackingOff`].
+    /// a failure runs, at once with [`AuthError::BackingOff`]. Never waits longer than the
+    /// fetch timeout and a second.
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         let now = Instant::now();
         if let Some(token) = self.inner.current.load_full() {
@@ -386,16 +419,29 @@ impl TokenCache {
                 }
             }
         };
-        let outcome = match receiver.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone(),
-            Err(_) => None,
+        // The refresh task bounds itself with the fetch timeout; this bound also holds if
+        // that task cannot run (its runtime is blocked or gone).
+        let patience = self.inner.config.fetch_timeout + WAIT_GRACE;
+        let refresh = receiver.clone();
+        let outcome = match tokio::time::timeout(patience, receiver.wait_for(Option::is_some)).await
+        {
+            Ok(Ok(outcome)) => outcome.clone(),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                let error = AuthError::Timeout(self.inner.config.fetch_timeout);
+                self.abandon(&refresh, &error);
+                return Err(error);
+            }
         };
         outcome.unwrap_or(Err(AuthError::RefreshAborted))
     }
 
     /// Starts a background refresh for a token inside its refresh window, unless one runs,
-    /// the backoff forbids it, or another thread is already deciding (`try_lock`).
+    /// the backoff forbids it (both known without a lock), or another thread is deciding.
     fn refresh_ahead(&self, now: Instant) {
+        if self.nanos(now) < self.inner.refresh_blocked_until.load(Ordering::Relaxed) {
+            return;
+        }
         let Ok(mut state) = self.inner.state.try_lock() else {
             return;
         };
@@ -404,7 +450,7 @@ impl TokenCache {
             .current
             .load()
             .as_deref()
-            .is_some_and(|t| now >= t.refresh_at());
+            .is_some_and(|t| now >= t.refresh_at() && t.is_valid_at(now));
         let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
         if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
             // Without a runtime the request goes on with the still-valid token.
@@ -413,15 +459,13 @@ impl TokenCache {
     }
 
     /// The refresh in flight, if its task is still alive.
-    fn joinable_refresh(
-        &self,
-        state: &mut RefreshState,
-    ) -> Option<watch::Receiver<Option<Outcome>>> {
+    fn joinable_refresh(&self, state: &mut RefreshState) -> Option<Channel> {
         match &state.in_flight {
             // `has_changed` fails once the sender is gone: the task died without reporting.
             Some(receiver) if receiver.has_changed().is_ok() => Some(receiver.clone()),
             Some(_) => {
                 state.in_flight = None;
+                self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
                 None
             }
             None => None,
@@ -434,12 +478,20 @@ impl TokenCache {
         &self,
         state: &mut RefreshState,
         reason: RefreshReason,
-    ) -> Result<watch::Receiver<Option<Outcome>>, AuthError> {
+    ) -> Result<Channel, AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let (sender, receiver) = watch::channel(None);
         state.in_flight = Some(receiver.clone());
+        self.inner
+            .refresh_blocked_until
+            .store(u64::MAX, Ordering::Relaxed);
         self.inner.counters.token_request();
-        let cache = self.clone();
+        let mut guard = RefreshGuard {
+            cache: self.clone(),
+            channel: receiver.clone(),
+            reason,
+            finished: false,
+        };
         let span = tracing::info_span!(
             target: "genesys_auth_layer::token",
             "token_fetch",
@@ -448,12 +500,16 @@ impl TokenCache {
         runtime.spawn(
             async move {
                 let requested_at = Instant::now();
-                let timeout = cache.inner.config.fetch_timeout;
-                let result = match tokio::time::timeout(timeout, cache.inner.source.fetch()).await {
+                let timeout = guard.cache.inner.config.fetch_timeout;
+                let fetch = guard.cache.inner.source.fetch();
+                let result = match tokio::time::timeout(timeout, fetch).await {
                     Ok(result) => result,
                     Err(_) => Err(AuthError::Timeout(timeout)),
                 };
-                let outcome = cache.complete(result, requested_at, reason);
+                let outcome = guard
+                    .cache
+                    .complete(&guard.channel, result, requested_at, reason);
+                guard.disarm();
                 // Nobody listening is fine: the token is stored either way.
                 let _ = sender.send(Some(outcome));
             }
@@ -464,31 +520,53 @@ impl TokenCache {
 
     /// Records a refresh's result: the new token, or the failure and its backoff. Events
     /// are emitted after the lock is released.
+    ///
+    /// `channel` identifies the refresh: if a waiter gave up on it and another refresh
+    /// started meanwhile, this late result must not clear that one's in-flight marker.
     fn complete(
         &self,
+        channel: &Channel,
         result: Result<crate::IssuedToken, AuthError>,
         requested_at: Instant,
         reason: RefreshReason,
     ) -> Outcome {
         let now = Instant::now();
         let mut state = self.lock_state();
-        state.in_flight = None;
+        let own = state
+            .in_flight
+            .as_ref()
+            .is_some_and(|r| r.same_channel(channel));
+        if own {
+            state.in_flight = None;
+        }
+        let idle = state.in_flight.is_none();
+        let result = result.and_then(|issued| {
+            let lifetime = issued.lifetime();
+            let window = self.inner.config.refresh_window(lifetime);
+            let generation = TokenGeneration(state.last_generation + 1);
+            let token = Token::new(issued, generation, requested_at, window);
+            if token.is_valid_at(now) {
+                Ok((Arc::new(token), lifetime, window))
+            } else {
+                Err(InvalidTokenResponse::ExpiredOnArrival.into())
+            }
+        });
         match result {
-            Ok(issued) => {
-                state.last_generation += 1;
+            Ok((token, lifetime, window)) => {
+                state.last_generation = token.generation().0;
                 state.last_success = Some(now);
-                let generation = TokenGeneration(state.last_generation);
-                let recovered = state.failure.take();
-                let lifetime = issued.lifetime();
-                let window = self.inner.config.refresh_window(lifetime);
-                let token = Arc::new(Token::new(issued, generation, requested_at, window));
+                let recovered = if idle { state.failure.take() } else { None };
+                self.arm_timers(&token);
                 self.inner.current.store(Some(token.clone()));
+                if idle {
+                    self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
+                }
                 drop(state);
 
                 self.inner.counters.token_fetched();
                 tracing::info!(
                     target: "genesys_auth_layer::token",
-                    generation = generation.0,
+                    generation = token.generation().0,
                     lifetime_secs = lifetime.as_secs(),
                     refresh_in_secs = (lifetime - window).as_secs(),
                     duration_ms = (now - requested_at).as_millis() as u64,
@@ -506,50 +584,144 @@ impl TokenCache {
                 Ok(token)
             }
             Err(error) => {
-                let previous = state.failure.take();
-                let consecutive = previous.as_ref().map_or(0, |f| f.consecutive) + 1;
-                let wait = self.inner.config.backoff_after(consecutive, &error);
-                let shared = Arc::new(error.clone());
-                state.last_error = Some((now, shared.clone()));
-                state.failure = Some(Failure {
-                    error: shared,
-                    consecutive,
-                    since: previous.map_or(now, |f| f.since),
-                    retry_at: now + wait,
-                });
-                drop(state);
-
-                self.inner.counters.fetch_failed(&error);
-                tracing::warn!(
-                    target: "genesys_auth_layer::token",
-                    error = %error,
-                    cause = error.cause(),
-                    oauth_error = error.oauth_code().map(|c| c.as_str()),
-                    http_status = error.http_status().map(|s| s.as_u16()),
-                    attempt = consecutive,
-                    retry_in_ms = wait.as_millis() as u64,
-                    reason = reason.as_str(),
-                    "token fetch failed"
-                );
-                if consecutive == 1 {
-                    tracing::warn!(
-                        target: "genesys_auth_layer::token",
-                        retry_in_ms = wait.as_millis() as u64,
-                        "backoff entered"
-                    );
+                if idle {
+                    self.record_failure(state, &error, now, reason);
+                } else {
+                    // A newer refresh is in flight; its outcome decides what happens next.
+                    drop(state);
+                    self.inner.counters.fetch_failed(&error);
                 }
                 Err(error)
             }
         }
     }
 
+    /// Records a failure and its backoff, and releases the lock before logging.
+    fn record_failure(
+        &self,
+        mut state: MutexGuard<'_, RefreshState>,
+        error: &AuthError,
+        now: Instant,
+        reason: RefreshReason,
+    ) {
+        let previous = state.failure.take();
+        let consecutive = previous
+            .as_ref()
+            .map_or(0, |f| f.consecutive)
+            .saturating_add(1);
+        let wait = self.inner.config.backoff_after(consecutive, error);
+        let retry_at = now + wait;
+        let shared = Arc::new(error.clone());
+        state.last_error = Some((now, shared.clone()));
+        state.failure = Some(Failure {
+            error: shared,
+            consecutive,
+            since: previous.map_or(now, |f| f.since),
+            retry_at,
+        });
+        self.inner
+            .refresh_blocked_until
+            .store(self.nanos(retry_at), Ordering::Relaxed);
+        drop(state);
+
+        self.inner.counters.fetch_failed(error);
+        tracing::warn!(
+            target: "genesys_auth_layer::token",
+            error = %error,
+            cause = error.cause(),
+            oauth_error = error.oauth_code().map(|c| c.as_str()),
+            http_status = error.http_status().map(|s| s.as_u16()),
+            attempt = consecutive,
+            retry_in_ms = wait.as_millis() as u64,
+            reason = reason.as_str(),
+            "token fetch failed"
+        );
+        if consecutive == 1 {
+            tracing::warn!(
+                target: "genesys_auth_layer::token",
+                retry_in_ms = wait.as_millis() as u64,
+                "backoff entered"
+            );
+        }
+    }
+
+    /// A caller gave up waiting on `channel`: if it is still the refresh in flight, forget
+    /// it and record the failure, so the next caller starts afresh after the backoff.
+    fn abandon(&self, channel: &Channel, error: &AuthError) {
+        let state = self.lock_state();
+        if state
+            .in_flight
+            .as_ref()
+            .is_some_and(|r| r.same_channel(channel))
+        {
+            let mut state = state;
+            state.in_flight = None;
+            self.record_failure(state, error, Instant::now(), RefreshReason::Initial);
+        }
+    }
+
+    /// Spawns the timer that moves a new token's phase to "due" at its refresh time and to
+    /// "expired" at its expiry; it stops when the token is dropped.
+    fn arm_timers(&self, token: &Arc<Token>) {
+        let (refresh_at, expires_at) = (token.refresh_at(), token.expires_at());
+        let weak = Arc::downgrade(token);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(refresh_at).await;
+            let Some(token) = weak.upgrade() else { return };
+            token.advance_phase(Phase::Due);
+            drop(token);
+            tokio::time::sleep_until(expires_at).await;
+            if let Some(token) = weak.upgrade() {
+                token.advance_phase(Phase::Expired);
+            }
+        });
+        token.set_timer(timer.abort_handle());
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.inner.epoch).as_nanos();
+        u64::try_from(since)
+            .unwrap_or(u64::MAX - 1)
+            .min(u64::MAX - 1)
+    }
+
     fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
-        // The lock guards plain data and no code panics while holding it; if a panic ever
-        // did poison it, the data is still consistent, so carry on.
+        // The lock guards plain data that every writer leaves consistent; if a panic ever
+        // poisoned it, carry on rather than turn one panic into many.
         self.inner
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Lives in the refresh task: if the task ends before recording its result (the token
+/// source panicked, the runtime shut down), the failure is recorded with its backoff, so
+/// the next caller neither reuses a dead refresh nor starts one per call.
+struct RefreshGuard {
+    cache: TokenCache,
+    channel: Channel,
+    reason: RefreshReason,
+    finished: bool,
+}
+
+impl RefreshGuard {
+    /// The result was recorded: nothing to do on drop.
+    fn disarm(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for RefreshGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.cache.complete(
+                &self.channel,
+                Err(AuthError::RefreshAborted),
+                Instant::now(),
+                self.reason,
+            );
+        }
     }
 }
 
@@ -674,6 +846,8 @@ mod tests {
         let cache = TokenCache::new(source.clone(), config());
         cache.token().await.unwrap();
         tokio::time::advance(Duration::from_secs(101)).await;
+        // The token's timer marks it expired once the runtime runs it.
+        tokio::task::yield_now().await;
         assert!(
             cache.fresh_header().is_none(),
             "an expired token is never sent"
@@ -954,5 +1128,113 @@ mod tests {
         );
         let jittered = CacheConfig::default().refresh_window(Duration::from_secs(86_400));
         assert!(jittered >= Duration::from_secs(8_640) && jittered <= Duration::from_secs(10_800));
+    }
+
+    /// A source that panics: the refresh task dies mid-fetch.
+    struct Panics(Arc<AtomicUsize>);
+
+    impl TokenSource for Panics {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { panic!("token source bug") })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_source_is_a_failure_with_backoff_not_a_loop() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let cache = TokenCache::new(Panics(calls.clone()), config());
+        let (a, b) = tokio::join!(cache.token(), cache.token());
+        assert!(matches!(a, Err(AuthError::RefreshAborted)), "{a:?}");
+        assert!(matches!(b, Err(AuthError::RefreshAborted)), "{b:?}");
+        for _ in 0..5 {
+            assert!(matches!(
+                cache.token().await,
+                Err(AuthError::BackingOff { .. })
+            ));
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one attempt per backoff window"
+        );
+        assert_eq!(cache.health().consecutive_failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_expired_on_arrival_is_a_failure() {
+        let source = Scripted::new(Duration::from_secs(1), Duration::from_secs(2));
+        let cache = TokenCache::new(source.clone(), config());
+        let err = cache.token().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AuthError::InvalidResponse(InvalidTokenResponse::ExpiredOnArrival)
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::BackingOff { .. })
+        ));
+        assert!(cache.current().is_none());
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_settings_do_not_panic() {
+        let source = Scripted::new(Duration::MAX, Duration::ZERO);
+        source.then(Err(AuthError::RateLimited {
+            retry_after: Some(Duration::MAX),
+        }));
+        let config = CacheConfig::default()
+            .refresh_ahead(Duration::MAX, f64::NAN)
+            .refresh_jitter(f64::INFINITY)
+            .backoff(Duration::ZERO, Duration::MAX)
+            .fetch_timeout(Duration::MAX);
+        let cache = TokenCache::new(source, config);
+        assert!(cache.token().await.is_err());
+        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+            panic!("expected a backoff");
+        };
+        assert_eq!(retry_in, MAX_BACKOFF);
+        tokio::time::advance(retry_in).await;
+        let token = cache.token().await.unwrap();
+        assert_eq!(
+            token.expires_at() - token.requested_at(),
+            MAX_TOKEN_LIFETIME
+        );
+    }
+
+    #[test]
+    fn waiters_are_bounded_even_if_the_refresh_task_cannot_run() {
+        let slow = Scripted::new(Duration::from_secs(60), Duration::from_secs(30));
+        let config = config().fetch_timeout(Duration::from_millis(200));
+        let cache = TokenCache::new(slow, config);
+        // Runtime A starts the refresh, then is no longer driven: its task is frozen.
+        let a = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        a.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_millis(1), cache.token()).await;
+        });
+        // Runtime B waits on that refresh: it gets an error after the timeout and a grace.
+        let b = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        b.block_on(async {
+            let started = std::time::Instant::now();
+            let err = cache.token().await.unwrap_err();
+            assert!(matches!(err, AuthError::Timeout(_)), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(3));
+            // The abandoned refresh no longer blocks: the next attempt follows the backoff.
+            assert!(matches!(
+                cache.token().await,
+                Err(AuthError::BackingOff { .. })
+            ));
+        });
+        drop(a);
     }
 }

@@ -117,6 +117,11 @@ pub enum InvalidTokenResponse {
     /// `expires_in` is not a positive whole number of seconds.
     #[error("`expires_in` is {0}, expected a positive whole number of seconds")]
     InvalidExpiresIn(String),
+    /// The token's lifetime ran out before its response arrived.
+    #[error(
+        "the token expired before its response arrived (lifetime shorter than the request took)"
+    )]
+    ExpiredOnArrival,
 }
 
 /// Everything that can go wrong while obtaining a token.
@@ -324,16 +329,18 @@ impl fmt::Display for RetryAfter<'_> {
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary.
+/// Cuts untrusted text (a server's error description, a region name) to at most `max`
+/// bytes on a character boundary, with control characters (CR, LF, ESC…) replaced by
+/// spaces, so it cannot forge log lines or terminal escapes.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].to_owned()
+    s[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -364,6 +371,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("a\r\nb\x1b[31m", 100), "a  b [31m");
     }
 
     #[test]

@@ -370,6 +370,7 @@ mod tests {
             TokenCache::new(FailsOnce(Default::default()), config)
         });
         assert!(cache.token().await.is_err());
+        tokio::time::sleep(crate::MIN_BACKOFF * 2).await;
         cache.token().await.unwrap();
         for _ in 0..5 {
             assert!(cache.fresh_header().is_some());

@@ -5,10 +5,18 @@
 //! number. A token's value is never printed.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
+
+/// The longest lifetime a token is believed to have. Genesys documents 48 hours as the
+/// maximum for client-credentials tokens; a longer one is clamped to this, so a hostile or
+/// broken server cannot hand out a token that is "valid forever".
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 60 * 60);
 
 /// Which token a request was authorized with: 1 for the first token a cache obtained, then
 /// increasing by one per token.
@@ -34,8 +42,9 @@ pub struct IssuedToken {
 }
 
 impl IssuedToken {
-    /// A bearer token valid for `lifetime` from when its request was sent. Fails if the
-    /// token is empty or not a valid header value.
+    /// A bearer token valid for `lifetime` from when its request was sent (at most
+    /// [`MAX_TOKEN_LIFETIME`]; a longer one is clamped). Fails if the token is empty or not
+    /// a valid header value.
     ///
     /// ```
     /// use std::time::Duration;
@@ -52,7 +61,10 @@ impl IssuedToken {
         }
         let mut header = HeaderValue::try_from(format!("Bearer {access_token}")).ok()?;
         header.set_sensitive(true);
-        Some(Self { header, lifetime })
+        Some(Self {
+            header,
+            lifetime: lifetime.min(MAX_TOKEN_LIFETIME),
+        })
     }
 
     /// How long the token is valid from when it was requested.
@@ -70,6 +82,18 @@ impl fmt::Debug for IssuedToken {
     }
 }
 
+/// Where a token is in its life. Timers move it forward, so that requests learn it from one
+/// atomic load instead of reading the clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Before `refresh_at`.
+    Fresh = 0,
+    /// In the refresh window: still sent, and a refresh ahead should run.
+    Due = 1,
+    /// Past `expires_at`: never sent again.
+    Expired = 2,
+}
+
 /// A token held by a [`TokenCache`](crate::TokenCache): the header to send, its expiry,
 /// when refreshing it ahead of expiry starts, and its generation.
 pub struct Token {
@@ -78,6 +102,9 @@ pub struct Token {
     requested_at: Instant,
     refresh_at: Instant,
     expires_at: Instant,
+    phase: AtomicU8,
+    /// The task that moves `phase` forward; stopped when the token is dropped.
+    timer: OnceLock<AbortHandle>,
 }
 
 impl Token {
@@ -87,6 +114,7 @@ impl Token {
         requested_at: Instant,
         refresh_ahead: Duration,
     ) -> Self {
+        // `lifetime` is at most MAX_TOKEN_LIFETIME (IssuedToken::bearer clamps it).
         let expires_at = requested_at + issued.lifetime;
         Self {
             header: issued.header,
@@ -94,7 +122,25 @@ impl Token {
             requested_at,
             refresh_at: expires_at - refresh_ahead.min(issued.lifetime),
             expires_at,
+            phase: AtomicU8::new(Phase::Fresh as u8),
+            timer: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Fresh,
+            1 => Phase::Due,
+            _ => Phase::Expired,
+        }
+    }
+
+    pub(crate) fn advance_phase(&self, phase: Phase) {
+        self.phase.fetch_max(phase as u8, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_timer(&self, timer: AbortHandle) {
+        let _ = self.timer.set(timer);
     }
 
     /// The `Authorization` header value (`Bearer …`), marked sensitive so that tracing and
@@ -126,6 +172,14 @@ impl Token {
     /// Whether the token may still be sent at `now`.
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        if let Some(timer) = self.timer.get() {
+            timer.abort();
+        }
     }
 }
 
@@ -173,6 +227,14 @@ mod tests {
         let now = Instant::now();
         let token = Token::new(issued, TokenGeneration(1), now, Duration::from_secs(60));
         assert_eq!(token.refresh_at(), now);
+    }
+
+    #[test]
+    fn lifetimes_are_clamped() {
+        let issued = IssuedToken::bearer("t", Duration::MAX).unwrap();
+        assert_eq!(issued.lifetime(), MAX_TOKEN_LIFETIME);
+        let token = Token::new(issued, TokenGeneration(1), Instant::now(), Duration::MAX);
+        assert!(token.refresh_at() <= token.expires_at());
     }
 
     #[test]

@@ -10,10 +10,7 @@ use serde_json::Value;
 use crate::error::{truncate, InvalidTokenResponse, OAuthErrorCode};
 use crate::token::IssuedToken;
 
-/// The longest lifetime a token is believed to have. Genesys documents 48 hours as the
-/// maximum for client-credentials tokens; a larger `expires_in` is clamped to this, so a
-/// hostile or broken server cannot hand out a token that is "valid forever".
-pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 60 * 60);
+pub use crate::token::MAX_TOKEN_LIFETIME;
 
 /// Parses a successful token response body.
 ///
