@@ -1,0 +1,513 @@
+//! Load harness and 401-storm benchmark: a hyper-util client (HTTP/2, prior knowledge)
+//! through the full stack (`RetryLayer<RefreshOn401>` + `AuthLayer`) against `genesys-fake`
+//! over loopback, side by side with the same client and a static token.
+//!
+//! ```text
+//! cargo bench --bench load                      # full run (about a minute)
+//! cargo bench --bench load -- --smoke           # a few seconds; also LOAD_SMOKE=1
+//! cargo bench --bench load -- --concurrency 512 --duration 10 --rounds 3 \
+//!     --lifetime-ms 2000 --token-latency-ms 50 --storm 100,1000,10000
+//! ```
+//!
+//! Every knob is also an environment variable: `LOAD_CONCURRENCY`, `LOAD_DURATION`
+//! (seconds per round), `LOAD_ROUNDS`, `LOAD_LIFETIME_MS`, `LOAD_TOKEN_LATENCY_MS`,
+//! `LOAD_STORM` (comma-separated sizes), `LOAD_SMOKE=1`. Command-line flags win.
+//!
+//! The fake, the callers and the client share one 2-worker tokio runtime, so on a 2-core
+//! machine the absolute numbers are the fake's as much as the client's: read the ratios.
+//! Exits non-zero if a request fails or a storm costs more than one token request.
+
+#![allow(missing_docs)] // a bench binary
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use genesys_auth_layer::{CacheConfig, Endpoints, GenesysAuth};
+use genesys_fake::FakeGenesys;
+use http::header::AUTHORIZATION;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_http::set_header::SetRequestHeaderLayer;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type Stack = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
+
+#[derive(Clone, Debug)]
+struct Knobs {
+    smoke: bool,
+    concurrency: usize,
+    duration: Duration,
+    rounds: usize,
+    lifetime: Duration,
+    token_latency: Duration,
+    refresh_window: Duration,
+    storm: Vec<usize>,
+}
+
+impl Knobs {
+    fn parse() -> Result<Self, String> {
+        let env = |name: &str| std::env::var(name).ok();
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        let mut flag = |name: &str| -> Option<String> {
+            let i = args.iter().position(|a| a == name)?;
+            args.remove(i);
+            (i < args.len()).then(|| args.remove(i))
+        };
+        let concurrency = flag("--concurrency").or_else(|| env("LOAD_CONCURRENCY"));
+        let duration = flag("--duration").or_else(|| env("LOAD_DURATION"));
+        let rounds = flag("--rounds").or_else(|| env("LOAD_ROUNDS"));
+        let lifetime = flag("--lifetime-ms").or_else(|| env("LOAD_LIFETIME_MS"));
+        let latency = flag("--token-latency-ms").or_else(|| env("LOAD_TOKEN_LATENCY_MS"));
+        let storm = flag("--storm").or_else(|| env("LOAD_STORM"));
+        let smoke = args.iter().any(|a| a == "--smoke")
+            || env("LOAD_SMOKE").is_some_and(|v| v != "0" && !v.is_empty());
+        // `cargo bench` appends `--bench`; anything else unknown is a mistake.
+        if let Some(bad) = args
+            .iter()
+            .find(|a| *a != "--smoke" && *a != "--bench" && *a != "--nocapture")
+        {
+            return Err(format!("unknown argument {bad:?}"));
+        }
+        let num = |v: Option<String>, default: u64| -> Result<u64, String> {
+            v.map_or(Ok(default), |s| {
+                s.parse().map_err(|_| format!("not a number: {s}"))
+            })
+        };
+        let storm = match storm {
+            Some(list) => list
+                .split(',')
+                .map(|s| s.trim().parse().map_err(|_| format!("not a number: {s}")))
+                .collect::<Result<Vec<usize>, _>>()?,
+            None if smoke => vec![100, 1_000],
+            None => vec![100, 1_000, 10_000],
+        };
+        Ok(Self {
+            smoke,
+            concurrency: num(concurrency, if smoke { 64 } else { 256 })? as usize,
+            duration: Duration::from_secs(num(duration, if smoke { 1 } else { 8 })?),
+            rounds: num(rounds, if smoke { 1 } else { 3 })?.max(1) as usize,
+            lifetime: Duration::from_millis(num(lifetime, 2_000)?),
+            token_latency: Duration::from_millis(num(latency, 50)?),
+            refresh_window: Duration::from_millis(300),
+            storm,
+        })
+    }
+}
+
+/// One HTTP/2 connection (prior knowledge): thousands of concurrent requests stay far
+/// below the file-descriptor limit.
+fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_concurrent_reset_streams(100_000)
+        .build_http()
+}
+
+/// Collects the body so that a "success" means the whole answer arrived.
+fn boxed<S, B>(service: S) -> Stack
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneService::new(
+        service
+            .map_err(Into::into)
+            .and_then(|response: Response<B>| async move {
+                let (parts, body) = response.into_parts();
+                let bytes = body.collect().await.map_err(Into::into)?.to_bytes();
+                Ok(Response::from_parts(parts, bytes))
+            }),
+    )
+}
+
+fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> Result<GenesysAuth, BoxError> {
+    Ok(
+        GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+            .endpoints(Endpoints::from_bases(
+                &fake.login_uri().to_string(),
+                &fake.api_uri().to_string(),
+            )?)
+            .cache_config(config)
+            .build(h2_client())?,
+    )
+}
+
+fn ping_uri(fake: &FakeGenesys) -> Result<Uri, BoxError> {
+    Ok(format!("{}api/v2/ping", fake.api_uri()).parse()?)
+}
+
+fn get(uri: &Uri) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::default());
+    *req.uri_mut() = uri.clone();
+    req
+}
+
+/// What C callers measured in one timed round.
+#[derive(Default)]
+struct Round {
+    ok: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Round {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile(&mut self, p: f64) -> Duration {
+        if self.latencies_us.is_empty() {
+            return Duration::ZERO;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        Duration::from_micros(u64::from(self.latencies_us[i]))
+    }
+}
+
+/// C callers, each sending one request after another until `duration` is over.
+async fn hammer(client: &Stack, uri: &Uri, concurrency: usize, duration: Duration) -> Round {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, uri) = (client.clone(), uri.clone());
+        tasks.spawn(async move {
+            let mut round = Round::default();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                match client.clone().oneshot(get(&uri)).await {
+                    Ok(res) if res.status() == StatusCode::OK => {
+                        round.ok += 1;
+                        let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                        round.latencies_us.push(us);
+                    }
+                    _ => round.errors += 1,
+                }
+            }
+            round
+        });
+    }
+    let mut total = Round::default();
+    while let Some(done) = tasks.join_next().await {
+        let round = done.unwrap_or_default();
+        total.ok += round.ok;
+        total.errors += round.errors;
+        total.latencies_us.extend(round.latencies_us);
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// The cache counters that moved during a round.
+struct Delta {
+    token_requests: u64,
+    waited_for_token: u64,
+    unauthorized_reported: u64,
+}
+
+struct LoadResult {
+    round: Round,
+    /// Cache counters during the timed round (after the first token).
+    stats: Delta,
+    token_requests_at_fake: u64,
+    api_401: u64,
+}
+
+/// One timed round through the full stack, on a fresh fake.
+async fn load_dynamic(k: &Knobs) -> Result<LoadResult, BoxError> {
+    let fake = FakeGenesys::builder()
+        .token_lifetime(k.lifetime)
+        .token_latency(k.token_latency)
+        .start()
+        .await?;
+    let config = CacheConfig::default()
+        .refresh_ahead(k.refresh_window, 0.0)
+        .refresh_jitter(0.0);
+    let auth = auth_for(&fake, config)?;
+    auth.token().await?; // the first token: requests may wait for it, none after it
+    let before = auth.cache().stats();
+    let fake_before = fake.token_requests();
+    let client = boxed(
+        ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(h2_client()),
+    );
+    let round = hammer(&client, &ping_uri(&fake)?, k.concurrency, k.duration).await;
+    let after = auth.cache().stats();
+    let result = LoadResult {
+        round,
+        stats: Delta {
+            token_requests: after.token_requests - before.token_requests,
+            waited_for_token: after.waited_for_token - before.waited_for_token,
+            unauthorized_reported: after.unauthorized_reported - before.unauthorized_reported,
+        },
+        token_requests_at_fake: fake.token_requests() - fake_before,
+        api_401: fake.api_unauthorized(),
+    };
+    fake.shutdown().await;
+    Ok(result)
+}
+
+/// The same round with a static token (no refresh, no retry): the baseline.
+async fn load_static(k: &Knobs) -> Result<Round, BoxError> {
+    let fake = FakeGenesys::builder()
+        .token_latency(k.token_latency)
+        .start()
+        .await?;
+    let mut header = HeaderValue::try_from(format!("Bearer {}", fake.issue_token()))?;
+    header.set_sensitive(true);
+    let client = boxed(
+        ServiceBuilder::new()
+            .layer(SetRequestHeaderLayer::overriding(AUTHORIZATION, header))
+            .service(h2_client()),
+    );
+    let round = hammer(&client, &ping_uri(&fake)?, k.concurrency, k.duration).await;
+    fake.shutdown().await;
+    Ok(round)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Returns whether every bar held.
+async fn run_load(k: &Knobs) -> Result<bool, BoxError> {
+    println!(
+        "## Load: concurrency {}, {} s per round, {} round(s) each, token lifetime {} ms, \
+         token latency {} ms, refresh window {} ms",
+        k.concurrency,
+        k.duration.as_secs(),
+        k.rounds,
+        k.lifetime.as_millis(),
+        k.token_latency.as_millis(),
+        k.refresh_window.as_millis()
+    );
+    println!();
+    println!(
+        "| round | stack | requests/s | p50 ms | p99 ms | max ms | token requests | \
+         waited for token | 401 replays | errors |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let (mut dyn_rps, mut static_rps) = (Vec::new(), Vec::new());
+    let (mut all_good, mut no_errors) = (true, true);
+    let window = k.lifetime.saturating_sub(k.refresh_window);
+    if !k.smoke {
+        // One discarded second of each, so neither side pays the process's warm-up.
+        let warm = Knobs {
+            duration: Duration::from_secs(1),
+            ..k.clone()
+        };
+        load_static(&warm).await?;
+        load_dynamic(&warm).await?;
+    }
+    for r in 1..=k.rounds {
+        // Alternate, static first, so that drift on a shared machine hits both sides.
+        let mut base = load_static(k).await?;
+        println!(
+            "| {r} | static token (SetRequestHeaderLayer) | {:.0} | {} | {} | {} | 0 | 0 | 0 | {} |",
+            base.rps(),
+            ms(base.percentile(0.50)),
+            ms(base.percentile(0.99)),
+            ms(base.percentile(1.0)),
+            base.errors
+        );
+        static_rps.push(base.rps());
+        let mut ours = load_dynamic(k).await?;
+        let secs = ours.round.elapsed.as_secs_f64();
+        let lifetimes = secs / k.lifetime.as_secs_f64();
+        let refresh_periods = secs / (window + k.token_latency).as_secs_f64();
+        println!(
+            "| {r} | full stack (retry + auth) | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            ours.round.rps(),
+            ms(ours.round.percentile(0.50)),
+            ms(ours.round.percentile(0.99)),
+            ms(ours.round.percentile(1.0)),
+            ours.stats.token_requests,
+            ours.stats.waited_for_token,
+            ours.stats.unauthorized_reported,
+            ours.round.errors
+        );
+        println!(
+            "|   | (token requests seen by the fake: {}; lifetimes elapsed: {lifetimes:.2}; \
+             refresh periods of lifetime − window + latency: {refresh_periods:.2}; API 401s: {}) \
+             | | | | | | | | |",
+            ours.token_requests_at_fake, ours.api_401
+        );
+        dyn_rps.push(ours.round.rps());
+        let expected = refresh_periods.floor() as i64;
+        let got = ours.stats.token_requests as i64;
+        no_errors &= ours.round.errors == 0 && base.errors == 0;
+        all_good &= ours.stats.waited_for_token == 0 && (got - expected).abs() <= 1;
+    }
+    let (d, s) = (median(dyn_rps), median(static_rps));
+    let ratio = d / s;
+    println!();
+    println!(
+        "Median requests/s: full stack {d:.0}, static token {s:.0}; ratio {ratio:.3} \
+         (bar ≥ 0.95)"
+    );
+    println!();
+    // Smoke mode (CI) proves the harness works: it enforces no timing, only no errors.
+    Ok(no_errors && (k.smoke || (all_good && ratio >= 0.95)))
+}
+
+/// N requests, all prepared (token attached) before any is sent, then sent at once; the
+/// time until every one has a 200.
+async fn burst(client: &Stack, uri: &Uri, n: usize) -> Result<(Duration, u64), BoxError> {
+    let mut futures = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut svc = client.clone();
+        svc.ready().await?;
+        futures.push(svc.call(get(uri)));
+    }
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for f in futures {
+        tasks.spawn(f);
+    }
+    let mut failed = 0;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(res)) if res.status() == StatusCode::OK => {}
+            _ => failed += 1,
+        }
+    }
+    Ok((start.elapsed(), failed))
+}
+
+async fn run_storm(k: &Knobs) -> Result<bool, BoxError> {
+    println!(
+        "## Storm: every token revoked, N requests carrying it sent at once (token latency {} ms)",
+        k.token_latency.as_millis()
+    );
+    println!();
+    println!(
+        "| N | no-storm ms | storm ms | extra ms | token requests | API 401s | 401 replays | \
+         failed | one token round trip ms | one API round trip ms (best of 5) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut all_good = true;
+    for &n in &k.storm {
+        let fake = FakeGenesys::builder()
+            .token_latency(k.token_latency)
+            .start()
+            .await?;
+        let auth = auth_for(&fake, CacheConfig::default())?;
+        let client = boxed(
+            ServiceBuilder::new()
+                .layer(auth.layers())
+                .service(h2_client()),
+        );
+        let uri = ping_uri(&fake)?;
+        let token_started = Instant::now();
+        auth.token().await?;
+        let token_rtt = token_started.elapsed();
+        // Warm the connection, then time one API round trip.
+        client.clone().oneshot(get(&uri)).await?;
+        let mut api_rtt = Duration::MAX;
+        for _ in 0..5 {
+            let api_started = Instant::now();
+            client.clone().oneshot(get(&uri)).await?;
+            api_rtt = api_rtt.min(api_started.elapsed());
+        }
+
+        let (calm, calm_failed) = burst(&client, &uri, n).await?;
+        fake.revoke_all_tokens();
+        fake.reset_counters();
+        let before = auth.cache().stats();
+        let (storm, storm_failed) = burst(&client, &uri, n).await?;
+        let after = auth.cache().stats();
+        let token_requests = after.token_requests - before.token_requests;
+        println!(
+            "| {n} | {} | {} | {} | {token_requests} | {} | {} | {} | {} | {} |",
+            ms(calm),
+            ms(storm),
+            ms(storm.saturating_sub(calm)),
+            fake.api_unauthorized(),
+            after.unauthorized_reported - before.unauthorized_reported,
+            calm_failed + storm_failed,
+            ms(token_rtt),
+            ms(api_rtt)
+        );
+        all_good &= token_requests == 1
+            && fake.token_requests() == 1
+            && calm_failed == 0
+            && storm_failed == 0
+            && fake.api_unauthorized() == n as u64;
+        fake.shutdown().await;
+    }
+    println!();
+    Ok(all_good)
+}
+
+fn main() -> ExitCode {
+    let knobs = match Knobs::parse() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Arc::new(rt),
+        Err(e) => {
+            eprintln!("load: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if knobs.smoke {
+        println!("(smoke mode: short rounds; bars on timing are reported, not enforced)");
+        println!();
+    }
+    let outcome = rt.block_on(async {
+        let load = run_load(&knobs).await?;
+        let storm = run_storm(&knobs).await?;
+        Ok::<_, BoxError>((load, storm))
+    });
+    match outcome {
+        Ok((load, storm)) => {
+            println!(
+                "load bars {}; storm bars {}",
+                if load { "met" } else { "NOT met" },
+                if storm { "met" } else { "NOT met" }
+            );
+            if storm && load {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Helpers shared by the reliability and security suite (`fault_matrix`, `secrets`,
+//! `stress`). Each test binary uses a different subset.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use genesys_auth_layer::{AuthError, Endpoints, GenesysAuth};
+use genesys_fake::FakeGenesys;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The full stack with the response body collected.
+pub type Stack = BoxCloneSyncService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
+
+/// HTTP/1.1 client (token requests: a scripted `CloseConnection` closes the connection).
+pub fn h1_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One HTTP/2 connection (prior knowledge): a thousand concurrent API requests use one
+/// socket.
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_max_concurrent_reset_streams(100_000)
+        .build_http()
+}
+
+/// `http://127.0.0.1:PORT` without the trailing slash `Uri`'s `Display` adds.
+pub fn base(uri: &http::Uri) -> String {
+    uri.to_string().trim_end_matches('/').to_owned()
+}
+
+pub fn endpoints(login: &str, api: &str) -> Endpoints {
+    Endpoints::from_bases(login, api).expect("loopback endpoints")
+}
+
+/// The full stack (retry outside, auth inside) over `inner`, bodies collected.
+pub fn stack<S, B>(auth: &GenesysAuth, inner: S) -> Stack
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    boxed(ServiceBuilder::new().layer(auth.layers()).service(inner))
+}
+
+/// Any HTTP service, boxed, with the response body collected.
+pub fn boxed<S, B>(service: S) -> Stack
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneSyncService::new(service.map_err(Into::into).and_then(
+        |response: Response<B>| async move {
+            let (parts, body) = response.into_parts();
+            let bytes = body.collect().await.map_err(Into::into)?.to_bytes();
+            Ok(Response::from_parts(parts, bytes))
+        },
+    ))
+}
+
+pub fn get(api_base: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{api_base}{path}"))
+        .body(Full::default())
+        .expect("request")
+}
+
+/// The `AuthError` inside a boxed stack error, if it is one.
+pub fn auth_error(err: &BoxError) -> Option<&AuthError> {
+    err.downcast_ref::<AuthError>()
+}
+
+/// The failure behind an error, looking through `BackingOff`.
+pub fn root_cause(err: &AuthError) -> &AuthError {
+    match err {
+        AuthError::BackingOff { last, .. } => root_cause(last),
+        other => other,
+    }
+}
+
+/// A port on loopback nothing listens on (bound, then released).
+pub async fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A TCP forwarder on a fixed loopback port that can be switched off (connections are
+/// refused) and on again (it forwards to `target`). Used for "the token endpoint refuses
+/// the connection" with a fault that can clear.
+pub struct Toggle {
+    port: u16,
+    target: SocketAddr,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Toggle {
+    pub async fn new(target: SocketAddr) -> Self {
+        Self {
+            port: free_port().await,
+            target,
+            tasks: Arc::default(),
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts forwarding (tokio sets `SO_REUSEADDR`, so the port can be bound again).
+    pub async fn up(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("re-bind the toggle port");
+        let target = self.target;
+        let tasks = self.tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Stops listening and cuts every forwarded connection: connects are refused.
+    pub async fn down(&self) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Toggle {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// A tiny HTTP/1 + h2c server on loopback that records every request's headers and answers
+/// with `respond(uri) -> (status, location)`.
+pub struct TinyServer {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<(http::Uri, http::HeaderMap)>>>,
+    task: JoinHandle<()>,
+}
+
+impl TinyServer {
+    pub async fn start<F>(respond: F) -> Self
+    where
+        F: Fn(&http::Uri) -> (u16, Option<String>) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<(http::Uri, http::HeaderMap)>>> = Arc::default();
+        let respond = Arc::new(respond);
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let record = record.clone();
+                let respond = respond.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let record = record.clone();
+                            let respond = respond.clone();
+                            async move {
+                                record
+                                    .lock()
+                                    .unwrap()
+                                    .push((req.uri().clone(), req.headers().clone()));
+                                let (status, location) = respond(req.uri());
+                                let mut res = Response::builder().status(status);
+                                if let Some(location) = location {
+                                    res = res.header(http::header::LOCATION, location);
+                                }
+                                Ok::<_, Infallible>(
+                                    res.body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for TinyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every access token the API host of `fake` saw in an `Authorization: Bearer` header.
+pub fn tokens_seen_by(fake: &FakeGenesys) -> Vec<String> {
+    let mut tokens: Vec<String> = fake
+        .recorded_api_requests()
+        .iter()
+        .filter_map(|r| r.headers.get(http::header::AUTHORIZATION))
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .collect();
+    tokens.sort();
+    tokens.dedup();
+    tokens
+}
+
+/// Waits until `cond` holds, polling every 10 ms, for at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A `MakeWriter` that appends everything to a shared buffer.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
