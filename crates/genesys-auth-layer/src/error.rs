@@ -285,6 +285,9 @@ pub enum ConfigError {
     /// The token endpoint is plain `http` on a host that is not loopback.
     #[error("token endpoint {0} must use https (plain http is allowed only on loopback)")]
     InsecureTokenEndpoint(String),
+    /// An API origin is plain `http` on a host that is not loopback.
+    #[error("API origin {0} must use https (plain http is allowed only on loopback, or through Scope::with_insecure_origin)")]
+    InsecureOrigin(String),
     /// A URI is not absolute (`scheme://host[:port]`) or uses a scheme other than http(s).
     #[error("{0} is not an absolute http(s) URI")]
     InvalidUri(String),

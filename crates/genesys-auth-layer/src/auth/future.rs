@@ -30,11 +30,10 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        // Waiting for a token before the inner service can be called.
+        // Waiting for a token before the inner service can be called. Boxed: it is the
+        // slow path, and keeping it small keeps the hot path's future small.
         WaitingForToken {
-            token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
-            service: Option<S>,
-            request: Option<Request<B>>,
+            waiting: Option<Box<Waiting<S, B>>>,
         },
         // The inner service was called; `generation` is the token attached, if any.
         Called {
@@ -43,6 +42,13 @@ pin_project! {
             generation: Option<TokenGeneration>,
         },
     }
+}
+
+/// What a request waiting for its token holds.
+pub(crate) struct Waiting<S, B> {
+    token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
+    service: S,
+    request: Request<B>,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -62,9 +68,11 @@ where
     ) -> Self {
         Self {
             state: State::WaitingForToken {
-                token,
-                service: Some(service),
-                request: Some(request),
+                waiting: Some(Box::new(Waiting {
+                    token,
+                    service,
+                    request,
+                })),
             },
         }
     }
@@ -81,21 +89,27 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::WaitingForToken {
-                    token,
-                    service,
-                    request,
-                } => {
-                    let token = match ready!(token.as_mut().poll(cx)) {
-                        Ok(token) => token,
-                        Err(error) => return Poll::Ready(Err(error.into())),
-                    };
-                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
-                    else {
+                StateProj::WaitingForToken { waiting } => {
+                    let Some(pending) = waiting.as_mut() else {
                         return Poll::Ready(Err(
                             "AuthService future polled after completion".into()
                         ));
                     };
+                    let result = ready!(pending.token.as_mut().poll(cx));
+                    let Some(pending) = waiting.take() else {
+                        return Poll::Ready(Err(
+                            "AuthService future polled after completion".into()
+                        ));
+                    };
+                    let token = match result {
+                        Ok(token) => token,
+                        Err(error) => return Poll::Ready(Err(error.into())),
+                    };
+                    let Waiting {
+                        mut service,
+                        mut request,
+                        ..
+                    } = *pending;
                     request
                         .headers_mut()
                         .insert(AUTHORIZATION, token.header().clone());

@@ -29,59 +29,97 @@ pub struct Scope {
 #[derive(Clone, PartialEq, Eq)]
 struct Origin {
     https: bool,
-    host: String,
-    port: u16,
+    /// Every spelling of the authority that names this origin: `host:port`, and `host`
+    /// alone when the port is the scheme's default. Compared with the request URI's
+    /// authority as it is, so the hot path parses nothing.
+    authorities: Vec<String>,
 }
 
 impl Origin {
-    fn of(uri: &Uri) -> Option<Self> {
-        let https = match uri.scheme_str()? {
-            s if s.eq_ignore_ascii_case("https") => true,
-            s if s.eq_ignore_ascii_case("http") => false,
-            _ => return None,
-        };
-        let host = uri.host()?.to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        Some(Self { https, host, port })
-    }
-
-    fn matches(&self, uri: &Uri) -> bool {
+    fn of(uri: &Uri, allow_plain_http: bool) -> Result<Self, ConfigError> {
+        let invalid = || ConfigError::InvalidUri(crate::error::truncate(&uri.to_string(), 200));
         let https = match uri.scheme_str() {
             Some(s) if s.eq_ignore_ascii_case("https") => true,
             Some(s) if s.eq_ignore_ascii_case("http") => false,
-            _ => return false,
+            _ => return Err(invalid()),
         };
-        https == self.https
-            && uri.port_u16().unwrap_or(if https { 443 } else { 80 }) == self.port
-            && uri
-                .host()
-                .is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(invalid)?;
+        if !https && !allow_plain_http && !crate::source::is_loopback(uri) {
+            return Err(ConfigError::InsecureOrigin(crate::error::truncate(
+                &uri.to_string(),
+                200,
+            )));
+        }
+        let host = host.to_ascii_lowercase();
+        let default_port = if https { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
+        let mut authorities = vec![format!("{host}:{port}")];
+        if port == default_port {
+            authorities.push(host);
+        }
+        Ok(Self { https, authorities })
+    }
+
+    #[inline]
+    fn matches(&self, uri: &Uri) -> bool {
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return false;
+        };
+        let scheme_ok = if self.https {
+            scheme.eq_ignore_ascii_case("https")
+        } else {
+            scheme.eq_ignore_ascii_case("http")
+        };
+        scheme_ok
+            && self
+                .authorities
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(authority.as_str()))
+    }
+
+    fn describe(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.authorities[0])
     }
 }
 
 impl Scope {
     /// A scope of the given origins; only the scheme, host and port of each URI count.
+    ///
+    /// Plain `http` origins are refused unless they are loopback, since the token would
+    /// cross the network in clear; see [`Scope::with_insecure_origin`] for the exception.
     pub fn new<I>(origins: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = Uri>,
     {
-        let origins = origins
-            .into_iter()
-            .map(|uri| Origin::of(&uri).ok_or_else(|| ConfigError::InvalidUri(uri.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { origins })
+        origins.into_iter().try_fold(
+            Self {
+                origins: Vec::new(),
+            },
+            Self::with_origin,
+        )
     }
 
-    /// Adds an origin.
-    pub fn with_origin(mut self, uri: Uri) -> Result<Self, ConfigError> {
-        let origin = Origin::of(&uri).ok_or_else(|| ConfigError::InvalidUri(uri.to_string()))?;
+    /// Adds an origin (https, or http on loopback).
+    pub fn with_origin(self, uri: Uri) -> Result<Self, ConfigError> {
+        self.push(Origin::of(&uri, false)?)
+    }
+
+    /// Adds a plain-`http` origin on another host: the token will cross the network in
+    /// clear, so only for a trusted link (a sidecar, a private gateway).
+    pub fn with_insecure_origin(self, uri: Uri) -> Result<Self, ConfigError> {
+        self.push(Origin::of(&uri, true)?)
+    }
+
+    fn push(mut self, origin: Origin) -> Result<Self, ConfigError> {
         if !self.origins.contains(&origin) {
             self.origins.push(origin);
         }
         Ok(self)
     }
 
-    /// Whether the URI's origin is in scope.
+    /// Whether the URI's origin is in scope. A URI with user info (`user@host`) never is.
+    #[inline]
     pub fn contains(&self, uri: &Uri) -> bool {
         self.origins.iter().any(|o| o.matches(uri))
     }
@@ -96,14 +134,7 @@ impl Scope {
 impl fmt::Debug for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.origins.iter().map(|o| {
-                format!(
-                    "{}://{}:{}",
-                    if o.https { "https" } else { "http" },
-                    o.host,
-                    o.port
-                )
-            }))
+            .entries(self.origins.iter().map(Origin::describe))
             .finish()
     }
 }
@@ -126,6 +157,22 @@ mod tests {
         assert!(!scope.applies_to(&get("https://api.mypurecloud.ie.evil.com/")));
         assert!(!scope.applies_to(&get("https://login.mypurecloud.ie/")));
         assert!(!scope.applies_to(&get("/api/v2/relative")));
+        assert!(!scope.applies_to(&get("https://user@api.mypurecloud.ie/")));
+        assert!(scope.applies_to(&get("HTTPS://API.MyPureCloud.ie/")));
+    }
+
+    #[test]
+    fn plain_http_origins_only_on_loopback_unless_explicit() {
+        assert!(matches!(
+            Scope::new([Uri::from_static("http://api.example.com")]),
+            Err(ConfigError::InsecureOrigin(_))
+        ));
+        assert!(Scope::new([Uri::from_static("http://[::1]:8080")]).is_ok());
+        let scope = Scope::new([])
+            .unwrap()
+            .with_insecure_origin(Uri::from_static("http://sidecar:8080"))
+            .unwrap();
+        assert!(scope.contains(&Uri::from_static("http://sidecar:8080/api")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::AUTHORIZATION;
+use http::header::{Entry, AUTHORIZATION};
 use http::{Request, Response};
 use tower::{BoxError, Service};
 
@@ -57,12 +57,20 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        if !self.shared.scope.applies_to(&request) {
+        if !self.shared.scope.contains(request.uri()) {
             return ResponseFuture::called(self.inner.call(request), None);
         }
+        // One header-map lookup both checks for the caller's own header and inserts ours.
+        let slot = match request.headers_mut().entry(AUTHORIZATION) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(slot) => Some(slot),
+        };
+        let Some(slot) = slot else {
+            return ResponseFuture::called(self.inner.call(request), None);
+        };
         match self.shared.cache.fresh_header() {
             Some((header, generation)) => {
-                request.headers_mut().insert(AUTHORIZATION, header);
+                slot.insert(header);
                 ResponseFuture::called(self.inner.call(request), Some(generation))
             }
             None => {
