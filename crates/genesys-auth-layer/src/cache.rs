@@ -167,6 +167,7 @@ fn random_fraction() -> f64 {
 
 /// Why a token was requested; recorded in tracing events and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RefreshReason {
     /// No token was cached, or it had expired: the caller waits.
     Initial,

@@ -21,6 +21,7 @@ pub const ENV_SECONDARY_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRE
 
 /// Which of a client's two secrets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum SecretSlot {
     /// The primary secret.
     Primary,

@@ -332,6 +332,18 @@ impl fmt::Display for RetryAfter<'_> {
     }
 }
 
+/// A URI for an error message: user info (`user:password@`) replaced, at most 200 bytes.
+pub(crate) fn shown_uri(uri: &str) -> String {
+    let redacted = uri.find("://").and_then(|scheme_end| {
+        let start = scheme_end + 3;
+        let rest = &uri[start..];
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        let at = authority.rfind('@')?;
+        Some(format!("{}[redacted]{}", &uri[..start], &uri[start + at..]))
+    });
+    truncate(&redacted.unwrap_or_else(|| uri.to_owned()), 200)
+}
+
 /// Cuts untrusted text (a server's error description, a region name) to at most `max`
 /// bytes on a character boundary, with control characters (CR, LF, ESC…) replaced by
 /// spaces, so it cannot forge log lines or terminal escapes.
@@ -374,6 +386,14 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(
+            shown_uri("https://user:pass@login.example.com/oauth/token"),
+            "https://[redacted]@login.example.com/oauth/token"
+        );
+        assert_eq!(
+            shown_uri("https://api.example.com/a@b"),
+            "https://api.example.com/a@b"
+        );
         assert_eq!(truncate("a\r\nb\x1b[31m", 100), "a  b [31m");
     }
 

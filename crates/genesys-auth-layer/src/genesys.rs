@@ -110,6 +110,18 @@ impl GenesysAuth {
     }
 
     /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer).
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::ServiceBuilder;
+    /// // Attach tokens only, with no replay on 401:
+    /// let client = ServiceBuilder::new()
+    ///     .layer(auth.layer())
+    ///     .service_fn(|req: http::Request<String>| async move {
+    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
+    ///     });
+    /// # }
+    /// ```
     pub fn layer(&self) -> AuthLayer {
         AuthLayer {
             shared: self.shared.clone(),
@@ -128,6 +140,17 @@ impl GenesysAuth {
     }
 
     /// Both layers stacked in the right order: retry outside, auth inside.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::ServiceBuilder;
+    /// let client = ServiceBuilder::new()
+    ///     .layer(auth.layers())
+    ///     .service_fn(|req: http::Request<String>| async move {
+    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
+    ///     });
+    /// # }
+    /// ```
     pub fn layers(&self) -> Stack<AuthLayer, RetryLayer<RefreshOn401>> {
         Stack::new(self.layer(), self.retry_layer())
     }
@@ -307,6 +330,7 @@ impl GenesysAuthBuilder {
 
     /// Builds it with the crate's default HTTPS client for token requests.
     #[cfg(feature = "default-client")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
     pub fn build_with_default_client(self) -> Result<GenesysAuth, ConfigError> {
         self.build(crate::default_client::https_client::<Full<Bytes>>())
     }

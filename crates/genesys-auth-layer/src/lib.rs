@@ -49,6 +49,7 @@ mod auth;
 mod cache;
 mod credentials;
 #[cfg(feature = "default-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
 pub mod default_client;
 mod error;
 mod genesys;

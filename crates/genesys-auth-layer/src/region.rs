@@ -258,16 +258,15 @@ impl From<Region> for Endpoints {
 pub(crate) fn parse_absolute(s: &str) -> Result<Uri, ConfigError> {
     let uri: Uri = s
         .parse()
-        .map_err(|_| ConfigError::InvalidUri(crate::error::truncate(s, 200)))?;
+        .map_err(|_| ConfigError::InvalidUri(crate::error::shown_uri(s)))?;
     check_absolute(uri)
 }
 
 pub(crate) fn check_absolute(uri: Uri) -> Result<Uri, ConfigError> {
     let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
     if !scheme_ok || uri.host().is_none_or(str::is_empty) {
-        return Err(ConfigError::InvalidUri(crate::error::truncate(
+        return Err(ConfigError::InvalidUri(crate::error::shown_uri(
             &uri.to_string(),
-            200,
         )));
     }
     Ok(uri)

@@ -37,7 +37,7 @@ struct Origin {
 
 impl Origin {
     fn of(uri: &Uri, allow_plain_http: bool) -> Result<Self, ConfigError> {
-        let invalid = || ConfigError::InvalidUri(crate::error::truncate(&uri.to_string(), 200));
+        let invalid = || ConfigError::InvalidUri(crate::error::shown_uri(&uri.to_string()));
         let https = match uri.scheme_str() {
             Some(s) if s.eq_ignore_ascii_case("https") => true,
             Some(s) if s.eq_ignore_ascii_case("http") => false,
@@ -45,9 +45,8 @@ impl Origin {
         };
         let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(invalid)?;
         if !https && !allow_plain_http && !crate::source::is_loopback(uri) {
-            return Err(ConfigError::InsecureOrigin(crate::error::truncate(
+            return Err(ConfigError::InsecureOrigin(crate::error::shown_uri(
                 &uri.to_string(),
-                200,
             )));
         }
         let host = host.to_ascii_lowercase();

@@ -19,7 +19,35 @@ use super::{ResponseFuture, Shared};
 /// * A `401` answer to a request it authorized carries the
 ///   [`TokenGeneration`](crate::TokenGeneration) it sent in its extensions.
 ///
-/// Errors of the inner service are boxed into [`BoxError`] unchanged.
+/// Errors of the inner service are boxed into [`BoxError`] unchanged; a token that could
+/// not be obtained is an [`AuthError`](crate::AuthError) in that box. The inner service must
+/// be `Clone` (as hyper-util's client and tower's buffers are): a request that waits for a
+/// token takes the ready service with it.
+///
+/// ```
+/// # async fn demo(auth: genesys_auth_layer::GenesysAuth) {
+/// use genesys_auth_layer::AuthError;
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// let service = ServiceBuilder::new()
+///     .layer(auth.layer())
+///     .service_fn(|req: http::Request<String>| async move {
+///         // The token is there, marked sensitive.
+///         assert!(req.headers()["authorization"].is_sensitive());
+///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
+///     });
+/// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
+///     .body(String::new())
+///     .unwrap();
+/// match service.oneshot(request).await {
+///     Ok(response) => println!("{}", response.status()),
+///     Err(err) => match err.downcast_ref::<AuthError>() {
+///         Some(auth) => eprintln!("no token: {auth}"),
+///         None => eprintln!("transport: {err}"),
+///     },
+/// }
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct AuthService<S> {
     pub(crate) inner: S,

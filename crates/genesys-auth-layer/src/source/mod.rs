@@ -99,7 +99,9 @@ impl<S> ClientCredentials<S> {
     ) -> Result<Self, ConfigError> {
         let token_url = crate::region::check_absolute(token_url)?;
         if token_url.scheme_str() != Some("https") && !is_loopback(&token_url) {
-            return Err(ConfigError::InsecureTokenEndpoint(token_url.to_string()));
+            return Err(ConfigError::InsecureTokenEndpoint(crate::error::shown_uri(
+                &token_url.to_string(),
+            )));
         }
         Ok(Self {
             http,
