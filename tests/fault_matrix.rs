@@ -7,8 +7,9 @@
 //! caller); with a valid token cached every caller succeeds; once the fault clears the next
 //! refresh succeeds and callers recover without a restart.
 //!
-//! `docs/reliability.md` holds the matrix as a table; `reliability_doc_matches_the_matrix`
-//! fails if it drifts from [`FAULTS`] (run with `UPDATE_RELIABILITY_DOC=1` to rewrite it).
+//! `docs/reliability.md` and the README's reliability section hold the matrix as a table;
+//! `reliability_doc_matches_the_matrix` and `readme_matches_the_matrix` fail if either drifts
+//! from [`FAULTS`] (run with `UPDATE_RELIABILITY_DOC=1` to rewrite them).
 
 mod common;
 
@@ -338,6 +339,7 @@ const FAULTS: &[FaultCase] = &[
 // ---------------------------------------------------------------------------------------
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability.md");
+const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
 const BEGIN: &str = "<!-- fault-matrix:begin (checked by tests/fault_matrix.rs) -->";
 const END: &str = "<!-- fault-matrix:end -->";
 
@@ -366,9 +368,20 @@ fn render_table() -> String {
 
 #[test]
 fn reliability_doc_matches_the_matrix() {
-    let doc = std::fs::read_to_string(DOC).expect("docs/reliability.md");
+    check_table_in(DOC);
+}
+
+#[test]
+fn readme_matches_the_matrix() {
+    check_table_in(README);
+}
+
+/// Fails if the table between the markers in `path` is not the one rendered from
+/// [`FAULTS`]; with `UPDATE_RELIABILITY_DOC` set, rewrites it instead.
+fn check_table_in(path: &str) {
+    let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let (Some(begin), Some(end)) = (doc.find(BEGIN), doc.find(END)) else {
-        panic!("docs/reliability.md lacks the markers {BEGIN:?} … {END:?}");
+        panic!("{path} lacks the markers {BEGIN:?} … {END:?}");
     };
     let table = render_table();
     let current = doc[begin + BEGIN.len()..end].trim();
@@ -377,11 +390,11 @@ fn reliability_doc_matches_the_matrix() {
     }
     if std::env::var_os("UPDATE_RELIABILITY_DOC").is_some() {
         let updated = format!("{}{BEGIN}\n{table}{}", &doc[..begin], &doc[end..]);
-        std::fs::write(DOC, updated).expect("write docs/reliability.md");
+        std::fs::write(path, updated).unwrap_or_else(|e| panic!("write {path}: {e}"));
         return;
     }
     panic!(
-        "docs/reliability.md's fault matrix differs from the faults tests/fault_matrix.rs runs; \
+        "{path}'s fault matrix differs from the faults tests/fault_matrix.rs runs; \
          rerun with UPDATE_RELIABILITY_DOC=1 to rewrite it. Expected:\n{table}"
     );
 }
