@@ -2,6 +2,8 @@
 //! (`RetryLayer<RefreshOn401>` + `AuthLayer`) against `genesys-fake` over loopback, and, for
 //! tests that drive expiry with paused time, against the fake's in-process service.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,23 +12,9 @@ use genesys_fake::FakeGenesys;
 use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use tower::util::BoxCloneService;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-type Stack = BoxCloneService<Request<Full<Bytes>>, Response<Bytes>, BoxError>;
-
-/// One HTTP/2 connection (prior knowledge): thousands of concurrent requests stay far
-/// below the process's file-descriptor limit.
-fn h2_client() -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .http2_max_concurrent_reset_streams(100_000)
-        .build_http()
-}
+use common::{h2_client, stack, Stack};
 
 fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> GenesysAuth {
     GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
@@ -37,24 +25,6 @@ fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> GenesysAuth {
         .cache_config(config)
         .build(h2_client())
         .unwrap()
-}
-
-/// The full stack over `inner`, with bodies collected so results are easy to compare.
-fn stack<S, B>(auth: &GenesysAuth, inner: S) -> Stack
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let service = ServiceBuilder::new().layer(auth.layers()).service(inner);
-    BoxCloneService::new(service.and_then(|response: Response<B>| async move {
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.map_err(Into::into)?.to_bytes();
-        Ok(Response::from_parts(parts, bytes))
-    }))
 }
 
 fn get(fake: &FakeGenesys, path: &str) -> Request<Full<Bytes>> {

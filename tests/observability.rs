@@ -1,8 +1,8 @@
 //! What an operator sees: the documented tracing events with their fields, the counters,
 //! and the health view turning unready before the cached token runs out.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,51 +10,9 @@ use genesys_auth_layer::{CacheConfig, Endpoints, GenesysAuth, OAuthErrorCode};
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tower::{ServiceBuilder, ServiceExt};
 
-/// Collects everything a `fmt` subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-    /// The captured lines holding `message` (the event's stable name).
-    fn events(&self, message: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(message))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
-}
+use common::{h2_client, Captured};
 
 // Current-thread runtime: spawned tasks (the refresh) run on this thread, under the
 // thread-local subscriber set below.

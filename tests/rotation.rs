@@ -1,6 +1,8 @@
 //! Zero-downtime secret rotation, seen from outside: load runs through the full stack over
 //! loopback while the fake Genesys goes through a whole rotation.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +12,9 @@ use genesys_auth_layer::{CredentialStore, Endpoints, GenesysAuth, SecretSlot};
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
-fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
-}
+use common::h2_client;
 
 fn endpoints(fake: &FakeGenesys) -> Endpoints {
     Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string()).unwrap()

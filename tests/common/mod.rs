@@ -1,5 +1,5 @@
-//! Helpers shared by the reliability and security suite (`fault_matrix`, `secrets`,
-//! `stress`). Each test binary uses a different subset.
+//! Helpers shared by the integration tests (`integration`, `rotation`, `observability`,
+//! `fault_matrix`, `secrets`, `stress`). Each test binary uses a different subset.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -269,6 +269,15 @@ pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
 impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The captured lines holding `message` (an event's stable name).
+    pub fn events(&self, message: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(message))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
