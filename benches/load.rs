@@ -3,11 +3,18 @@
 //! over loopback, side by side with the same client and a static token.
 //!
 //! ```text
-//! cargo bench --bench load                      # full run (about a minute)
+//! cargo bench --bench load                      # full run: 9 paired rounds of 3 s + storm (~75 s)
 //! cargo bench --bench load -- --smoke           # a few seconds; also LOAD_SMOKE=1
 //! cargo bench --bench load -- --concurrency 512 --duration 10 --rounds 3 \
 //!     --lifetime-ms 2000 --token-latency-ms 50 --storm 100,1000,10000
+//! cargo bench --bench load -- --variants --rounds 8 --duration 3   # per-layer comparison
 //! ```
+//!
+//! `--variants` runs, instead of the load table and the storm, one round of each stack per
+//! round (order rotating): (a) static token, (a′) the same again (A/A: the noise floor),
+//! (b) static + `Retry` with a copy-only policy, (c) `AuthLayer` alone, (d) the full stack,
+//! (e) copy-only `Retry` + `AuthLayer`; with each one's paired ratio to (a) and, on Linux,
+//! the process CPU time per request (from `/proc`).
 //!
 //! Every knob is also an environment variable: `LOAD_CONCURRENCY`, `LOAD_DURATION`
 //! (seconds per round), `LOAD_ROUNDS`, `LOAD_LIFETIME_MS`, `LOAD_TOKEN_LATENCY_MS`,
@@ -51,6 +58,8 @@ struct Knobs {
     token_latency: Duration,
     refresh_window: Duration,
     storm: Vec<usize>,
+    /// `--variants`: only the per-layer comparison (see [`run_variants`]), no storm.
+    variants: bool,
 }
 
 impl Knobs {
@@ -70,11 +79,14 @@ impl Knobs {
         let storm = flag("--storm").or_else(|| env("LOAD_STORM"));
         let smoke = args.iter().any(|a| a == "--smoke")
             || env("LOAD_SMOKE").is_some_and(|v| v != "0" && !v.is_empty());
+        let variants = args.iter().any(|a| a == "--variants");
         // `cargo bench` appends `--bench`; anything else unknown is a mistake.
-        if let Some(bad) = args
-            .iter()
-            .find(|a| *a != "--smoke" && *a != "--bench" && *a != "--nocapture")
-        {
+        if let Some(bad) = args.iter().find(|a| {
+            !matches!(
+                a.as_str(),
+                "--smoke" | "--variants" | "--bench" | "--nocapture"
+            )
+        }) {
             return Err(format!("unknown argument {bad:?}"));
         }
         let num = |v: Option<String>, default: u64| -> Result<u64, String> {
@@ -93,12 +105,13 @@ impl Knobs {
         Ok(Self {
             smoke,
             concurrency: num(concurrency, if smoke { 64 } else { 256 })? as usize,
-            duration: Duration::from_secs(num(duration, if smoke { 1 } else { 8 })?),
-            rounds: num(rounds, if smoke { 1 } else { 3 })?.max(1) as usize,
+            duration: Duration::from_secs(num(duration, if smoke { 1 } else { 3 })?),
+            rounds: num(rounds, if smoke { 1 } else { 9 })?.max(1) as usize,
             lifetime: Duration::from_millis(num(lifetime, 2_000)?),
             token_latency: Duration::from_millis(num(latency, 50)?),
             refresh_window: Duration::from_millis(300),
             storm,
+            variants,
         })
     }
 }
@@ -480,6 +493,323 @@ async fn run_storm(k: &Knobs) -> Result<bool, BoxError> {
     Ok(all_good)
 }
 
+/// CPU time from `/proc` (Linux; `None` elsewhere), in clock ticks (USER_HZ, 100 per second
+/// on Linux): this process's user + system time, the whole machine's busy time, and the
+/// time the hypervisor stole from it.
+#[derive(Clone, Copy, Debug)]
+struct CpuSample {
+    process: u64,
+    machine_busy: u64,
+    steal: u64,
+    at: Instant,
+}
+
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl CpuSample {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name (which may hold spaces), from field 4 (ppid) on:
+        // utime (field 14) and stime (15) are at 10 and 11.
+        let after = stat.rsplit_once(')')?.1;
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .skip(1)
+            .take(12)
+            .map(|s| s.parse().unwrap_or(0))
+            .collect();
+        let process = f.get(10)? + f.get(11)?;
+        let machine = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = machine
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|s| s.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let busy = cpu.first()? + cpu.get(1)? + cpu.get(2)? + cpu.get(5)? + cpu.get(6)?;
+        Some(Self {
+            process,
+            machine_busy: busy,
+            steal: *cpu.get(7)?,
+            at: Instant::now(),
+        })
+    }
+}
+
+/// Where the machine's CPU went between two samples.
+struct CpuUse {
+    /// Cores this process kept busy on average.
+    process_cores: f64,
+    /// Cores busy with anything else (other processes, the kernel on their behalf).
+    other_cores: f64,
+    /// Cores' worth of time stolen by the hypervisor.
+    steal_cores: f64,
+    /// Process CPU time per successful request, in microseconds.
+    us_per_request: f64,
+}
+
+impl CpuUse {
+    fn between(before: Option<CpuSample>, after: Option<CpuSample>, ok: u64) -> Option<Self> {
+        let (b, a) = (before?, after?);
+        let secs = a.at.duration_since(b.at).as_secs_f64();
+        let cores = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / secs;
+        let process = a.process.saturating_sub(b.process);
+        let busy = a.machine_busy.saturating_sub(b.machine_busy);
+        Some(Self {
+            process_cores: cores(process),
+            other_cores: cores(busy.saturating_sub(process)),
+            steal_cores: cores(a.steal.saturating_sub(b.steal)),
+            us_per_request: process as f64 / TICKS_PER_SECOND * 1e6 / ok.max(1) as f64,
+        })
+    }
+}
+
+/// A [`tower::retry::Policy`] that copies every request exactly as [`RefreshOn401`] does
+/// (method, URI, version, headers, extensions, body) and never replays: what `Retry` costs
+/// on its own, whatever the policy.
+///
+/// [`RefreshOn401`]: genesys_auth_layer::RefreshOn401
+#[derive(Clone, Copy, Debug)]
+struct CopyOnly;
+
+impl<Res, E> tower::retry::Policy<Request<Full<Bytes>>, Res, E> for CopyOnly {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        _: &mut Result<Res, E>,
+    ) -> Option<Self::Future> {
+        None
+    }
+
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        let mut copy = Request::new(request.body().clone());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(copy)
+    }
+}
+
+/// The stacks `--variants` compares, all on the same hyper-util client and the same fake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// (a) `SetRequestHeaderLayer` with a fixed token: the baseline.
+    Static,
+    /// (a) again, on its own fresh fake: the A/A comparison that shows the noise floor.
+    StaticAgain,
+    /// (b) (a) under `tower::retry::RetryLayer<CopyOnly>`: what any replay policy costs.
+    StaticRetry,
+    /// (c) `AuthLayer` alone, no retry.
+    Auth,
+    /// (d) `auth.layers()`: `RetryLayer<RefreshOn401>` outside `AuthLayer`.
+    Full,
+    /// (e) `RetryLayer<CopyOnly>` outside `AuthLayer`: (d) less what `RefreshOn401` adds.
+    AuthCopyRetry,
+}
+
+impl Variant {
+    const ALL: [Variant; 6] = [
+        Variant::Static,
+        Variant::StaticAgain,
+        Variant::StaticRetry,
+        Variant::Auth,
+        Variant::Full,
+        Variant::AuthCopyRetry,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Static => "(a) static SetRequestHeader",
+            Variant::StaticAgain => "(a′) static again (A/A)",
+            Variant::StaticRetry => "(b) static + Retry<CopyOnly>",
+            Variant::Auth => "(c) AuthLayer alone",
+            Variant::Full => "(d) full stack (retry + auth)",
+            Variant::AuthCopyRetry => "(e) Retry<CopyOnly> + AuthLayer",
+        }
+    }
+}
+
+/// One timed round of `variant` on a fresh fake. Every variant's fake has the same knobs
+/// (token lifetime and latency); the static token is issued for an hour.
+async fn load_variant(k: &Knobs, variant: Variant) -> Result<(Round, Option<CpuUse>), BoxError> {
+    let fake = FakeGenesys::builder()
+        .token_lifetime(k.lifetime)
+        .token_latency(k.token_latency)
+        .start()
+        .await?;
+    let uri = ping_uri(&fake)?;
+    let static_header = || -> Result<HeaderValue, BoxError> {
+        fake.set_token_lifetime(Duration::from_secs(3600));
+        let token = fake.issue_token();
+        fake.set_token_lifetime(k.lifetime);
+        let mut header = HeaderValue::try_from(format!("Bearer {token}"))?;
+        header.set_sensitive(true);
+        Ok(header)
+    };
+    let auth = match variant {
+        Variant::Auth | Variant::Full | Variant::AuthCopyRetry => {
+            let config = CacheConfig::default()
+                .refresh_ahead(k.refresh_window, 0.0)
+                .refresh_jitter(0.0);
+            let auth = auth_for(&fake, config)?;
+            auth.token().await?;
+            Some(auth)
+        }
+        Variant::Static | Variant::StaticAgain | Variant::StaticRetry => None,
+    };
+    let client = match (variant, &auth) {
+        (Variant::Static | Variant::StaticAgain, _) => boxed(
+            ServiceBuilder::new()
+                .layer(SetRequestHeaderLayer::overriding(
+                    AUTHORIZATION,
+                    static_header()?,
+                ))
+                .service(h2_client()),
+        ),
+        (Variant::StaticRetry, _) => boxed(
+            ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(CopyOnly))
+                .layer(SetRequestHeaderLayer::overriding(
+                    AUTHORIZATION,
+                    static_header()?,
+                ))
+                .service(h2_client()),
+        ),
+        (Variant::Auth, Some(auth)) => boxed(
+            ServiceBuilder::new()
+                .layer(auth.layer())
+                .service(h2_client()),
+        ),
+        (Variant::Full, Some(auth)) => boxed(
+            ServiceBuilder::new()
+                .layer(auth.layers())
+                .service(h2_client()),
+        ),
+        (Variant::AuthCopyRetry, Some(auth)) => boxed(
+            ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(CopyOnly))
+                .layer(auth.layer())
+                .service(h2_client()),
+        ),
+        (Variant::Auth | Variant::Full | Variant::AuthCopyRetry, None) => {
+            unreachable!("built above")
+        }
+    };
+    let before = CpuSample::now();
+    let round = hammer(&client, &uri, k.concurrency, k.duration).await;
+    let cpu = CpuUse::between(before, CpuSample::now(), round.ok);
+    drop(client);
+    drop(auth);
+    fake.shutdown().await;
+    Ok((round, cpu))
+}
+
+/// `--variants`: per round, every [`Variant`] once (the order rotating from round to
+/// round, so that no variant always runs first or last), each against a fresh fake; then
+/// each variant's paired ratio to the static baseline of the same round.
+async fn run_variants(k: &Knobs) -> Result<bool, BoxError> {
+    println!(
+        "## Variants: concurrency {}, {} s per round, {} round(s), token lifetime {} ms, \
+         token latency {} ms, refresh window {} ms",
+        k.concurrency,
+        k.duration.as_secs(),
+        k.rounds,
+        k.lifetime.as_millis(),
+        k.token_latency.as_millis(),
+        k.refresh_window.as_millis()
+    );
+    println!();
+    println!(
+        "| round | variant | requests/s | ÷ (a) same round | p50 ms | p99 ms | errors | \
+         CPU µs/request | ÷ (a) | cores: ours | others | stolen |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    if !k.smoke {
+        let warm = Knobs {
+            duration: Duration::from_secs(1),
+            ..k.clone()
+        };
+        for v in Variant::ALL {
+            let _ = load_variant(&warm, v).await?;
+        }
+    }
+    let n = Variant::ALL.len();
+    let mut ratios = vec![Vec::new(); n];
+    let mut cpu_ratios = vec![Vec::new(); n];
+    let mut no_errors = true;
+    for r in 1..=k.rounds {
+        let mut rounds: Vec<Option<(Round, Option<CpuUse>)>> = (0..n).map(|_| None).collect();
+        for i in 0..n {
+            let idx = (i + r - 1) % n;
+            rounds[idx] = Some(load_variant(k, Variant::ALL[idx]).await?);
+        }
+        let base = rounds[0].as_ref().map_or(0.0, |(round, _)| round.rps());
+        let base_cpu = rounds[0]
+            .as_ref()
+            .and_then(|(_, cpu)| cpu.as_ref())
+            .map(|cpu| cpu.us_per_request);
+        for (idx, slot) in rounds.iter_mut().enumerate() {
+            let Some((round, cpu)) = slot else { continue };
+            let ratio = round.rps() / base;
+            ratios[idx].push(ratio);
+            no_errors &= round.errors == 0;
+            let cpu_cols = match (cpu, base_cpu) {
+                (Some(c), Some(b)) => {
+                    cpu_ratios[idx].push(c.us_per_request / b);
+                    format!(
+                        "{:.2} | {:.3} | {:.2} | {:.2} | {:.2}",
+                        c.us_per_request,
+                        c.us_per_request / b,
+                        c.process_cores,
+                        c.other_cores,
+                        c.steal_cores
+                    )
+                }
+                _ => "n/a | n/a | n/a | n/a | n/a".to_owned(),
+            };
+            println!(
+                "| {r} | {} | {:.0} | {ratio:.3} | {} | {} | {} | {cpu_cols} |",
+                Variant::ALL[idx].label(),
+                round.rps(),
+                ms(round.percentile(0.50)),
+                ms(round.percentile(0.99)),
+                round.errors
+            );
+        }
+    }
+    let show = |v: &[f64]| -> String {
+        let shown: Vec<String> = v.iter().map(|r| format!("{r:.3}")).collect();
+        shown.join(", ")
+    };
+    println!();
+    println!(
+        "| variant | requests/s ÷ (a), paired | median | CPU per request ÷ (a), paired | median |"
+    );
+    println!("| --- | --- | ---: | --- | ---: |");
+    for (idx, v) in Variant::ALL.iter().enumerate().skip(1) {
+        let cpu_median = if cpu_ratios[idx].is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.3}", median(cpu_ratios[idx].clone()))
+        };
+        println!(
+            "| {} | {} | {:.3} | {} | {cpu_median} |",
+            v.label(),
+            show(&ratios[idx]),
+            median(ratios[idx].clone()),
+            show(&cpu_ratios[idx]),
+        );
+    }
+    println!();
+    Ok(no_errors)
+}
+
 fn main() -> ExitCode {
     let knobs = match Knobs::parse() {
         Ok(k) => k,
@@ -502,6 +832,19 @@ fn main() -> ExitCode {
     if knobs.smoke {
         println!("(smoke mode: short rounds; bars on timing are reported, not enforced)");
         println!();
+    }
+    if knobs.variants {
+        return match rt.block_on(run_variants(&knobs)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!("load: some requests failed");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("load: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let outcome = rt.block_on(async {
         let load = run_load(&knobs).await?;
