@@ -111,6 +111,15 @@ impl ClientSecret {
     }
 }
 
+impl zeroize::Zeroize for ClientSecret {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Dropping a `ClientSecret` overwrites its bytes (through `Zeroizing`).
+impl zeroize::ZeroizeOnDrop for ClientSecret {}
+
 impl fmt::Debug for ClientSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ClientSecret([redacted])")
@@ -272,6 +281,20 @@ mod tests {
         assert_eq!(
             Credentials::new("x", "").unwrap_err(),
             ConfigError::EmptyClientSecret
+        );
+    }
+
+    #[test]
+    fn secrets_are_wiped_by_zeroize_which_drop_runs() {
+        use zeroize::Zeroize;
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let mut secret = ClientSecret::new("wipe-me");
+        zeroized_on_drop(&secret);
+        secret.zeroize();
+        assert_eq!(
+            secret.expose_secret(),
+            "",
+            "the bytes are overwritten and cleared"
         );
     }
 
