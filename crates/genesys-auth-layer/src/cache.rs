@@ -16,6 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -196,6 +197,8 @@ type Channel = watch::Receiver<Option<Outcome>>;
 struct RefreshState {
     /// The refresh in flight, if any; its receivers see its outcome.
     in_flight: Option<Channel>,
+    /// Its task, so that a refresh given up on is stopped rather than left to run late.
+    in_flight_task: Option<AbortHandle>,
     /// Failures since the last success; `retry_at` is when the next attempt is allowed.
     failure: Option<Failure>,
     last_generation: u64,
@@ -269,6 +272,7 @@ impl TokenCache {
                 current: ArcSwapOption::empty(),
                 state: Mutex::new(RefreshState {
                     in_flight: None,
+                    in_flight_task: None,
                     failure: None,
                     last_generation: 0,
                     last_success: None,
@@ -389,7 +393,7 @@ impl TokenCache {
         reason: RefreshReason,
         rejected: Option<TokenGeneration>,
     ) -> Result<Arc<Token>, AuthError> {
-        let mut receiver = {
+        let (mut receiver, launch) = {
             let mut state = self.lock_state();
             let now = Instant::now();
             if let Some(token) = self.inner.current.load_full() {
@@ -406,7 +410,7 @@ impl TokenCache {
                 self.inner.counters.waited_for_token();
             }
             match self.joinable_refresh(&mut state) {
-                Some(receiver) => receiver,
+                Some(receiver) => (receiver, None),
                 None => {
                     if let Some(failure) = &state.failure {
                         if now < failure.retry_at {
@@ -416,10 +420,22 @@ impl TokenCache {
                             });
                         }
                     }
-                    self.start_refresh(&mut state, reason)?
+                    let (receiver, launch) = self.begin_refresh(&mut state, reason)?;
+                    (receiver, Some(launch))
                 }
             }
         };
+        // Spawned with the lock released: a runtime that is shutting down drops the task
+        // at once, and its guard must be able to take the lock to record that.
+        if let Some(launch) = launch {
+            launch.spawn();
+        }
+        // Already decided (for instance a task that could not start published its failure
+        // at once): no need to wait, nor to touch a timer.
+        let decided = receiver.borrow().clone();
+        if let Some(outcome) = decided {
+            return outcome;
+        }
         // The refresh task bounds itself with the fetch timeout; this bound also holds if
         // that task cannot run (its runtime is blocked or gone).
         let patience = self.inner.config.fetch_timeout + WAIT_GRACE;
@@ -455,7 +471,10 @@ impl TokenCache {
         let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
         if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
             // Without a runtime the request goes on with the still-valid token.
-            let _ = self.start_refresh(&mut state, RefreshReason::AheadOfExpiry);
+            if let Ok((_, launch)) = self.begin_refresh(&mut state, RefreshReason::AheadOfExpiry) {
+                drop(state);
+                launch.spawn();
+            }
         }
     }
 
@@ -473,50 +492,35 @@ impl TokenCache {
         }
     }
 
-    /// Spawns the one refresh task. It runs to completion even if every caller that waits
-    /// on it goes away, so dropping a request never cancels a refresh others need.
-    fn start_refresh(
+    /// Marks a refresh as in flight (under the lock) and returns what spawns it, to be
+    /// called once the lock is released. The task runs to completion even if every caller
+    /// that waits on it goes away, so dropping a request never cancels a refresh others need.
+    fn begin_refresh(
         &self,
         state: &mut RefreshState,
         reason: RefreshReason,
-    ) -> Result<Channel, AuthError> {
+    ) -> Result<(Channel, RefreshLaunch), AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let (sender, receiver) = watch::channel(None);
         state.in_flight = Some(receiver.clone());
+        state.in_flight_task = None;
         self.inner
             .refresh_blocked_until
             .store(u64::MAX, Ordering::Relaxed);
         self.inner.counters.token_request();
-        let mut guard = RefreshGuard {
-            cache: self.clone(),
-            channel: receiver.clone(),
-            reason,
-            finished: false,
+        let launch = RefreshLaunch {
+            runtime,
+            guard: RefreshGuard {
+                cache: self.clone(),
+                channel: receiver.clone(),
+                sender: Some(sender),
+                reason,
+            },
+            // Counted from now, not from when the task first runs: a task that starts late
+            // must not send a request its waiters have already given up on.
+            deadline: Instant::now() + self.inner.config.fetch_timeout,
         };
-        let span = tracing::info_span!(
-            target: "genesys_auth_layer::token",
-            "token_fetch",
-            reason = reason.as_str()
-        );
-        runtime.spawn(
-            async move {
-                let requested_at = Instant::now();
-                let timeout = guard.cache.inner.config.fetch_timeout;
-                let fetch = guard.cache.inner.source.fetch();
-                let result = match tokio::time::timeout(timeout, fetch).await {
-                    Ok(result) => result,
-                    Err(_) => Err(AuthError::Timeout(timeout)),
-                };
-                let outcome = guard
-                    .cache
-                    .complete(&guard.channel, result, requested_at, reason);
-                guard.disarm();
-                // Nobody listening is fine: the token is stored either way.
-                let _ = sender.send(Some(outcome));
-            }
-            .instrument(span),
-        );
-        Ok(receiver)
+        Ok((receiver, launch))
     }
 
     /// Records a refresh's result: the new token, or the failure and its backoff. Events
@@ -539,6 +543,7 @@ impl TokenCache {
             .is_some_and(|r| r.same_channel(channel));
         if own {
             state.in_flight = None;
+            state.in_flight_task = None;
         }
         let idle = state.in_flight.is_none();
         let result = result.and_then(|issued| {
@@ -546,7 +551,9 @@ impl TokenCache {
             let window = self.inner.config.refresh_window(lifetime);
             let generation = TokenGeneration(state.last_generation + 1);
             let token = Token::new(issued, generation, requested_at, window);
-            if token.is_valid_at(now) {
+            // A token with almost no life left would cost a refresh per round trip.
+            let least = (lifetime / 10).min(Duration::from_secs(1));
+            if token.is_valid_at(now + least) {
                 Ok((Arc::new(token), lifetime, window))
             } else {
                 Err(InvalidTokenResponse::ExpiredOnArrival.into())
@@ -585,13 +592,12 @@ impl TokenCache {
                 Ok(token)
             }
             Err(error) => {
-                if idle {
+                if own {
+                    state.in_flight_task = None;
                     self.record_failure(state, &error, now, reason);
-                } else {
-                    // A newer refresh is in flight; its outcome decides what happens next.
-                    drop(state);
-                    self.inner.counters.fetch_failed(&error);
                 }
+                // Otherwise a waiter gave up on this refresh and recorded that already, or
+                // a newer refresh is in flight and its outcome decides what happens next.
                 Err(error)
             }
         }
@@ -657,6 +663,9 @@ impl TokenCache {
         {
             let mut state = state;
             state.in_flight = None;
+            if let Some(task) = state.in_flight_task.take() {
+                task.abort();
+            }
             self.record_failure(state, error, Instant::now(), RefreshReason::Initial);
         }
     }
@@ -665,16 +674,22 @@ impl TokenCache {
     /// "expired" at its expiry; it stops when the token is dropped.
     fn arm_timers(&self, token: &Arc<Token>) {
         let (refresh_at, expires_at) = (token.refresh_at(), token.expires_at());
-        let weak = Arc::downgrade(token);
+        let mut guard = PhaseTimerGuard {
+            token: Arc::downgrade(token),
+            finished: false,
+        };
         let timer = tokio::spawn(async move {
             tokio::time::sleep_until(refresh_at).await;
-            let Some(token) = weak.upgrade() else { return };
+            let Some(token) = guard.token.upgrade() else {
+                return guard.finish();
+            };
             token.advance_phase(Phase::Due);
             drop(token);
             tokio::time::sleep_until(expires_at).await;
-            if let Some(token) = weak.upgrade() {
+            if let Some(token) = guard.token.upgrade() {
                 token.advance_phase(Phase::Expired);
             }
+            guard.finish();
         });
         token.set_timer(timer.abort_handle());
     }
@@ -696,32 +711,115 @@ impl TokenCache {
     }
 }
 
-/// Lives in the refresh task: if the task ends before recording its result (the token
-/// source panicked, the runtime shut down), the failure is recorded with its backoff, so
-/// the next caller neither reuses a dead refresh nor starts one per call.
+/// A refresh marked in flight, to be spawned once the state lock is released.
+struct RefreshLaunch {
+    runtime: tokio::runtime::Handle,
+    guard: RefreshGuard,
+    deadline: Instant,
+}
+
+impl RefreshLaunch {
+    fn spawn(self) {
+        let Self {
+            runtime,
+            mut guard,
+            deadline,
+        } = self;
+        let cache = guard.cache.clone();
+        let channel = guard.channel.clone();
+        let reason = guard.reason;
+        let span = tracing::info_span!(
+            target: "genesys_auth_layer::token",
+            "token_fetch",
+            reason = reason.as_str()
+        );
+        let task = runtime.spawn(
+            async move {
+                let requested_at = Instant::now();
+                let timeout = guard.cache.inner.config.fetch_timeout;
+                let result = if requested_at >= deadline {
+                    Err(AuthError::Timeout(timeout))
+                } else {
+                    let fetch = guard.cache.inner.source.fetch();
+                    match tokio::time::timeout_at(deadline, fetch).await {
+                        Ok(result) => result,
+                        Err(_) => Err(AuthError::Timeout(timeout)),
+                    }
+                };
+                let outcome = guard
+                    .cache
+                    .complete(&guard.channel, result, requested_at, reason);
+                guard.publish(outcome);
+            }
+            .instrument(span),
+        );
+        // Recorded so that a waiter giving up on this refresh can stop it.
+        let mut state = cache.lock_state();
+        if state
+            .in_flight
+            .as_ref()
+            .is_some_and(|r| r.same_channel(&channel))
+        {
+            state.in_flight_task = Some(task.abort_handle());
+        }
+    }
+}
+
+/// Lives in the refresh task and owns its result channel: if the task ends before
+/// publishing (the token source panicked, the runtime shut down, a waiter aborted it), the
+/// failure is recorded with its backoff and published, so the next caller neither reuses a
+/// dead refresh nor starts one per call.
 struct RefreshGuard {
     cache: TokenCache,
     channel: Channel,
+    sender: Option<watch::Sender<Option<Outcome>>>,
     reason: RefreshReason,
-    finished: bool,
 }
 
 impl RefreshGuard {
-    /// The result was recorded: nothing to do on drop.
-    fn disarm(&mut self) {
-        self.finished = true;
+    /// Tells every waiter the outcome. Nobody listening is fine: the token is stored
+    /// either way.
+    fn publish(&mut self, outcome: Outcome) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(Some(outcome));
+        }
     }
 }
 
 impl Drop for RefreshGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            let _ = self.cache.complete(
+        if self.sender.is_some() {
+            let outcome = self.cache.complete(
                 &self.channel,
                 Err(AuthError::RefreshAborted),
                 Instant::now(),
                 self.reason,
             );
+            self.publish(outcome);
+        }
+    }
+}
+
+/// Lives in a token's phase timer: if the timer is dropped before it finished (its runtime
+/// shut down), the token is marked due, so requests read the clock again instead of
+/// trusting a phase nobody will advance.
+struct PhaseTimerGuard {
+    token: std::sync::Weak<Token>,
+    finished: bool,
+}
+
+impl PhaseTimerGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for PhaseTimerGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(token) = self.token.upgrade() {
+                token.advance_phase(Phase::Due);
+            }
         }
     }
 }
@@ -1237,5 +1335,58 @@ mod tests {
             ));
         });
         drop(a);
+    }
+
+    #[test]
+    fn a_token_whose_timer_runtime_is_gone_is_checked_against_the_clock() {
+        let source = Scripted::new(Duration::from_millis(300), Duration::ZERO);
+        let cache = TokenCache::new(source.clone(), config());
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let a = runtime();
+        a.block_on(cache.token()).unwrap();
+        drop(a); // the token's phase timer dies with it
+        std::thread::sleep(Duration::from_millis(400));
+        runtime().block_on(async {
+            assert!(
+                cache.fresh_header().is_none(),
+                "expired, though no timer said so"
+            );
+            let token = cache.token().await.unwrap();
+            assert_eq!(token.generation(), TokenGeneration(2));
+        });
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[test]
+    fn a_refresh_on_a_runtime_that_shut_down_fails_instead_of_deadlocking() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        drop(runtime);
+        let _context = handle.enter();
+        let cache = TokenCache::new(
+            Scripted::new(Duration::from_secs(60), Duration::ZERO),
+            config(),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let _context = handle.enter();
+            let _ = tx.send(futures_lite_block_on(cache.token()).map(|t| t.generation()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("no deadlock: an answer within 5 s");
+        assert!(
+            matches!(result, Err(AuthError::RefreshAborted)),
+            "{result:?}"
+        );
+        worker.join().unwrap();
     }
 }
