@@ -4,13 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, Uri};
-use http_body::Body;
-use http_body_util::Full;
+use http::Uri;
 use tower::layer::util::Stack;
 use tower::retry::RetryLayer;
-use tower::{BoxError, Service};
 
 use crate::auth::{AuthLayer, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
@@ -20,7 +16,7 @@ use crate::observe::{CacheStats, Health};
 use crate::region::{Endpoints, Region};
 use crate::retry::RefreshOn401;
 use crate::rotation::CredentialStore;
-use crate::source::{ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
+use crate::source::{ClientCredentials, TokenHttpService, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::token::Token;
 
 /// Genesys Cloud authentication for a tower HTTP client: one token cache, the layer that
@@ -303,15 +299,7 @@ impl GenesysAuthBuilder {
 
     /// Builds it, sending token requests through `token_http` (any tower HTTP service, such
     /// as a hyper-util client).
-    pub fn build<S, B>(self, token_http: S) -> Result<GenesysAuth, ConfigError>
-    where
-        S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    pub fn build<S: TokenHttpService>(self, token_http: S) -> Result<GenesysAuth, ConfigError> {
         let store = self.credentials.into_store()?;
         let source = ClientCredentials::new(
             token_http,
@@ -332,7 +320,9 @@ impl GenesysAuthBuilder {
     #[cfg(feature = "default-client")]
     #[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
     pub fn build_with_default_client(self) -> Result<GenesysAuth, ConfigError> {
-        self.build(crate::default_client::https_client::<Full<Bytes>>())
+        self.build(crate::default_client::https_client::<
+            http_body_util::Full<bytes::Bytes>,
+        >())
     }
 }
 

@@ -79,7 +79,9 @@ pub use observe::{
 pub use region::{Endpoints, Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
 pub use rotation::{CredentialStore, CredentialsWatcher, DEFAULT_WATCH_INTERVAL};
-pub use source::{parse, BoxFuture, ClientCredentials, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
+pub use source::{
+    parse, BoxFuture, ClientCredentials, TokenHttpService, TokenSource, DEFAULT_MAX_RESPONSE_BYTES,
+};
 pub use token::{IssuedToken, Token, TokenGeneration};
 
 /// The README's code blocks, compiled as doc tests.

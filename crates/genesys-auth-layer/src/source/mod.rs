@@ -54,6 +54,39 @@ pub trait TokenSource: Send + Sync + 'static {
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>>;
 }
 
+/// A tower HTTP service that can carry token requests: what [`ClientCredentials`] and
+/// [`GenesysAuthBuilder::build`](crate::GenesysAuthBuilder::build) accept.
+///
+/// Implemented for every `Clone + Send + Sync` service from `http::Request<Full<Bytes>>` to
+/// `http::Response<B>` whose future is `Send` and whose errors box, hyper-util's client
+/// among them; there is nothing to implement by hand.
+pub trait TokenHttpService:
+    Service<
+        Request<Full<Bytes>>,
+        Response = Response<Self::ResponseBody>,
+        Future: Send,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body type.
+    type ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> TokenHttpService for S
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type ResponseBody = B;
+}
+
 /// The largest token response read by default. A Genesys token response is a few hundred
 /// bytes; 64 KiB leaves room for any gateway's decorations and stops a hostile server from
 /// making us buffer megabytes.
@@ -159,15 +192,7 @@ impl<S> fmt::Debug for ClientCredentials<S> {
     }
 }
 
-impl<S, B> TokenSource for ClientCredentials<S>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
         Box::pin(async move {
             let credentials = self.credentials.current();
@@ -213,15 +238,7 @@ where
     }
 }
 
-impl<S, B> ClientCredentials<S>
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: TokenHttpService> ClientCredentials<S> {
     /// One token request with the secret in `slot`.
     async fn request_with(
         &self,
