@@ -178,7 +178,9 @@ where
         let cache = self.shared.cache.clone();
         Some(Box::pin(async move {
             // A failed refresh needs no handling here: the replay passes through AuthService,
-            // which finds no token and returns the refresh's error to the caller.
+            // which finds no token and returns the failure to the caller (as
+            // AuthError::BackingOff with the refresh's error inside, since the backoff that
+            // failure started is running). The original 401 response is not returned then.
             let _ = cache.refresh_after_401(generation).await;
         }))
     }
