@@ -307,18 +307,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Returns whether every bar held.
+impl Knobs {
+    /// The settings a table was measured with, for its heading.
+    fn describe(&self) -> String {
+        format!(
+            "concurrency {}, {} s per round, {} round(s), token lifetime {} ms, \
+             token latency {} ms, refresh window {} ms",
+            self.concurrency,
+            self.duration.as_secs(),
+            self.rounds,
+            self.lifetime.as_millis(),
+            self.token_latency.as_millis(),
+            self.refresh_window.as_millis()
+        )
+    }
+}
+
+/// Runs the load rounds; reports whether correctness and the throughput bar held.
 async fn run_load(k: &Knobs) -> Result<LoadOutcome, BoxError> {
-    println!(
-        "## Load: concurrency {}, {} s per round, {} round(s) each, token lifetime {} ms, \
-         token latency {} ms, refresh window {} ms",
-        k.concurrency,
-        k.duration.as_secs(),
-        k.rounds,
-        k.lifetime.as_millis(),
-        k.token_latency.as_millis(),
-        k.refresh_window.as_millis()
-    );
+    println!("## Load: {}", k.describe());
     println!();
     println!(
         "| round | stack | requests/s | p50 ms | p99 ms | max ms | token requests | \
@@ -714,16 +721,7 @@ async fn load_variant(k: &Knobs, variant: Variant) -> Result<(Round, Option<CpuU
 /// round, so that no variant always runs first or last), each against a fresh fake; then
 /// each variant's paired ratio to the static baseline of the same round.
 async fn run_variants(k: &Knobs) -> Result<bool, BoxError> {
-    println!(
-        "## Variants: concurrency {}, {} s per round, {} round(s), token lifetime {} ms, \
-         token latency {} ms, refresh window {} ms",
-        k.concurrency,
-        k.duration.as_secs(),
-        k.rounds,
-        k.lifetime.as_millis(),
-        k.token_latency.as_millis(),
-        k.refresh_window.as_millis()
-    );
+    println!("## Variants: {}", k.describe());
     println!();
     println!(
         "| round | variant | requests/s | ÷ (a) same round | p50 ms | p99 ms | errors | \

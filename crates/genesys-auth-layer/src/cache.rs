@@ -206,6 +206,15 @@ struct RefreshState {
     last_error: Option<(Instant, Arc<AuthError>)>,
 }
 
+impl RefreshState {
+    /// Whether `channel` is the refresh in flight (and not one given up on or finished).
+    fn is_in_flight(&self, channel: &Channel) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|r| r.same_channel(channel))
+    }
+}
+
 /// Failures since the last success.
 struct Failure {
     error: Arc<AuthError>,
@@ -537,10 +546,7 @@ impl TokenCache {
     ) -> Outcome {
         let now = Instant::now();
         let mut state = self.lock_state();
-        let own = state
-            .in_flight
-            .as_ref()
-            .is_some_and(|r| r.same_channel(channel));
+        let own = state.is_in_flight(channel);
         if own {
             state.in_flight = None;
             state.in_flight_task = None;
@@ -655,13 +661,8 @@ impl TokenCache {
     /// A caller gave up waiting on `channel`: if it is still the refresh in flight, forget
     /// it and record the failure, so the next caller starts afresh after the backoff.
     fn abandon(&self, channel: &Channel, error: &AuthError) {
-        let state = self.lock_state();
-        if state
-            .in_flight
-            .as_ref()
-            .is_some_and(|r| r.same_channel(channel))
-        {
-            let mut state = state;
+        let mut state = self.lock_state();
+        if state.is_in_flight(channel) {
             state.in_flight = None;
             if let Some(task) = state.in_flight_task.take() {
                 task.abort();
@@ -755,11 +756,7 @@ impl RefreshLaunch {
         );
         // Recorded so that a waiter giving up on this refresh can stop it.
         let mut state = cache.lock_state();
-        if state
-            .in_flight
-            .as_ref()
-            .is_some_and(|r| r.same_channel(&channel))
-        {
+        if state.is_in_flight(&channel) {
             state.in_flight_task = Some(task.abort_handle());
         }
     }
