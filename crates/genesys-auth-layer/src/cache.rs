@@ -1,7 +1,8 @@
 //! The token cell.
 //!
 //! This module owns [`TokenCache`]: the current token in an `arc-swap` cell that requests
-//! read without a lock, and the slow path that replaces it: single-flight refresh with a
+//! read without a lock (with the generation of the fresh token beside it, one atomic word
+//! that services check the header they kept against), and the slow path that replaces it: single-flight refresh with a
 //! shared outcome, refresh ahead of expiry, generation-scoped invalidation after a 401, and
 //! backoff after failures. It must never hold a lock across an `.await`, never let two token
 //! requests be in flight at once, and never let a caller wait without a bound.
@@ -225,6 +226,10 @@ struct Failure {
 
 struct Inner {
     current: ArcSwapOption<Token>,
+    /// The generation of the current token while it is fresh (before its refresh window),
+    /// else 0. `AuthService`s keep the header of the fresh token they last used and check it
+    /// against this one load, instead of loading `current`.
+    fresh: FreshGeneration,
     state: Mutex<RefreshState>,
     /// A lock-free mirror of `state` for requests in a token's refresh window: nanoseconds
     /// after `epoch` before which no refresh ahead may start (`u64::MAX` while one is in
@@ -240,7 +245,9 @@ struct Inner {
 ///
 /// Cloning is cheap and every clone shares the same token. Reading a valid token takes no
 /// lock and no clock read: an `ArcSwap` load and the token's phase (fresh, due for refresh,
-/// expired), which a timer moves forward. When a token is missing or expired, one request
+/// expired), which a timer moves forward. An [`AuthService`](crate::AuthService) does even
+/// less while the token is fresh: it keeps the header it last sent and checks one atomic
+/// word holding the fresh token's generation. When a token is missing or expired, one request
 /// goes to the token endpoint and every caller awaits its outcome; once a token enters its
 /// refresh window, the next request starts a background refresh and goes on with the
 /// still-valid token.
@@ -287,6 +294,7 @@ impl TokenCache {
                     last_success: None,
                     last_error: None,
                 }),
+                fresh: FreshGeneration::default(),
                 refresh_blocked_until: AtomicU64::new(0),
                 epoch: Instant::now(),
                 source: Box::new(source),
@@ -321,7 +329,16 @@ impl TokenCache {
         Some((token.header().clone(), token.generation()))
     }
 
-    /// Counts a request authorized after waiting for a token.
+    /// The generation of the current token while it is fresh, else 0: a service that
+    /// kept the header of that generation may send it without loading the token.
+    #[inline]
+    pub(crate) fn fresh_generation(&self) -> u64 {
+        self.inner.fresh.0.load(Ordering::Acquire)
+    }
+
+    /// Counts a request authorized with a header the service kept, or after waiting for a
+    /// token.
+    #[inline]
     pub(crate) fn count_authorized(&self) {
         self.inner.counters.request_authorized();
     }
@@ -413,6 +430,7 @@ impl TokenCache {
                 if rejected == Some(token.generation()) {
                     // The API refused the current token: nobody may use it any more.
                     self.inner.current.store(None);
+                    self.inner.fresh.0.store(0, Ordering::SeqCst);
                 }
             }
             if reason == RefreshReason::Initial {
@@ -572,6 +590,7 @@ impl TokenCache {
                 let recovered = if idle { state.failure.take() } else { None };
                 self.arm_timers(&token);
                 self.inner.current.store(Some(token.clone()));
+                self.inner.fresh.publish(&token);
                 if idle {
                     self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
                 }
@@ -677,6 +696,7 @@ impl TokenCache {
         let (refresh_at, expires_at) = (token.refresh_at(), token.expires_at());
         let mut guard = PhaseTimerGuard {
             token: Arc::downgrade(token),
+            cache: Arc::downgrade(&self.inner),
             finished: false,
         };
         let timer = tokio::spawn(async move {
@@ -684,7 +704,7 @@ impl TokenCache {
             let Some(token) = guard.token.upgrade() else {
                 return guard.finish();
             };
-            token.advance_phase(Phase::Due);
+            guard.mark_due(&token);
             drop(token);
             tokio::time::sleep_until(expires_at).await;
             if let Some(token) = guard.token.upgrade() {
@@ -802,6 +822,7 @@ impl Drop for RefreshGuard {
 /// trusting a phase nobody will advance.
 struct PhaseTimerGuard {
     token: std::sync::Weak<Token>,
+    cache: std::sync::Weak<Inner>,
     finished: bool,
 }
 
@@ -809,15 +830,50 @@ impl PhaseTimerGuard {
     fn finish(&mut self) {
         self.finished = true;
     }
+
+    /// Marks the token due, and withdraws it from the services' kept headers.
+    fn mark_due(&self, token: &Token) {
+        token.advance_phase(Phase::Due);
+        if let Some(cache) = self.cache.upgrade() {
+            cache.fresh.retire(token.generation());
+        }
+    }
 }
 
 impl Drop for PhaseTimerGuard {
     fn drop(&mut self) {
         if !self.finished {
             if let Some(token) = self.token.upgrade() {
-                token.advance_phase(Phase::Due);
+                self.mark_due(&token);
             }
         }
+    }
+}
+
+/// The generation of the current token while it is fresh, else 0; on a cache line of its
+/// own, since every request reads it and almost nothing writes it.
+#[repr(align(128))]
+#[derive(Default)]
+struct FreshGeneration(AtomicU64);
+
+impl FreshGeneration {
+    /// `token` was just stored as the current token. Its timer may already have marked it
+    /// due (on another thread, with a tiny lifetime): then the timer's `retire` either ran
+    /// after this store and cleared it, or ran before and this check clears it. `SeqCst` on
+    /// both sides (here and in `Token::advance_phase`) is what makes that either-or hold.
+    fn publish(&self, token: &Token) {
+        let generation = token.generation().0;
+        self.0.store(generation, Ordering::SeqCst);
+        if token.phase() != Phase::Fresh {
+            self.retire(token.generation());
+        }
+    }
+
+    /// `generation` is not fresh any more (if it is still the one published).
+    fn retire(&self, generation: TokenGeneration) {
+        let _ = self
+            .0
+            .compare_exchange(generation.0, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 }
 
@@ -895,6 +951,36 @@ mod tests {
             code: OAuthErrorCode::InvalidClient,
             description: Some("client not found".into()),
         }
+    }
+
+    #[test]
+    fn the_fresh_generation_names_only_a_fresh_current_token() {
+        let token = |generation| {
+            let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
+            Token::new(
+                issued,
+                TokenGeneration(generation),
+                Instant::now(),
+                Duration::from_secs(10),
+            )
+        };
+        let word = FreshGeneration::default();
+        let first = token(1);
+        word.publish(&first);
+        assert_eq!(word.0.load(Ordering::SeqCst), 1);
+        // An older token's timer cannot withdraw a newer one.
+        let second = token(2);
+        word.publish(&second);
+        first.advance_phase(Phase::Due);
+        word.retire(first.generation());
+        assert_eq!(word.0.load(Ordering::SeqCst), 2);
+        word.retire(second.generation());
+        assert_eq!(word.0.load(Ordering::SeqCst), 0);
+        // A token whose timer marked it due before it was published is not published.
+        let third = token(3);
+        third.advance_phase(Phase::Due);
+        word.publish(&third);
+        assert_eq!(word.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -128,7 +128,7 @@ impl Token {
     }
 
     pub(crate) fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::Relaxed) {
+        match self.phase.load(Ordering::SeqCst) {
             0 => Phase::Fresh,
             1 => Phase::Due,
             _ => Phase::Expired,
@@ -136,7 +136,8 @@ impl Token {
     }
 
     pub(crate) fn advance_phase(&self, phase: Phase) {
-        self.phase.fetch_max(phase as u8, Ordering::Relaxed);
+        // SeqCst: the cache's fresh-generation word relies on it (`FreshGeneration::publish`).
+        self.phase.fetch_max(phase as u8, Ordering::SeqCst);
     }
 
     pub(crate) fn set_timer(&self, timer: AbortHandle) {

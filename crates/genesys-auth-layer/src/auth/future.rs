@@ -85,59 +85,80 @@ where
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    #[inline(always)]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The hot path (the inner service was called at once) stays small enough to inline;
+        // waiting for a token and stamping a 401 are out of line.
         loop {
-            match this.state.as_mut().project() {
-                StateProj::WaitingForToken { waiting } => {
-                    let Some(pending) = waiting.as_mut() else {
-                        return Poll::Ready(Err(
-                            "AuthService future polled after completion".into()
-                        ));
-                    };
-                    let result = ready!(pending.token.as_mut().poll(cx));
-                    let Some(pending) = waiting.take() else {
-                        return Poll::Ready(Err(
-                            "AuthService future polled after completion".into()
-                        ));
-                    };
-                    let token = match result {
-                        Ok(token) => token,
-                        Err(error) => return Poll::Ready(Err(error.into())),
-                    };
-                    let Waiting {
-                        mut service,
-                        mut request,
-                        ..
-                    } = *pending;
-                    request
-                        .headers_mut()
-                        .insert(AUTHORIZATION, token.header().clone());
-                    let future = service.call(request);
-                    this.state.set(State::Called {
-                        future,
-                        generation: Some(token.generation()),
-                    });
-                }
-                StateProj::Called { future, generation } => {
-                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if let Some(generation) = *generation {
-                        if response.status() == StatusCode::UNAUTHORIZED {
-                            // Only 401s are stamped: inserting the first extension allocates,
-                            // and the hot path must not.
-                            response.extensions_mut().insert(generation);
-                            tracing::debug!(
-                                target: "genesys_auth_layer::auth",
-                                generation = generation.0,
-                                "API answered 401 for a token this layer attached"
-                            );
+            if let StateProj::Called { future, generation } =
+                self.as_mut().project().state.project()
+            {
+                let generation = *generation;
+                return match ready!(future.poll(cx)) {
+                    Ok(response) => match generation {
+                        Some(generation) if response.status() == StatusCode::UNAUTHORIZED => {
+                            Poll::Ready(Ok(stamp(response, generation)))
                         }
-                    }
-                    return Poll::Ready(Ok(response));
-                }
+                        _ => Poll::Ready(Ok(response)),
+                    },
+                    Err(error) => Poll::Ready(Err(error.into())),
+                };
             }
+            ready!(self.as_mut().poll_token(cx))?;
         }
     }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// Waits for the token; once it is there, calls the inner service and moves to the
+    /// `Called` state (`Ok`). An error is the caller's answer.
+    #[cold]
+    #[inline(never)]
+    fn poll_token(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut state = self.project().state;
+        let StateProj::WaitingForToken { waiting } = state.as_mut().project() else {
+            return Poll::Ready(Ok(()));
+        };
+        let Some(pending) = waiting.as_mut() else {
+            return Poll::Ready(Err("AuthService future polled after completion".into()));
+        };
+        let result = ready!(pending.token.as_mut().poll(cx));
+        let Some(pending) = waiting.take() else {
+            return Poll::Ready(Err("AuthService future polled after completion".into()));
+        };
+        let token = result?;
+        let Waiting {
+            mut service,
+            mut request,
+            ..
+        } = *pending;
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, token.header().clone());
+        let future = service.call(request);
+        state.set(State::Called {
+            future,
+            generation: Some(token.generation()),
+        });
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Puts the generation in a 401's extensions. Only 401s are stamped: inserting the first
+/// extension allocates, and the hot path must not.
+#[cold]
+#[inline(never)]
+fn stamp<B>(mut response: Response<B>, generation: TokenGeneration) -> Response<B> {
+    response.extensions_mut().insert(generation);
+    tracing::debug!(
+        target: "genesys_auth_layer::auth",
+        generation = generation.0,
+        "API answered 401 for a token this layer attached"
+    );
+    response
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>

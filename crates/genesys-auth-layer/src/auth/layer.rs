@@ -54,9 +54,6 @@ impl<S> Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            shared: self.shared.clone(),
-        }
+        AuthService::new(inner, self.shared.clone())
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use http::header::AUTHORIZATION;
+use http::uri::Scheme;
 use http::{Request, Uri};
 
 use crate::error::ConfigError;
@@ -52,33 +53,45 @@ impl Origin {
         let host = host.to_ascii_lowercase();
         let default_port = if https { 443 } else { 80 };
         let port = uri.port_u16().unwrap_or(default_port);
-        let mut authorities = vec![format!("{host}:{port}")];
+        // The bare host first: it is how nearly every request spells a default port.
+        let mut authorities = Vec::with_capacity(2);
         if port == default_port {
-            authorities.push(host);
+            authorities.push(host.clone());
         }
+        authorities.push(format!("{host}:{port}"));
         Ok(Self { https, authorities })
     }
 
     #[inline]
     fn matches(&self, uri: &Uri) -> bool {
-        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return false;
         };
-        let scheme_ok = if self.https {
-            scheme.eq_ignore_ascii_case("https")
+        // Parsing a URI string turns `http` and `https` in any case into the standard
+        // schemes, so this is usually an enum comparison; a scheme set by hand as `HTTPS`
+        // is kept as written and compared by its text.
+        let expected = if self.https {
+            &Scheme::HTTPS
         } else {
-            scheme.eq_ignore_ascii_case("http")
+            &Scheme::HTTP
         };
-        scheme_ok
-            && self
+        if scheme != expected && !scheme.as_str().eq_ignore_ascii_case(expected.as_str()) {
+            return false;
+        }
+        let authority = authority.as_str();
+        // Exact bytes first (a plain memcmp, and the spelling nearly every request uses),
+        // then any case.
+        self.authorities.iter().any(|a| a == authority)
+            || self
                 .authorities
                 .iter()
-                .any(|a| a.eq_ignore_ascii_case(authority.as_str()))
+                .any(|a| a.eq_ignore_ascii_case(authority))
     }
 
     fn describe(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
-        format!("{scheme}://{}", self.authorities[0])
+        let with_port = self.authorities.last().map_or("", String::as_str);
+        format!("{scheme}://{with_port}")
     }
 }
 
@@ -158,6 +171,13 @@ mod tests {
         assert!(!scope.applies_to(&get("/api/v2/relative")));
         assert!(!scope.applies_to(&get("https://user@api.mypurecloud.ie/")));
         assert!(scope.applies_to(&get("HTTPS://API.MyPureCloud.ie/")));
+        let by_hand = Uri::builder()
+            .scheme("HTTPS")
+            .authority("api.mypurecloud.ie")
+            .path_and_query("/api/v2/x")
+            .build()
+            .unwrap();
+        assert!(scope.contains(&by_hand));
     }
 
     #[test]

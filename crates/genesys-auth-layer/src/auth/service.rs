@@ -1,11 +1,13 @@
+use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::{Entry, AUTHORIZATION};
-use http::{Request, Response};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{BoxError, Service};
 
 use super::{ResponseFuture, Shared};
+use crate::token::TokenGeneration;
 
 /// Attaches `Authorization: Bearer …` to in-scope requests.
 ///
@@ -52,9 +54,35 @@ use super::{ResponseFuture, Shared};
 pub struct AuthService<S> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
+    /// The header of the fresh token this service (or the one it was cloned from) last
+    /// attached. While the cache's fresh generation still names it, `call` sends it
+    /// without loading the cache's token: one atomic load instead of an `ArcSwap` guard.
+    kept: Option<KeptHeader>,
+}
+
+#[derive(Clone)]
+struct KeptHeader {
+    generation: TokenGeneration,
+    header: HeaderValue,
+}
+
+impl fmt::Debug for KeptHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptHeader")
+            .field("generation", &self.generation.0)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> AuthService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self {
+            inner,
+            shared,
+            kept: None,
+        }
+    }
+
     /// A reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -85,41 +113,206 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        if !self.shared.scope.contains(request.uri()) {
-            return ResponseFuture::called(self.inner.call(request), None);
-        }
-        // One header-map lookup both checks for the caller's own header and inserts ours.
-        let slot = match request.headers_mut().entry(AUTHORIZATION) {
-            Entry::Occupied(_) => None,
-            Entry::Vacant(slot) => Some(slot),
-        };
-        let Some(slot) = slot else {
-            return ResponseFuture::called(self.inner.call(request), None);
-        };
-        match self.shared.cache.fresh_header() {
-            Some((header, generation)) => {
-                slot.insert(header);
+        match self.attach(&mut request) {
+            Attach::Skipped => ResponseFuture::called(self.inner.call(request), None),
+            Attach::Attached(generation) => {
                 ResponseFuture::called(self.inner.call(request), Some(generation))
             }
+            Attach::MustWait => self.wait_for_token(request),
+        }
+    }
+}
+
+/// What [`AuthService::attach`] did to a request.
+enum Attach {
+    /// Out of scope, or the caller's own `Authorization`: sent as it is.
+    Skipped,
+    /// The token of this generation is attached.
+    Attached(TokenGeneration),
+    /// In scope, but no valid token is cached.
+    MustWait,
+}
+
+impl<S> AuthService<S> {
+    /// Attaches a valid cached token to an in-scope request without its own header.
+    #[inline]
+    fn attach<B>(&mut self, request: &mut Request<B>) -> Attach {
+        if !self.shared.scope.contains(request.uri())
+            || request.headers().contains_key(AUTHORIZATION)
+        {
+            return Attach::Skipped;
+        }
+        // A lookup, then an insert: on the small maps requests have, measured faster than
+        // one `entry` call.
+        let fresh = self.shared.cache.fresh_generation();
+        match &self.kept {
+            Some(kept) if kept.generation.0 == fresh => {
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, kept.header.clone());
+                self.shared.cache.count_authorized();
+                Attach::Attached(kept.generation)
+            }
+            _ => self.attach_from_cache(request.headers_mut(), fresh),
+        }
+    }
+
+    /// The token changed since this service last attached one (or it is due for refresh,
+    /// or there is none): load it from the cache, and keep its header if it is fresh.
+    #[cold]
+    #[inline(never)]
+    fn attach_from_cache(&mut self, headers: &mut HeaderMap, fresh: u64) -> Attach {
+        match self.shared.cache.fresh_header() {
+            Some((header, generation)) => {
+                // Kept only if it is the fresh generation read before loading it.
+                self.kept = (generation.0 == fresh).then(|| KeptHeader {
+                    generation,
+                    header: header.clone(),
+                });
+                headers.insert(AUTHORIZATION, header);
+                Attach::Attached(generation)
+            }
             None => {
-                // The ready service goes into the future, which calls it once a token is
-                // there; this service keeps a fresh clone (tower's usual hand-off).
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                let cache = self.shared.cache.clone();
-                tracing::debug!(
-                    target: "genesys_auth_layer::auth",
-                    "no valid token cached; request waits for one"
-                );
-                let token = async move {
-                    let token = cache.token().await;
-                    if token.is_ok() {
-                        cache.count_authorized();
-                    }
-                    token
-                };
-                ResponseFuture::waiting(Box::pin(token), ready, request)
+                self.kept = None;
+                Attach::MustWait
             }
         }
+    }
+
+    /// Hands the ready service and the request to a future that waits for the token.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_token<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
+        // The ready service goes into the future, which calls it once a token is there;
+        // this service keeps a fresh clone (tower's usual hand-off).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let cache = self.shared.cache.clone();
+        tracing::debug!(
+            target: "genesys_auth_layer::auth",
+            "no valid token cached; request waits for one"
+        );
+        let token = async move {
+            let token = cache.token().await;
+            if token.is_ok() {
+                cache.count_authorized();
+            }
+            token
+        };
+        ResponseFuture::waiting(Box::pin(token), ready, request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http::Uri;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::source::BoxFuture;
+    use crate::{AuthError, AuthLayer, CacheConfig, IssuedToken, Scope, TokenCache, TokenSource};
+
+    /// Issues `token-0`, `token-1`, … valid 100 s each, 50 ms after being asked.
+    #[derive(Clone, Default)]
+    struct Counting(Arc<AtomicUsize>);
+
+    impl TokenSource for Counting {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(100)).unwrap())
+            })
+        }
+    }
+
+    type Echo = tower::util::ServiceFn<
+        fn(Request<()>) -> std::future::Ready<Result<Response<Option<HeaderValue>>, Infallible>>,
+    >;
+
+    /// The API: answers with the `Authorization` header it got.
+    fn echo() -> Echo {
+        tower::service_fn(|req: Request<()>| {
+            std::future::ready(Ok(Response::new(req.headers().get(AUTHORIZATION).cloned())))
+        })
+    }
+
+    /// Sends one request on `service` itself (no clone) and returns the header the API saw.
+    async fn send(service: &mut AuthService<Echo>) -> String {
+        let request = Request::get("https://api.example.com/x").body(()).unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        let header = response.into_body().expect("a token was attached");
+        header.to_str().unwrap().to_owned()
+    }
+
+    /// Lets spawned tasks (the token's phase timer, a refresh ahead) run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_header_never_outlives_its_token() {
+        let source = Counting::default();
+        let config = CacheConfig::default()
+            .refresh_ahead(Duration::from_secs(10), 0.0)
+            .refresh_jitter(0.0);
+        let cache = TokenCache::new(source.clone(), config);
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
+
+        assert_eq!(send(&mut service).await, "Bearer token-0");
+        assert_eq!(send(&mut service).await, "Bearer token-0");
+        assert_eq!(service.kept.as_ref().map(|k| k.generation.0), Some(1));
+        assert_eq!(cache.fresh_generation(), 1);
+        // A clone keeps the header too, and sends the same token.
+        assert_eq!(send(&mut service.clone()).await, "Bearer token-0");
+
+        // The API refused generation 1: the same service instance must not send it again,
+        // not even while the new token is being fetched.
+        let refused = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.refresh_after_401(TokenGeneration(1)).await }
+        });
+        settle().await;
+        assert_eq!(cache.fresh_generation(), 0);
+        assert_eq!(send(&mut service).await, "Bearer token-1");
+        refused.await.unwrap().unwrap();
+        assert_eq!(cache.fresh_generation(), 2);
+
+        // In the refresh window the kept header is withdrawn, so the next request sees the
+        // token is due and starts one refresh ahead while still sending the valid token.
+        tokio::time::advance(Duration::from_secs(91)).await;
+        settle().await;
+        assert_eq!(cache.fresh_generation(), 0);
+        assert_eq!(send(&mut service).await, "Bearer token-1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.0.load(Ordering::SeqCst), 3);
+        assert_eq!(send(&mut service).await, "Bearer token-2");
+        assert_eq!(cache.fresh_generation(), 3);
+
+        // Idle past expiry: the next request waits for a new token, never the expired one.
+        tokio::time::advance(Duration::from_secs(101)).await;
+        settle().await;
+        assert_eq!(send(&mut service).await, "Bearer token-3");
+        assert_eq!(source.0.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn debug_shows_the_kept_generation_not_the_token() {
+        let kept = KeptHeader {
+            generation: TokenGeneration(7),
+            header: HeaderValue::from_static("Bearer secret-value"),
+        };
+        let shown = format!("{kept:?}");
+        assert!(shown.contains('7') && !shown.contains("secret"), "{shown}");
     }
 }
