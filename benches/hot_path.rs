@@ -413,6 +413,12 @@ fn parts(c: &mut Criterion) {
     group.bench_function("scope_applies_to", |b| {
         b.iter(|| auth.scope().applies_to(black_box(&req)))
     });
+    group.bench_function("scope_contains", |b| {
+        b.iter(|| auth.scope().contains(black_box(req.uri())))
+    });
+    group.bench_function("has_authorization", |b| {
+        b.iter(|| black_box(&req).headers().contains_key(AUTHORIZATION))
+    });
     group.bench_function("header_value_clone_drop", |b| {
         b.iter(|| black_box(token.header().clone()))
     });

@@ -126,7 +126,7 @@ impl GenesysAuth {
 
     /// The refresh-and-replay-once policy.
     pub fn retry_policy(&self) -> RefreshOn401 {
-        RefreshOn401::new(self.shared.clone())
+        RefreshOn401::new()
     }
 
     /// `tower::retry::RetryLayer` with [`RefreshOn401`]. Put it *outside*

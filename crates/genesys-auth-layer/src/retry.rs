@@ -6,15 +6,11 @@
 //! of the request. It must sit *outside* [`AuthLayer`](crate::AuthLayer), so that the replay
 //! passes through [`AuthService`](crate::AuthService) again and gets the new token.
 
-use std::fmt;
-use std::sync::Arc;
-
 use bytes::Bytes;
+use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
 use tower::retry::Policy;
 
-use crate::auth::Shared;
-use crate::source::BoxFuture;
 use crate::token::TokenGeneration;
 
 /// A request body that may be copyable, so that a request can be replayed.
@@ -100,19 +96,26 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 /// * The 401 must carry the [`TokenGeneration`] stamp that [`AuthService`](crate::AuthService)
 ///   adds; a 401 to a request the layer did not authorize (out of scope, or with the caller's
 ///   own `Authorization`) is returned as is.
-/// * A 401 for the current generation drops that token and starts one refresh; 401s for an
-///   older generation just wait for (or use) the newer token. A thousand concurrent 401s
-///   cost one token request.
+/// * The replay carries the refused generation to [`AuthService`](crate::AuthService), which
+///   waits for a newer token before sending it: a 401 for the current generation drops that
+///   token and starts one refresh; 401s for an older generation just wait for (or use) the
+///   newer token. A thousand concurrent 401s cost one token request. If that refresh fails,
+///   the caller gets its [`AuthError`](crate::AuthError) instead of the 401.
 /// * At most one replay per request: a second 401 goes back to the caller.
 /// * The replay has the same method, URI, version, headers, extensions and body bytes.
 ///   Bodies that cannot be copied (see [`ReplayableBody`]) are not replayed.
 ///
 /// Cost: tower's `Retry` asks the policy for a copy of every request before sending it
 /// (headers, extensions and body: a reference-count bump for `Full<Bytes>`, a deep copy for
-/// `String` or `Vec<u8>`), whether or not a 401 comes. Prefer `Full<Bytes>` bodies.
+/// `String` or `Vec<u8>`), whether or not a 401 comes. Prefer `Full<Bytes>` bodies. The
+/// policy holds no shared state (tower clones it for every request), so it copies every
+/// request without an `Authorization` header of its own, in scope or not: in a client
+/// shared with other hosts, requests to them pay for a copy that is never used.
 ///
-/// Get one from [`GenesysAuth::retry_layer`](crate::GenesysAuth::retry_layer) or
-/// [`GenesysAuth::retry_policy`](crate::GenesysAuth::retry_policy):
+/// Get one from [`GenesysAuth::retry_layer`](crate::GenesysAuth::retry_layer),
+/// [`GenesysAuth::retry_policy`](crate::GenesysAuth::retry_policy) or
+/// [`RefreshOn401::new`]; it works with whichever [`AuthLayer`](crate::AuthLayer) sits
+/// inside it:
 ///
 /// ```
 /// use genesys_auth_layer::{GenesysAuth, Region};
@@ -127,35 +130,35 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 ///     });
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug, Default)]
 pub struct RefreshOn401 {
-    shared: Arc<Shared>,
     replayed: bool,
 }
 
 impl RefreshOn401 {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            replayed: false,
-        }
+    /// A policy for one request stack; tower copies it per request.
+    ///
+    /// ```
+    /// use genesys_auth_layer::RefreshOn401;
+    /// let retry = tower::retry::RetryLayer::new(RefreshOn401::new());
+    /// # let _ = retry;
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
-impl fmt::Debug for RefreshOn401 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RefreshOn401")
-            .field("scope", &self.shared.scope)
-            .field("replayed", &self.replayed)
-            .finish()
-    }
-}
+/// Put by [`RefreshOn401`] into the extensions of the request it replays: the generation
+/// the API refused. [`AuthService`](crate::AuthService) takes it out and waits for a newer
+/// token before sending the request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refused(pub(crate) TokenGeneration);
 
 impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RefreshOn401
 where
     B: ReplayableBody,
 {
-    type Future = BoxFuture<'static, ()>;
+    type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
@@ -175,18 +178,16 @@ where
             path = request.uri().path(),
             "401 replayed with a newer token"
         );
-        let cache = self.shared.cache.clone();
-        Some(Box::pin(async move {
-            // A failed refresh needs no handling here: the replay passes through AuthService,
-            // which finds no token and returns the failure to the caller (as
-            // AuthError::BackingOff with the refresh's error inside, since the backoff that
-            // failure started is running). The original 401 response is not returned then.
-            let _ = cache.refresh_after_401(generation).await;
-        }))
+        // The refresh happens in AuthService when the replay reaches it: it holds the cache
+        // (this policy holds nothing, so that tower's per-request copy of it is free).
+        request.extensions_mut().insert(Refused(generation));
+        Some(std::future::ready(()))
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if self.replayed || !self.shared.scope.applies_to(request) {
+        // A request with its own `Authorization` is never authorized by this crate, so
+        // never replayed.
+        if self.replayed || request.headers().contains_key(AUTHORIZATION) {
             return None;
         }
         let Some(body) = request.body().try_clone_body() else {
@@ -212,11 +213,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::BoxFuture;
     use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, Scope};
     use http::header::AUTHORIZATION;
     use http::Uri;
     use http_body_util::{BodyExt, Full};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::sync::Mutex;
     use std::time::Duration;
     use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
@@ -243,6 +246,8 @@ mod tests {
     struct Api {
         valid: Arc<Mutex<Vec<String>>>,
         seen: Arc<Mutex<Vec<Seen>>>,
+        /// Requests that reached the API with the policy's internal marker still in them.
+        marked: Arc<AtomicUsize>,
     }
 
     impl Api {
@@ -264,6 +269,9 @@ mod tests {
             tower::service_fn(move |req: Request<B>| {
                 let api = api.clone();
                 async move {
+                    if req.extensions().get::<Refused>().is_some() {
+                        api.marked.fetch_add(1, Ordering::SeqCst);
+                    }
                     let auth = req
                         .headers()
                         .get(AUTHORIZATION)
@@ -347,6 +355,68 @@ mod tests {
             )
         );
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            api.marked.load(Ordering::SeqCst),
+            0,
+            "the marker never leaves"
+        );
+    }
+
+    /// `token-1`, then `invalid_client` for ever.
+    struct FailsAfterOne(AtomicUsize);
+
+    impl crate::TokenSource for FailsAfterOne {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 0 {
+                    Ok(IssuedToken::bearer("token-1", Duration::from_secs(3600)).unwrap())
+                } else {
+                    Err(AuthError::OAuth {
+                        status: http::StatusCode::UNAUTHORIZED,
+                        code: crate::OAuthErrorCode::InvalidClient,
+                        description: Some("client deleted".into()),
+                    })
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_401_whose_refresh_fails_gives_the_caller_the_refresh_error() {
+        let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
+        let auth = GenesysAuth::from_source(
+            FailsAfterOne(AtomicUsize::new(0)),
+            CacheConfig::default(),
+            scope,
+        );
+        let api = Api::default();
+        api.accept(&["token-1"]);
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+        let ok = client
+            .clone()
+            .oneshot(post("https://api.example.test/x", "{}"));
+        assert_eq!(ok.await.unwrap().status(), 200);
+
+        api.accept(&[]); // token-1 revoked, and the client was deleted
+        let err = client
+            .oneshot(post("https://api.example.test/x", "{}"))
+            .await
+            .unwrap_err();
+        let err = err.downcast_ref::<AuthError>().expect("an AuthError");
+        assert_eq!(
+            err.oauth_code(),
+            Some(&crate::OAuthErrorCode::InvalidClient),
+            "{err}"
+        );
+        assert_eq!(
+            api.seen().len(),
+            2,
+            "the 401'd request is not sent a third time"
+        );
+        assert_eq!(auth.stats().token_requests, 2);
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 use std::fmt;
 
 use http::header::AUTHORIZATION;
-use http::uri::Scheme;
 use http::{Request, Uri};
 
 use crate::error::ConfigError;
@@ -25,6 +24,9 @@ use crate::error::ConfigError;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Scope {
     origins: Vec<Origin>,
+    /// Every (scheme, authority spelling) pair of every origin, flat, so the per-request
+    /// check walks one short slice.
+    spellings: Vec<(bool, Box<[u8]>)>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -62,37 +64,28 @@ impl Origin {
         Ok(Self { https, authorities })
     }
 
-    #[inline]
-    fn matches(&self, uri: &Uri) -> bool {
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return false;
-        };
-        // Parsing a URI string turns `http` and `https` in any case into the standard
-        // schemes, so this is usually an enum comparison; a scheme set by hand as `HTTPS`
-        // is kept as written and compared by its text.
-        let expected = if self.https {
-            &Scheme::HTTPS
-        } else {
-            &Scheme::HTTP
-        };
-        if scheme != expected && !scheme.as_str().eq_ignore_ascii_case(expected.as_str()) {
-            return false;
-        }
-        let authority = authority.as_str();
-        // Exact bytes first (a plain memcmp, and the spelling nearly every request uses),
-        // then any case.
-        self.authorities.iter().any(|a| a == authority)
-            || self
-                .authorities
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(authority))
-    }
-
     fn describe(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
         let with_port = self.authorities.last().map_or("", String::as_str);
         format!("{scheme}://{with_port}")
     }
+}
+
+/// Byte equality, eight bytes at a time: for the short strings compared here, cheaper than
+/// the `memcmp` call that `==` on slices becomes.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or_default());
+    (&mut a8).zip(&mut b8).all(|(x, y)| word(x) == word(y))
+        && a8
+            .remainder()
+            .iter()
+            .zip(b8.remainder())
+            .all(|(x, y)| x == y)
 }
 
 impl Scope {
@@ -107,6 +100,7 @@ impl Scope {
         origins.into_iter().try_fold(
             Self {
                 origins: Vec::new(),
+                spellings: Vec::new(),
             },
             Self::with_origin,
         )
@@ -125,6 +119,13 @@ impl Scope {
 
     fn push(mut self, origin: Origin) -> Result<Self, ConfigError> {
         if !self.origins.contains(&origin) {
+            let https = origin.https;
+            self.spellings.extend(
+                origin
+                    .authorities
+                    .iter()
+                    .map(|a| (https, a.as_bytes().into())),
+            );
             self.origins.push(origin);
         }
         Ok(self)
@@ -133,7 +134,27 @@ impl Scope {
     /// Whether the URI's origin is in scope. A URI with user info (`user@host`) never is.
     #[inline]
     pub fn contains(&self, uri: &Uri) -> bool {
-        self.origins.iter().any(|o| o.matches(uri))
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return false;
+        };
+        // Parsing a URI string turns `http` and `https` in any case into the standard
+        // schemes, which print in lower case; a scheme set by hand keeps its case.
+        let https = if same_bytes(scheme.as_bytes(), b"https") {
+            true
+        } else if same_bytes(scheme.as_bytes(), b"http") {
+            false
+        } else if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else {
+            return false;
+        };
+        let authority = authority.as_str().as_bytes();
+        // Exact bytes first (the spelling nearly every request uses), then any case.
+        let mut spellings = self.spellings.iter().filter(|(h, _)| *h == https);
+        spellings.clone().any(|(_, a)| same_bytes(a, authority))
+            || spellings.any(|(_, a)| a.eq_ignore_ascii_case(authority))
     }
 
     /// Whether this layer should authorize `request`: its origin is in scope and it has no

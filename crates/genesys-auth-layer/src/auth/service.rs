@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{BoxError, Service};
 
 use super::{ResponseFuture, Shared};
+use crate::retry::Refused;
 use crate::token::TokenGeneration;
 
 /// Attaches `Authorization: Bearer …` to in-scope requests.
@@ -58,6 +59,10 @@ pub struct AuthService<S> {
     /// attached. While the cache's fresh generation still names it, `call` sends it
     /// without loading the cache's token: one atomic load instead of an `ArcSwap` guard.
     kept: Option<KeptHeader>,
+    /// Whether this instance went to the cache before. A header is kept only on the second
+    /// visit: a clone made for one request and dropped (the usual `clone().oneshot(…)`)
+    /// would pay for keeping it and never use it.
+    reused: bool,
 }
 
 #[derive(Clone)]
@@ -80,6 +85,7 @@ impl<S> AuthService<S> {
             inner,
             shared,
             kept: None,
+            reused: false,
         }
     }
 
@@ -118,7 +124,8 @@ where
             Attach::Attached(generation) => {
                 ResponseFuture::called(self.inner.call(request), Some(generation))
             }
-            Attach::MustWait => self.wait_for_token(request),
+            Attach::MustWait => self.wait_for_token(request, None),
+            Attach::Refused(generation) => self.wait_for_token(request, Some(generation)),
         }
     }
 }
@@ -131,6 +138,8 @@ enum Attach {
     Attached(TokenGeneration),
     /// In scope, but no valid token is cached.
     MustWait,
+    /// A replay after the API refused this generation: wait for a newer token.
+    Refused(TokenGeneration),
 }
 
 impl<S> AuthService<S> {
@@ -141,6 +150,9 @@ impl<S> AuthService<S> {
             || request.headers().contains_key(AUTHORIZATION)
         {
             return Attach::Skipped;
+        }
+        if let Some(refused) = request.extensions_mut().remove::<Refused>() {
+            return Attach::Refused(refused.0);
         }
         // A lookup, then an insert: on the small maps requests have, measured faster than
         // one `entry` call.
@@ -165,24 +177,31 @@ impl<S> AuthService<S> {
         match self.shared.cache.fresh_header() {
             Some((header, generation)) => {
                 // Kept only if it is the fresh generation read before loading it.
-                self.kept = (generation.0 == fresh).then(|| KeptHeader {
+                self.kept = (self.reused && generation.0 == fresh).then(|| KeptHeader {
                     generation,
                     header: header.clone(),
                 });
+                self.reused = true;
                 headers.insert(AUTHORIZATION, header);
                 Attach::Attached(generation)
             }
             None => {
                 self.kept = None;
+                self.reused = true;
                 Attach::MustWait
             }
         }
     }
 
-    /// Hands the ready service and the request to a future that waits for the token.
+    /// Hands the ready service and the request to a future that waits for the token: any
+    /// valid one, or one newer than the generation the API refused.
     #[cold]
     #[inline(never)]
-    fn wait_for_token<B>(&mut self, request: Request<B>) -> ResponseFuture<S, B>
+    fn wait_for_token<B>(
+        &mut self,
+        request: Request<B>,
+        refused: Option<TokenGeneration>,
+    ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>> + Clone,
     {
@@ -191,12 +210,17 @@ impl<S> AuthService<S> {
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         let cache = self.shared.cache.clone();
-        tracing::debug!(
-            target: "genesys_auth_layer::auth",
-            "no valid token cached; request waits for one"
-        );
+        if refused.is_none() {
+            tracing::debug!(
+                target: "genesys_auth_layer::auth",
+                "no valid token cached; request waits for one"
+            );
+        }
         let token = async move {
-            let token = cache.token().await;
+            let token = match refused {
+                Some(generation) => cache.refresh_after_401(generation).await,
+                None => cache.token().await,
+            };
             if token.is_ok() {
                 cache.count_authorized();
             }
@@ -269,7 +293,13 @@ mod tests {
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
         let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
 
+        // A clone used for one request does not keep the header (it would never use it).
+        let mut once = service.clone();
+        assert_eq!(send(&mut once).await, "Bearer token-0");
+        assert!(once.kept.is_none());
+        // A service used again keeps it from its second visit to the cache on.
         assert_eq!(send(&mut service).await, "Bearer token-0");
+        assert!(service.kept.is_none());
         assert_eq!(send(&mut service).await, "Bearer token-0");
         assert_eq!(service.kept.as_ref().map(|k| k.generation.0), Some(1));
         assert_eq!(cache.fresh_generation(), 1);
