@@ -71,21 +71,38 @@ impl Origin {
     }
 }
 
-/// Byte equality, eight bytes at a time: for the short strings compared here, cheaper than
-/// the `memcmp` call that `==` on slices becomes.
+/// Byte equality in a few word comparisons (overlapping at the end): for the short strings
+/// compared here, cheaper than the `memcmp` call that `==` on slices becomes.
 #[inline]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
+    let n = a.len();
+    if n != b.len() {
         return false;
     }
-    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or_default());
-    (&mut a8).zip(&mut b8).all(|(x, y)| word(x) == word(y))
-        && a8
-            .remainder()
-            .iter()
-            .zip(b8.remainder())
-            .all(|(x, y)| x == y)
+    if n < 4 {
+        return a == b;
+    }
+    if n < 8 {
+        let word = |s: &[u8], i: usize| {
+            s.get(i..i + 4)
+                .and_then(|c| c.try_into().ok())
+                .map(u32::from_ne_bytes)
+        };
+        return word(a, 0) == word(b, 0) && word(a, n - 4) == word(b, n - 4);
+    }
+    let word = |s: &[u8], i: usize| {
+        s.get(i..i + 8)
+            .and_then(|c| c.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let mut i = 0;
+    while i + 8 < n {
+        if word(a, i) != word(b, i) {
+            return false;
+        }
+        i += 8;
+    }
+    word(a, n - 8) == word(b, n - 8)
 }
 
 impl Scope {
@@ -199,6 +216,24 @@ mod tests {
             .build()
             .unwrap();
         assert!(scope.contains(&by_hand));
+    }
+
+    #[test]
+    fn byte_comparison_agrees_with_slice_equality() {
+        let words: Vec<Vec<u8>> = (0..40u8)
+            .map(|n| (0..n).map(|i| b'a' + i % 26).collect())
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(same_bytes(a, b), a == b);
+            }
+            // Any single differing byte is seen, wherever it is.
+            for i in 0..a.len() {
+                let mut c = a.clone();
+                c[i] ^= 0x20;
+                assert!(!same_bytes(a, &c), "{a:?} vs {c:?}");
+            }
+        }
     }
 
     #[test]
