@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
@@ -112,14 +112,31 @@ pub struct Toggle {
     port: u16,
     target: SocketAddr,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Bound for the toggle's whole life and never listening: it refuses nothing by itself
+    /// but keeps the port out of the kernel's hands, so no outgoing connection of another
+    /// test takes it as its local port while the toggle is down.
+    _reservation: TcpSocket,
+}
+
+/// A loopback socket bound to `port` (0: any) that others may bind too (`SO_REUSEPORT`).
+fn shared_socket(port: u16) -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.set_reuseport(true).expect("SO_REUSEPORT");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("bind the toggle port");
+    socket
 }
 
 impl Toggle {
     pub async fn new(target: SocketAddr) -> Self {
+        let reservation = shared_socket(0);
         Self {
-            port: free_port().await,
+            port: reservation.local_addr().expect("addr").port(),
             target,
             tasks: Arc::default(),
+            _reservation: reservation,
         }
     }
 
@@ -127,11 +144,11 @@ impl Toggle {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Starts forwarding (tokio sets `SO_REUSEADDR`, so the port can be bound again).
+    /// Starts forwarding: a listener joins the reservation on the port.
     pub async fn up(&self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("re-bind the toggle port");
+        let listener = shared_socket(self.port)
+            .listen(1024)
+            .expect("listen on the toggle port");
         let target = self.target;
         let tasks = self.tasks.clone();
         let accept = tokio::spawn(async move {
