@@ -19,8 +19,13 @@ pub use service::AuthService;
 
 use crate::cache::TokenCache;
 
-/// What every clone of a layer, service and retry policy shares.
+/// What every clone of a layer and service shares.
+///
+/// Aligned to a cache line pair so that, behind an `Arc`, these read-mostly fields do not
+/// share a line with the reference counts, which services cloned per request (tower's
+/// `Retry` does) change on every call from every core.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct Shared {
     pub(crate) cache: TokenCache,
     pub(crate) scope: Scope,

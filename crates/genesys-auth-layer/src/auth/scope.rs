@@ -154,24 +154,34 @@ impl Scope {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return false;
         };
+        let authority = authority.as_str().as_bytes();
         // Parsing a URI string turns `http` and `https` in any case into the standard
-        // schemes, which print in lower case; a scheme set by hand keeps its case.
-        let https = if same_bytes(scheme.as_bytes(), b"https") {
-            true
-        } else if same_bytes(scheme.as_bytes(), b"http") {
-            false
-        } else if scheme.eq_ignore_ascii_case("https") {
+        // schemes, which print in lower case; the exact spelling is what nearly every
+        // request uses. Anything else is compared in any case, out of line.
+        let https = match scheme {
+            "https" => true,
+            "http" => false,
+            _ => return self.contains_in_any_case(scheme, authority),
+        };
+        self.spellings
+            .iter()
+            .any(|(h, a)| *h == https && same_bytes(a, authority))
+            || self.contains_in_any_case(scheme, authority)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn contains_in_any_case(&self, scheme: &str, authority: &[u8]) -> bool {
+        let https = if scheme.eq_ignore_ascii_case("https") {
             true
         } else if scheme.eq_ignore_ascii_case("http") {
             false
         } else {
             return false;
         };
-        let authority = authority.as_str().as_bytes();
-        // Exact bytes first (the spelling nearly every request uses), then any case.
-        let mut spellings = self.spellings.iter().filter(|(h, _)| *h == https);
-        spellings.clone().any(|(_, a)| same_bytes(a, authority))
-            || spellings.any(|(_, a)| a.eq_ignore_ascii_case(authority))
+        self.spellings
+            .iter()
+            .any(|(h, a)| *h == https && a.eq_ignore_ascii_case(authority))
     }
 
     /// Whether this layer should authorize `request`: its origin is in scope and it has no

@@ -51,12 +51,11 @@ use crate::token::TokenGeneration;
 /// }
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AuthService<S> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
-    /// The header of the fresh token this service (or the one it was cloned from) last
-    /// attached. While the cache's fresh generation still names it, `call` sends it
+    /// The header of the fresh token this service last attached. While the cache's fresh generation still names it, `call` sends it
     /// without loading the cache's token: one atomic load instead of an `ArcSwap` guard.
     kept: Option<KeptHeader>,
     /// Whether this instance went to the cache before. A header is kept only on the second
@@ -76,6 +75,15 @@ impl fmt::Debug for KeptHeader {
         f.debug_struct("KeptHeader")
             .field("generation", &self.generation.0)
             .finish_non_exhaustive()
+    }
+}
+
+/// A clone starts without the kept header: tower's `Retry` clones its service for every
+/// request (to replay it), and copying the header would cost a reference-count round trip
+/// per request for a clone that is almost never called.
+impl<S: Clone> Clone for AuthService<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.shared.clone())
     }
 }
 
@@ -130,6 +138,17 @@ where
     }
 }
 
+/// A copy of `header` in an allocation of its own. A clone would share the token's
+/// reference count with every service on every core; the kept copy's count is only touched
+/// by this service and its clones (usually on one thread), so bumping it per request does
+/// not bounce a cache line between cores.
+fn private_copy(header: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(header.as_bytes()))
+        .unwrap_or_else(|_| header.clone());
+    copy.set_sensitive(true);
+    copy
+}
+
 /// What [`AuthService::attach`] did to a request.
 enum Attach {
     /// Out of scope, or the caller's own `Authorization`: sent as it is.
@@ -182,7 +201,7 @@ impl<S> AuthService<S> {
                 // Kept only if it is the fresh generation read before loading it.
                 self.kept = (self.reused && generation.0 == fresh).then(|| KeptHeader {
                     generation,
-                    header: header.clone(),
+                    header: private_copy(&header),
                 });
                 self.reused = true;
                 headers.insert(AUTHORIZATION, header);
@@ -306,8 +325,10 @@ mod tests {
         assert_eq!(send(&mut service).await, "Bearer token-0");
         assert_eq!(service.kept.as_ref().map(|k| k.generation.0), Some(1));
         assert_eq!(cache.fresh_generation(), 1);
-        // A clone keeps the header too, and sends the same token.
-        assert_eq!(send(&mut service.clone()).await, "Bearer token-0");
+        // A clone starts without it, and sends the same token.
+        let mut clone = service.clone();
+        assert!(clone.kept.is_none());
+        assert_eq!(send(&mut clone).await, "Bearer token-0");
 
         // The API refused generation 1: the same service instance must not send it again,
         // not even while the new token is being fetched.
