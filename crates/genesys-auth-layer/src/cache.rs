@@ -225,6 +225,9 @@ struct Failure {
 }
 
 struct Inner {
+    /// Unique among the caches of this process: names the cache in 401 stamps, so a retry
+    /// policy acts only on 401s to its own tokens.
+    id: u64,
     current: ArcSwapOption<Token>,
     /// The generation of the current token while it is fresh (before its refresh window),
     /// else 0. `AuthService`s keep the header of the fresh token they last used and check it
@@ -240,6 +243,9 @@ struct Inner {
     config: CacheConfig,
     counters: Counters,
 }
+
+/// The next [`TokenCache`]'s identity.
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
 ///
@@ -285,6 +291,7 @@ impl TokenCache {
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
+                id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
                 current: ArcSwapOption::empty(),
                 state: Mutex::new(RefreshState {
                     in_flight: None,
@@ -327,6 +334,11 @@ impl TokenCache {
         }
         self.inner.counters.request_authorized();
         Some((token.header().clone(), token.generation()))
+    }
+
+    /// This cache's identity, unique in the process.
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
     }
 
     /// The generation of the current token while it is fresh, else 0: a service that
@@ -954,6 +966,32 @@ mod tests {
     }
 
     #[test]
+    fn publishing_races_with_the_timer_never_leave_a_due_token_fresh() {
+        // The timer (another thread) marks the token due while it is being published:
+        // whichever order the two land in, the word ends at 0.
+        for round in 1..=20_000u64 {
+            let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
+            let token = Arc::new(Token::new(
+                issued,
+                TokenGeneration(round),
+                Instant::now(),
+                Duration::from_secs(10),
+            ));
+            let word = Arc::new(FreshGeneration::default());
+            let timer = {
+                let (token, word) = (token.clone(), word.clone());
+                std::thread::spawn(move || {
+                    token.advance_phase(Phase::Due);
+                    word.retire(token.generation());
+                })
+            };
+            word.publish(&token);
+            timer.join().unwrap();
+            assert_eq!(word.0.load(Ordering::SeqCst), 0, "round {round}");
+        }
+    }
+
+    #[test]
     fn the_fresh_generation_names_only_a_fresh_current_token() {
         let token = |generation| {
             let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
@@ -1432,7 +1470,10 @@ mod tests {
         };
         let a = runtime();
         a.block_on(cache.token()).unwrap();
+        assert_eq!(cache.fresh_generation(), 1);
         drop(a); // the token's phase timer dies with it
+                 // ... and withdraws the fresh generation, so no service keeps sending its header.
+        assert_eq!(cache.fresh_generation(), 0);
         std::thread::sleep(Duration::from_millis(400));
         runtime().block_on(async {
             assert!(

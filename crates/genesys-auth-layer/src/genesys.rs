@@ -126,7 +126,7 @@ impl GenesysAuth {
 
     /// The refresh-and-replay-once policy.
     pub fn retry_policy(&self) -> RefreshOn401 {
-        RefreshOn401::new()
+        self.layer().retry_policy()
     }
 
     /// `tower::retry::RetryLayer` with [`RefreshOn401`]. Put it *outside*

@@ -108,14 +108,14 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 /// Cost: tower's `Retry` asks the policy for a copy of every request before sending it
 /// (headers, extensions and body: a reference-count bump for `Full<Bytes>`, a deep copy for
 /// `String` or `Vec<u8>`), whether or not a 401 comes. Prefer `Full<Bytes>` bodies. The
-/// policy holds no shared state (tower clones it for every request), so it copies every
+/// policy holds no shared state (tower copies it for every request), so it copies every
 /// request without an `Authorization` header of its own, in scope or not: in a client
 /// shared with other hosts, requests to them pay for a copy that is never used.
 ///
 /// Get one from [`GenesysAuth::retry_layer`](crate::GenesysAuth::retry_layer),
 /// [`GenesysAuth::retry_policy`](crate::GenesysAuth::retry_policy) or
-/// [`RefreshOn401::new`]; it works with whichever [`AuthLayer`](crate::AuthLayer) sits
-/// inside it:
+/// [`AuthLayer::retry_policy`](crate::AuthLayer::retry_policy). It replays only 401s to
+/// tokens of its own cache, so two stacks (two organisations) can be nested in one client:
 ///
 /// ```
 /// use genesys_auth_layer::{GenesysAuth, Region};
@@ -130,29 +130,36 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 ///     });
 /// # }
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RefreshOn401 {
+    /// The cache whose tokens this policy replays 401s for.
+    cache: u64,
     replayed: bool,
 }
 
 impl RefreshOn401 {
-    /// A policy for one request stack; tower copies it per request.
-    ///
-    /// ```
-    /// use genesys_auth_layer::RefreshOn401;
-    /// let retry = tower::retry::RetryLayer::new(RefreshOn401::new());
-    /// # let _ = retry;
-    /// ```
-    pub fn new() -> Self {
-        Self::default()
+    pub(crate) fn new(cache: u64) -> Self {
+        Self {
+            cache,
+            replayed: false,
+        }
     }
 }
 
-/// Put by [`RefreshOn401`] into the extensions of the request it replays: the generation
-/// the API refused. [`AuthService`](crate::AuthService) takes it out and waits for a newer
-/// token before sending the request.
+/// Which token a 401 answered: the cache that issued it and its generation. Put by
+/// [`AuthService`](crate::AuthService) into the extensions of a 401 to a request it
+/// authorized (next to the public [`TokenGeneration`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub(crate) cache: u64,
+    pub(crate) generation: TokenGeneration,
+}
+
+/// Put by [`RefreshOn401`] into the extensions of the request it replays: the token the API
+/// refused. The [`AuthService`](crate::AuthService) of that cache takes it out and waits for
+/// a newer token before sending the request.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Refused(pub(crate) TokenGeneration);
+pub(crate) struct Refused(pub(crate) Stamp);
 
 impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RefreshOn401
 where
@@ -169,7 +176,12 @@ where
         if response.status() != StatusCode::UNAUTHORIZED || self.replayed {
             return None;
         }
-        let generation = *response.extensions().get::<TokenGeneration>()?;
+        let stamp = *response.extensions().get::<Stamp>()?;
+        if stamp.cache != self.cache {
+            // A 401 to another cache's token (a nested stack): its own policy replays it.
+            return None;
+        }
+        let generation = stamp.generation;
         self.replayed = true;
         tracing::debug!(
             target: "genesys_auth_layer::retry",
@@ -180,7 +192,7 @@ where
         );
         // The refresh happens in AuthService when the replay reaches it: it holds the cache
         // (this policy holds nothing, so that tower's per-request copy of it is free).
-        request.extensions_mut().insert(Refused(generation));
+        request.extensions_mut().insert(Refused(stamp));
         Some(std::future::ready(()))
     }
 
@@ -417,6 +429,53 @@ mod tests {
             "the 401'd request is not sent a third time"
         );
         assert_eq!(auth.stats().token_requests, 2);
+    }
+
+    #[tokio::test]
+    async fn nested_stacks_replay_only_their_own_401s() {
+        let (source_a, source_b) = (Counter::default(), Counter::default());
+        let scoped = |uri| Scope::new([Uri::from_static(uri)]).unwrap();
+        let a = GenesysAuth::from_source(
+            source_a.clone(),
+            CacheConfig::default(),
+            scoped("https://api.a.test"),
+        );
+        let b = GenesysAuth::from_source(
+            source_b.clone(),
+            CacheConfig::default(),
+            scoped("https://api.b.test"),
+        );
+        let api = Api::default(); // accepts nothing
+        let client = ServiceBuilder::new()
+            .layer(a.layers())
+            .layer(b.layers())
+            .service(api.service());
+
+        // Inner stack's host: replayed once, by the inner stack only.
+        let res = client
+            .clone()
+            .oneshot(post("https://api.b.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(api.seen().len(), 2, "sent once and replayed once");
+        assert_eq!(source_a.0.load(Ordering::SeqCst), 0);
+        assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+
+        // Outer stack's host: replayed once, by the outer stack only.
+        let res = client
+            .oneshot(post("https://api.a.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        assert_eq!(api.seen().len(), 4);
+        assert_eq!(source_a.0.load(Ordering::SeqCst), 2);
+        assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            api.marked.load(Ordering::SeqCst),
+            0,
+            "no marker reached the API"
+        );
     }
 
     #[tokio::test]

@@ -22,8 +22,9 @@ pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 60 * 60);
 /// increasing by one per token.
 ///
 /// [`AuthService`](crate::AuthService) puts it in the extensions of every `401` response to a
-/// request it authorized, which is how [`RefreshOn401`](crate::RefreshOn401) tells a 401 for
-/// the current token (refresh) from a late 401 for an older one (just replay).
+/// request it authorized. When [`RefreshOn401`](crate::RefreshOn401) replays that request,
+/// the generation travels with it, and the cache tells a 401 for the current token (drop it,
+/// refresh once) from a late 401 for an older one (just use the newer token).
 ///
 /// ```
 /// use genesys_auth_layer::TokenGeneration;

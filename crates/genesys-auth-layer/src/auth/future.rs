@@ -10,8 +10,9 @@ use pin_project_lite::pin_project;
 use tower::{BoxError, Service};
 
 use crate::error::AuthError;
+use crate::retry::Stamp;
 use crate::source::BoxFuture;
-use crate::token::{Token, TokenGeneration};
+use crate::token::Token;
 
 pin_project! {
     /// The response future of [`AuthService`](super::AuthService).
@@ -35,11 +36,11 @@ pin_project! {
         WaitingForToken {
             waiting: Option<Box<Waiting<S, B>>>,
         },
-        // The inner service was called; `generation` is the token attached, if any.
+        // The inner service was called; `stamp` names the token attached, if any.
         Called {
             #[pin]
             future: S::Future,
-            generation: Option<TokenGeneration>,
+            stamp: Option<Stamp>,
         },
     }
 }
@@ -47,6 +48,7 @@ pin_project! {
 /// What a request waiting for its token holds.
 pub(crate) struct Waiting<S, B> {
     token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
+    cache: u64,
     service: S,
     request: Request<B>,
 }
@@ -55,14 +57,15 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn called(future: S::Future, generation: Option<TokenGeneration>) -> Self {
+    pub(crate) fn called(future: S::Future, stamp: Option<Stamp>) -> Self {
         Self {
-            state: State::Called { future, generation },
+            state: State::Called { future, stamp },
         }
     }
 
     pub(crate) fn waiting(
         token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
+        cache: u64,
         service: S,
         request: Request<B>,
     ) -> Self {
@@ -70,6 +73,7 @@ where
             state: State::WaitingForToken {
                 waiting: Some(Box::new(Waiting {
                     token,
+                    cache,
                     service,
                     request,
                 })),
@@ -90,14 +94,12 @@ where
         // The hot path (the inner service was called at once) stays small enough to inline;
         // waiting for a token and stamping a 401 are out of line.
         loop {
-            if let StateProj::Called { future, generation } =
-                self.as_mut().project().state.project()
-            {
-                let generation = *generation;
+            if let StateProj::Called { future, stamp } = self.as_mut().project().state.project() {
+                let stamp = *stamp;
                 return match ready!(future.poll(cx)) {
-                    Ok(response) => match generation {
-                        Some(generation) if response.status() == StatusCode::UNAUTHORIZED => {
-                            Poll::Ready(Ok(stamp(response, generation)))
+                    Ok(response) => match stamp {
+                        Some(stamp) if response.status() == StatusCode::UNAUTHORIZED => {
+                            Poll::Ready(Ok(stamp_401(response, stamp)))
                         }
                         _ => Poll::Ready(Ok(response)),
                     },
@@ -131,6 +133,7 @@ where
         };
         let token = result?;
         let Waiting {
+            cache,
             mut service,
             mut request,
             ..
@@ -141,7 +144,10 @@ where
         let future = service.call(request);
         state.set(State::Called {
             future,
-            generation: Some(token.generation()),
+            stamp: Some(Stamp {
+                cache,
+                generation: token.generation(),
+            }),
         });
         Poll::Ready(Ok(()))
     }
@@ -151,11 +157,12 @@ where
 /// extension allocates, and the hot path must not.
 #[cold]
 #[inline(never)]
-fn stamp<B>(mut response: Response<B>, generation: TokenGeneration) -> Response<B> {
-    response.extensions_mut().insert(generation);
+fn stamp_401<B>(mut response: Response<B>, stamp: Stamp) -> Response<B> {
+    response.extensions_mut().insert(stamp.generation);
+    response.extensions_mut().insert(stamp);
     tracing::debug!(
         target: "genesys_auth_layer::auth",
-        generation = generation.0,
+        generation = stamp.generation.0,
         "API answered 401 for a token this layer attached"
     );
     response

@@ -4,6 +4,7 @@ use tower::Layer;
 
 use super::{AuthService, Scope, Shared};
 use crate::cache::TokenCache;
+use crate::retry::RefreshOn401;
 
 /// A [`Layer`] that wraps services in [`AuthService`].
 ///
@@ -40,13 +41,22 @@ impl AuthLayer {
     /// A layer attaching tokens from `cache` to requests whose origin is in `scope`.
     pub fn new(cache: TokenCache, scope: Scope) -> Self {
         Self {
-            shared: Arc::new(Shared { cache, scope }),
+            shared: Arc::new(Shared::new(cache, scope)),
         }
     }
 
     /// The cache the tokens come from.
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
+    }
+
+    /// The refresh-and-replay-once policy for this layer's tokens; put
+    /// `tower::retry::RetryLayer::new(policy)` *outside* this layer.
+    ///
+    /// It replays only 401s to tokens of this layer's cache, so stacks for two
+    /// organisations can be nested in one client without replaying each other's 401s.
+    pub fn retry_policy(&self) -> RefreshOn401 {
+        RefreshOn401::new(self.shared.cache_id)
     }
 }
 

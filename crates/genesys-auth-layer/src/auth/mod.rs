@@ -3,7 +3,9 @@
 //! This module owns [`AuthLayer`] and [`AuthService`]: for each request to an in-scope
 //! origin without an `Authorization` header of its own, attach the current token (sensitive
 //! header) and, on a `401` answer, stamp the response with the [`TokenGeneration`] that was
-//! sent. It never retries and never waits unless there is no valid token at all.
+//! sent (and, privately, which cache issued it). It never retries; it waits only when there
+//! is no valid token, or when a request replayed by
+//! [`RefreshOn401`](crate::RefreshOn401) needs a token newer than the one the API refused.
 //!
 //! [`TokenGeneration`]: crate::TokenGeneration
 
@@ -29,4 +31,17 @@ use crate::cache::TokenCache;
 pub(crate) struct Shared {
     pub(crate) cache: TokenCache,
     pub(crate) scope: Scope,
+    /// `cache.id()`, next to the scope that every call reads anyway.
+    pub(crate) cache_id: u64,
+}
+
+impl Shared {
+    pub(crate) fn new(cache: TokenCache, scope: Scope) -> Self {
+        let cache_id = cache.id();
+        Self {
+            cache,
+            scope,
+            cache_id,
+        }
+    }
 }

@@ -7,16 +7,20 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{BoxError, Service};
 
 use super::{ResponseFuture, Shared};
-use crate::retry::Refused;
+use crate::retry::{Refused, Stamp};
 use crate::token::TokenGeneration;
 
 /// Attaches `Authorization: Bearer …` to in-scope requests.
 ///
 /// * With a valid token cached, `call` takes no lock and allocates nothing beyond the
-///   header insert.
+///   header insert. A service used more than once keeps a private copy of the fresh
+///   token's header (one allocation per service and token, on its second visit to the
+///   cache) and then checks it with one atomic load per call.
 /// * With none (first call, expiry, or right after a 401), the request waits for the one
 ///   refresh in flight; a failed refresh comes back as an [`AuthError`](crate::AuthError)
-///   boxed in the service error.
+///   boxed in the service error. A request replayed by
+///   [`RefreshOn401`](crate::RefreshOn401) waits for a token newer than the one the API
+///   refused.
 /// * Requests outside the [`Scope`](crate::Scope), or with their own `Authorization`,
 ///   pass through untouched.
 /// * A `401` answer to a request it authorized carries the
@@ -130,7 +134,11 @@ where
         match self.attach(&mut request) {
             Attach::Skipped => ResponseFuture::called(self.inner.call(request), None),
             Attach::Attached(generation) => {
-                ResponseFuture::called(self.inner.call(request), Some(generation))
+                let stamp = Stamp {
+                    cache: self.shared.cache_id,
+                    generation,
+                };
+                ResponseFuture::called(self.inner.call(request), Some(stamp))
             }
             Attach::MustWait => self.wait_for_token(request, None),
             Attach::Refused(generation) => self.wait_for_token(request, Some(generation)),
@@ -172,8 +180,8 @@ impl<S> AuthService<S> {
         }
         // `is_empty` inlines; most requests carry no extensions at all.
         if !request.extensions().is_empty() {
-            if let Some(refused) = request.extensions_mut().remove::<Refused>() {
-                return Attach::Refused(refused.0);
+            if let Some(generation) = self.take_refused(request) {
+                return Attach::Refused(generation);
             }
         }
         // A lookup, then an insert: on the small maps requests have, measured faster than
@@ -189,6 +197,19 @@ impl<S> AuthService<S> {
             }
             _ => self.attach_from_cache(request.headers_mut(), fresh),
         }
+    }
+
+    /// The refused generation of a request our policy replays, taken out of it. A marker of
+    /// another cache (a nested stack's) stays for that stack's service.
+    #[cold]
+    #[inline(never)]
+    fn take_refused<B>(&self, request: &mut Request<B>) -> Option<TokenGeneration> {
+        let Refused(stamp) = *request.extensions().get::<Refused>()?;
+        if stamp.cache != self.shared.cache_id {
+            return None;
+        }
+        request.extensions_mut().remove::<Refused>();
+        Some(stamp.generation)
     }
 
     /// The token changed since this service last attached one (or it is due for refresh,
@@ -248,7 +269,7 @@ impl<S> AuthService<S> {
             }
             token
         };
-        ResponseFuture::waiting(Box::pin(token), ready, request)
+        ResponseFuture::waiting(Box::pin(token), self.shared.cache_id, ready, request)
     }
 }
 
