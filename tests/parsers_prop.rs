@@ -273,7 +273,8 @@ proptest! {
         let whole_now = UNIX_EPOCH + Duration::from_secs(now_secs);
         let now = whole_now + Duration::from_nanos(u64::from(nanos));
         let (at, expected) = if past {
-            let at = whole_now.checked_sub(Duration::from_secs(delay)).unwrap_or(UNIX_EPOCH);
+            // Not before 1970: `SystemTime` could go there, HTTP dates cannot.
+            let at = UNIX_EPOCH + Duration::from_secs(now_secs.saturating_sub(delay));
             (at, Duration::ZERO)
         } else {
             let at = whole_now + Duration::from_secs(delay);
