@@ -5,7 +5,8 @@
 //! DESIGN.md invariants checked in every round: 2 (never two token requests in flight),
 //! 3 (any number of 401s for one generation cost one token request; 401s for an older
 //! generation cost none), 7 (dropping the caller that started a refresh does not cancel
-//! it), and that nothing hangs.
+//! it), and that nothing hangs. Also: services reused for many requests (which keep the
+//! token's header) never send a revoked token once they have seen the new one.
 //!
 //! Short by default (CI); `STRESS_LONG=1` runs many more rounds and tasks.
 
@@ -256,4 +257,91 @@ async fn the_stack_under_load_with_repeated_revocation() {
         "{} requests: {ok} ok, {unauthorized} 401 after a replay; {token_requests} token requests",
         waves * per_wave
     );
+}
+
+/// Long-lived services (each worker reuses its own clone, so it keeps the token's header)
+/// while every token is revoked again and again: a kept header never outlives its token.
+/// Every request ends (200, or the 401 of a replay whose new token was revoked too), token
+/// requests stay within one per revocation, and once revocations stop every worker's next
+/// requests succeed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reused_services_under_repeated_revocation() {
+    let (workers, revocations) = if long() { (32, 300) } else { (8, 40) };
+    let fake = FakeGenesys::builder().build_in_process();
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .endpoints(common::endpoints(LOGIN, API))
+        .build(fake.service())
+        .expect("auth");
+    let client = common::stack(&auth, fake.service());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Workers and this task: after the revocations, all warm up, then all send.
+    let warmed = Arc::new(tokio::sync::Barrier::new(workers + 1));
+    let counted = Arc::new(tokio::sync::Barrier::new(workers + 1));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (mut service, stop) = (client.clone(), stop.clone());
+            let (warmed, counted) = (warmed.clone(), counted.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut unauthorized) = (0u64, 0u64);
+                while !stop.load(Ordering::SeqCst) {
+                    // The in-process fake answers without I/O: let the revoking task run.
+                    tokio::task::yield_now().await;
+                    match send_one(&mut service).await {
+                        StatusCode::OK => ok += 1,
+                        StatusCode::UNAUTHORIZED => unauthorized += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                // Revocations are over. The first request may still meet the last
+                // revocation (401, replayed); after it, the same service must send only
+                // the current token: no more 401s at all.
+                send_one(&mut service).await;
+                warmed.wait().await;
+                counted.wait().await;
+                for _ in 0..5 {
+                    let status = send_one(&mut service).await;
+                    assert_eq!(status, StatusCode::OK, "a revoked token kept");
+                }
+                (ok, unauthorized)
+            })
+        })
+        .collect();
+    for _ in 0..revocations {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        fake.revoke_all_tokens();
+    }
+    stop.store(true, Ordering::SeqCst);
+    warmed.wait().await;
+    let unauthorized_before = fake.api_unauthorized();
+    counted.wait().await;
+    let mut ok = 0;
+    for handle in handles {
+        let (o, _) = tokio::time::timeout(Duration::from_secs(20), handle)
+            .await
+            .expect("a worker hangs")
+            .expect("no panic");
+        ok += o;
+    }
+    let token_requests = auth.stats().token_requests;
+    assert!(
+        token_requests <= revocations + 1,
+        "{token_requests} token requests for {revocations} revocations"
+    );
+    assert!(ok > 0);
+    assert!(unauthorized_before > 0, "the revocations caused 401s");
+    assert_eq!(
+        fake.api_unauthorized(),
+        unauthorized_before,
+        "a service sent a revoked token after it had seen the new one"
+    );
+}
+
+/// One `GET /api/v2/ping` on `service` itself (no clone).
+async fn send_one(service: &mut common::Stack) -> StatusCode {
+    use tower::Service;
+    let request = http::Request::get(format!("{API}/api/v2/ping"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let ready = service.ready().await.expect("ready");
+    ready.call(request).await.expect("no error").status()
 }
