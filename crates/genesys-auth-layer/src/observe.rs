@@ -6,6 +6,7 @@
 //! critical costs: the one counter bumped per request is striped across cache lines so two
 //! cores authorizing requests do not fight over one.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -74,16 +75,30 @@ struct StripedCounter {
     stripes: [Padded; STRIPES],
 }
 
+/// Gives this thread its stripe, round robin over the threads that count.
+#[cold]
+fn choose_stripe(slot: &'static std::thread::LocalKey<Cell<usize>>) -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let stripe = (NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u64) as usize;
+    let _ = slot.try_with(|s| s.set(stripe));
+    stripe
+}
+
 impl StripedCounter {
+    #[inline]
     fn increment(&self) {
         thread_local! {
-            static STRIPE: usize = {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES
-            };
+            // `const`, without a destructor: reading it needs no lazy-initialisation
+            // check. `STRIPES` stands for "not chosen yet".
+            static STRIPE: Cell<usize> = const { Cell::new(STRIPES) };
         }
-        let stripe = STRIPE.try_with(|s| *s).unwrap_or(0);
-        self.stripes[stripe].0.fetch_add(1, Ordering::Relaxed);
+        let stripe = match STRIPE.try_with(Cell::get) {
+            Ok(stripe) if stripe < STRIPES => stripe,
+            _ => choose_stripe(&STRIPE),
+        };
+        if let Some(cell) = self.stripes.get(stripe) {
+            cell.0.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn sum(&self) -> u64 {

@@ -71,38 +71,24 @@ impl Origin {
     }
 }
 
-/// Byte equality in a few word comparisons (overlapping at the end): for the short strings
-/// compared here, cheaper than the `memcmp` call that `==` on slices becomes.
+/// Byte equality in a few word comparisons (the last word may overlap the ones before it):
+/// for the short strings compared here, cheaper than the `memcmp` call that `==` on slices
+/// becomes.
 #[inline]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
+    if a.len() != b.len() {
         return false;
     }
-    if n < 4 {
-        return a == b;
-    }
-    if n < 8 {
-        let word = |s: &[u8], i: usize| {
-            s.get(i..i + 4)
-                .and_then(|c| c.try_into().ok())
-                .map(u32::from_ne_bytes)
-        };
-        return word(a, 0) == word(b, 0) && word(a, n - 4) == word(b, n - 4);
-    }
-    let word = |s: &[u8], i: usize| {
-        s.get(i..i + 8)
-            .and_then(|c| c.try_into().ok())
-            .map(u64::from_ne_bytes)
-    };
-    let mut i = 0;
-    while i + 8 < n {
-        if word(a, i) != word(b, i) {
-            return false;
+    let word = |chunk: &[u8; 8]| u64::from_ne_bytes(*chunk);
+    match (a.last_chunk::<8>(), b.last_chunk::<8>()) {
+        (Some(x), Some(y)) => {
+            word(x) == word(y)
+                && a.chunks_exact(8)
+                    .zip(b.chunks_exact(8))
+                    .all(|(x, y)| x.first_chunk::<8>().map(word) == y.first_chunk::<8>().map(word))
         }
-        i += 8;
+        _ => a.iter().zip(b).all(|(x, y)| x == y),
     }
-    word(a, n - 8) == word(b, n - 8)
 }
 
 impl Scope {

@@ -173,8 +173,9 @@ impl<S> AuthService<S> {
     /// Attaches a valid cached token to an in-scope request without its own header.
     #[inline]
     fn attach<B>(&mut self, request: &mut Request<B>) -> Attach {
+        // `is_empty` inlines: many requests (a GET) carry no header at all.
         if !self.shared.scope.contains(request.uri())
-            || request.headers().contains_key(AUTHORIZATION)
+            || (!request.headers().is_empty() && request.headers().contains_key(AUTHORIZATION))
         {
             return Attach::Skipped;
         }
