@@ -201,12 +201,8 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
     }
 }
 
-/// The whole stack under load on a multi-threaded runtime, with every token revoked again
-/// and again: every request ends (200, or the 401 of a request whose replay was revoked
-/// too), and token requests stay within one per revocation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_stack_under_load_with_repeated_revocation() {
-    let (waves, per_wave) = if long() { (300, 2_000) } else { (30, 1_000) };
+/// The in-process fake, auth for it, and the full stack (retry + auth) in front of it.
+fn in_process_stack() -> (FakeGenesys, GenesysAuth, common::Stack) {
     let fake = FakeGenesys::builder().build_in_process();
     let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
         // The in-process fake routes by path: any loopback authorities will do.
@@ -214,6 +210,16 @@ async fn the_stack_under_load_with_repeated_revocation() {
         .build(fake.service())
         .expect("auth");
     let client = common::stack(&auth, fake.service());
+    (fake, auth, client)
+}
+
+/// The whole stack under load on a multi-threaded runtime, with every token revoked again
+/// and again: every request ends (200, or the 401 of a request whose replay was revoked
+/// too), and token requests stay within one per revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stack_under_load_with_repeated_revocation() {
+    let (waves, per_wave) = if long() { (300, 2_000) } else { (30, 1_000) };
+    let (fake, auth, client) = in_process_stack();
     let mut revocations = 0;
     let mut ok = 0u64;
     let mut unauthorized = 0u64;
@@ -267,12 +273,7 @@ async fn the_stack_under_load_with_repeated_revocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reused_services_under_repeated_revocation() {
     let (workers, revocations) = if long() { (32, 300) } else { (8, 40) };
-    let fake = FakeGenesys::builder().build_in_process();
-    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(common::endpoints(LOGIN, API))
-        .build(fake.service())
-        .expect("auth");
-    let client = common::stack(&auth, fake.service());
+    let (fake, auth, client) = in_process_stack();
     let stop = Arc::new(AtomicBool::new(false));
     // Workers and this task: after the revocations, all warm up, then all send.
     let warmed = Arc::new(tokio::sync::Barrier::new(workers + 1));

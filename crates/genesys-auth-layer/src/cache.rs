@@ -1,11 +1,12 @@
 //! The token cell.
 //!
 //! This module owns [`TokenCache`]: the current token in an `arc-swap` cell that requests
-//! read without a lock (with the generation of the fresh token beside it, one atomic word
-//! that services check the header they kept against), and the slow path that replaces it: single-flight refresh with a
-//! shared outcome, refresh ahead of expiry, generation-scoped invalidation after a 401, and
-//! backoff after failures. It must never hold a lock across an `.await`, never let two token
-//! requests be in flight at once, and never let a caller wait without a bound.
+//! read without a lock (beside it, one atomic word naming the fresh token's generation, which
+//! services check the header they kept against), and the slow path that replaces it:
+//! single-flight refresh with a shared outcome, refresh ahead of expiry, generation-scoped
+//! invalidation after a 401, and backoff after failures. It must never hold a lock across an
+//! `.await`, never let two token requests be in flight at once, and never let a caller wait
+//! without a bound.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -442,7 +443,7 @@ impl TokenCache {
                 if rejected == Some(token.generation()) {
                     // The API refused the current token: nobody may use it any more.
                     self.inner.current.store(None);
-                    self.inner.fresh.0.store(0, Ordering::SeqCst);
+                    self.inner.fresh.clear();
                 }
             }
             if reason == RefreshReason::Initial {
@@ -881,6 +882,11 @@ impl FreshGeneration {
         }
     }
 
+    /// No token is fresh (the current one was refused).
+    fn clear(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
     /// `generation` is not fresh any more (if it is still the one published).
     fn retire(&self, generation: TokenGeneration) {
         let _ = self
@@ -969,7 +975,7 @@ mod tests {
     fn publishing_races_with_the_timer_never_leave_a_due_token_fresh() {
         // The timer (another thread) marks the token due while it is being published:
         // whichever order the two land in, the word ends at 0.
-        for round in 1..=20_000u64 {
+        for round in 1..=5_000u64 {
             let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
             let token = Arc::new(Token::new(
                 issued,
