@@ -88,8 +88,9 @@ fn bearer() -> HeaderValue {
     value
 }
 
-/// `Retry` with a policy that never retries but copies every request, exactly as
-/// `RefreshOn401::clone_request` does: the price any replay-capable stack pays.
+/// `Retry` with a policy that never retries but copies every request with `Request::clone`
+/// (http 1's derived clone, the obvious way to copy a request whose body is `Clone`): the
+/// price any replay-capable stack pays.
 #[derive(Clone)]
 struct CloneOnly;
 
@@ -105,13 +106,7 @@ impl<E> Policy<Request<Body>, Response<()>, E> for CloneOnly {
     }
 
     fn clone_request(&mut self, request: &Request<Body>) -> Option<Request<Body>> {
-        let mut copy = Request::new(request.body().clone());
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
+        Some(request.clone())
     }
 }
 

@@ -161,6 +161,24 @@ pub(crate) struct Stamp {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Refused(pub(crate) Stamp);
 
+/// A copy of `request`'s head around `body`. An empty header map or extension set is not
+/// cloned but left as the new request's own empty one: cloning an empty `HeaderMap` still
+/// copies its (empty) tables, and every request pays for this copy before it is sent.
+#[inline]
+fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    if !request.headers().is_empty() {
+        *copy.headers_mut() = request.headers().clone();
+    }
+    if !request.extensions().is_empty() {
+        *copy.extensions_mut() = request.extensions().clone();
+    }
+    copy
+}
+
 impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RefreshOn401
 where
     B: ReplayableBody,
@@ -181,11 +199,10 @@ where
             // A 401 to another cache's token (a nested stack): its own policy replays it.
             return None;
         }
-        let generation = stamp.generation;
         self.replayed = true;
         tracing::debug!(
             target: "genesys_auth_layer::retry",
-            generation = generation.0,
+            generation = stamp.generation.0,
             method = %request.method(),
             path = request.uri().path(),
             "401 replayed with a newer token"
@@ -212,13 +229,7 @@ where
             );
             return None;
         };
-        let mut copy = Request::new(body);
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
+        Some(copy_request(request, body))
     }
 }
 
@@ -565,6 +576,31 @@ mod tests {
         assert_eq!(copy.headers(), req.headers());
         assert_eq!(copy.extensions().get::<Marker>(), Some(&Marker(9)));
         assert_eq!(copy.into_body().collect().await.unwrap().to_bytes(), "abc");
+    }
+
+    #[tokio::test]
+    async fn the_copy_of_a_bare_request_is_just_as_bare() {
+        // No header and no extension: the copy keeps its own empty ones (not clones).
+        let auth = auth(Counter::default());
+        let mut policy = auth.retry_policy();
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.method_mut() = http::Method::DELETE;
+        *req.uri_mut() = "https://api.example.test/api/v2/tokens/me".parse().unwrap();
+        *req.version_mut() = http::Version::HTTP_10;
+        let copy = <RefreshOn401 as Policy<_, Response<()>, ()>>::clone_request(&mut policy, &req)
+            .unwrap();
+        assert_eq!(copy.method(), http::Method::DELETE);
+        assert_eq!(copy.uri(), req.uri());
+        assert_eq!(copy.version(), http::Version::HTTP_10);
+        assert!(copy.headers().is_empty());
+        assert!(copy.extensions().is_empty());
+        assert!(copy
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
     }
 
     #[tokio::test]
