@@ -192,17 +192,25 @@ impl Round {
 }
 
 /// C callers, each sending one request after another until `duration` is over.
+///
+/// Each caller keeps its own clone of the stack for the whole round and calls it again and
+/// again (`ready`, then `call`), as a worker task holding a client does; the services in it
+/// therefore live across requests, as they do in such an application.
 async fn hammer(client: &Stack, uri: &Uri, concurrency: usize, duration: Duration) -> Round {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = JoinSet::new();
     for _ in 0..concurrency {
-        let (client, uri) = (client.clone(), uri.clone());
+        let (mut client, uri) = (client.clone(), uri.clone());
         tasks.spawn(async move {
             let mut round = Round::default();
             while Instant::now() < deadline {
                 let sent = Instant::now();
-                match client.clone().oneshot(get(&uri)).await {
+                let answer = match client.ready().await {
+                    Ok(ready) => ready.call(get(&uri)).await,
+                    Err(error) => Err(error),
+                };
+                match answer {
                     Ok(res) if res.status() == StatusCode::OK => {
                         round.ok += 1;
                         let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
@@ -582,11 +590,9 @@ impl CpuUse {
     }
 }
 
-/// A [`tower::retry::Policy`] that copies every request exactly as [`RefreshOn401`] does
-/// (method, URI, version, headers, extensions, body) and never replays: what `Retry` costs
-/// on its own, whatever the policy.
-///
-/// [`RefreshOn401`]: genesys_auth_layer::RefreshOn401
+/// A [`tower::retry::Policy`] that copies every request with `Request::clone` (method, URI,
+/// version, headers, extensions, body) and never replays: what `Retry` costs on its own,
+/// whatever the policy.
 #[derive(Clone, Copy, Debug)]
 struct CopyOnly;
 
@@ -602,13 +608,7 @@ impl<Res, E> tower::retry::Policy<Request<Full<Bytes>>, Res, E> for CopyOnly {
     }
 
     fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
-        let mut copy = Request::new(request.body().clone());
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
+        Some(request.clone())
     }
 }
 
