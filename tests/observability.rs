@@ -115,3 +115,32 @@ async fn documented_events_counters_and_health() {
     assert!(stats.requests_authorized >= 4, "{stats:?}");
     fake.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_named_cache_names_its_fetch_span() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(captured.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fake = FakeGenesys::start().await.unwrap();
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .endpoints(
+            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
+                .unwrap(),
+        )
+        .cache_config(CacheConfig::default().name("org-emea"))
+        .build(h2_client())
+        .unwrap();
+    auth.token().await.unwrap();
+    assert!(
+        captured
+            .text()
+            .contains("token_fetch{reason=\"initial\" cache=\"org-emea\"}"),
+        "{}",
+        captured.text()
+    );
+}

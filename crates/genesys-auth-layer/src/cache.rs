@@ -74,6 +74,7 @@ pub struct CacheConfig {
     fetch_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    name: Option<Arc<str>>,
 }
 
 impl Default for CacheConfig {
@@ -85,6 +86,7 @@ impl Default for CacheConfig {
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            name: None,
         }
     }
 }
@@ -132,6 +134,29 @@ impl CacheConfig {
         self.backoff_initial = initial.clamp(MIN_BACKOFF, MAX_BACKOFF);
         self.backoff_max = max.clamp(self.backoff_initial, MAX_BACKOFF);
         self
+    }
+
+    /// Names this cache in what operators see: the `cache` label of every `metrics` series
+    /// it publishes (feature `metrics`) and the `cache` field of its `token_fetch` spans.
+    /// Without a name the series carry no `cache` label, so two caches in one process (two
+    /// organisations, say) add to the same series; name them to tell them apart.
+    ///
+    /// A name is shown in telemetry: never put a secret in it.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// let config = CacheConfig::default().name("org-emea");
+    /// assert_eq!(config.name_value(), Some("org-emea"));
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(Arc::from(name.into()));
+        self
+    }
+
+    /// The name given with [`name`](Self::name), if any.
+    pub fn name_value(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// How long before expiry a token of `lifetime` starts being refreshed.
@@ -290,6 +315,7 @@ pub struct TokenCache {
 impl TokenCache {
     /// A cache that obtains its tokens from `source`.
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
+        let counters = Counters::new(config.name_value());
         Self {
             inner: Arc::new(Inner {
                 id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
@@ -307,7 +333,7 @@ impl TokenCache {
                 epoch: Instant::now(),
                 source: Box::new(source),
                 config,
-                counters: Counters::default(),
+                counters,
             }),
         }
     }
@@ -765,7 +791,8 @@ impl RefreshLaunch {
         let span = tracing::info_span!(
             target: "genesys_auth_layer::token",
             "token_fetch",
-            reason = reason.as_str()
+            reason = reason.as_str(),
+            cache = guard.cache.inner.config.name_value()
         );
         let task = runtime.spawn(
             async move {

@@ -121,7 +121,6 @@ const CAUSES: [&str; 8] = [
 ];
 
 /// The cache's counters.
-#[derive(Default)]
 pub(crate) struct Counters {
     token_requests: AtomicU64,
     tokens_fetched: AtomicU64,
@@ -134,6 +133,23 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// Counters for a cache named `name` (the `cache` label of its metrics), if named.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        // Spelled out rather than `..Self::default()`, which would also register the
+        // unlabelled series with the recorder.
+        Self {
+            token_requests: AtomicU64::new(0),
+            tokens_fetched: AtomicU64::new(0),
+            failures: Default::default(),
+            requests_authorized: StripedCounter::default(),
+            waited_for_token: AtomicU64::new(0),
+            unauthorized_reported: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: MetricHandles::new(name),
+        }
+    }
+
     pub(crate) fn token_request(&self) {
         self.token_requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -224,16 +240,28 @@ struct MetricHandles {
 }
 
 #[cfg(feature = "metrics")]
-impl Default for MetricHandles {
-    fn default() -> Self {
+impl MetricHandles {
+    /// Registers every series, with a `cache` label when the cache is named.
+    fn new(name: Option<&str>) -> Self {
+        let cache: Vec<metrics::Label> = name
+            .map(|name| metrics::Label::new("cache", name.to_owned()))
+            .into_iter()
+            .collect();
+        let with = |extra: Option<metrics::Label>| -> Vec<metrics::Label> {
+            cache.iter().cloned().chain(extra).collect()
+        };
         Self {
-            tokens_retrieved: metrics::counter!(METRIC_TOKENS_RETRIEVED),
-            failures: std::array::from_fn(
-                |i| metrics::counter!(METRIC_FAILURES, "cause" => CAUSES.get(i).copied().unwrap_or("other")),
-            ),
-            requests_authorized: metrics::counter!(METRIC_REQUESTS_AUTHORIZED),
-            replays: metrics::counter!(METRIC_REPLAYS),
-            requests_waited: metrics::counter!(METRIC_REQUESTS_WAITED),
+            tokens_retrieved: metrics::counter!(METRIC_TOKENS_RETRIEVED, with(None)),
+            failures: std::array::from_fn(|i| {
+                let cause = CAUSES.get(i).copied().unwrap_or("other");
+                metrics::counter!(
+                    METRIC_FAILURES,
+                    with(Some(metrics::Label::new("cause", cause)))
+                )
+            }),
+            requests_authorized: metrics::counter!(METRIC_REQUESTS_AUTHORIZED, with(None)),
+            replays: metrics::counter!(METRIC_REPLAYS, with(None)),
+            requests_waited: metrics::counter!(METRIC_REQUESTS_WAITED, with(None)),
         }
     }
 }
@@ -323,7 +351,7 @@ mod tests {
 
     #[test]
     fn failures_are_counted_by_cause() {
-        let counters = Counters::default();
+        let counters = Counters::new(None);
         counters.fetch_failed(&AuthError::Timeout(Duration::from_secs(1)));
         counters.fetch_failed(&AuthError::RateLimited { retry_after: None });
         counters.fetch_failed(&AuthError::RefreshAborted);
@@ -417,5 +445,72 @@ mod tests {
         );
         assert_eq!(counters[&format!("{METRIC_REQUESTS_AUTHORIZED}[]")], 5);
         assert_eq!(counters[&format!("{METRIC_REQUESTS_WAITED}[]")], 2);
+    }
+
+    #[cfg(feature = "metrics")]
+    #[tokio::test]
+    async fn named_caches_publish_their_own_series() {
+        use crate::{BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        struct Fixed;
+        impl TokenSource for Fixed {
+            fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+                Box::pin(async { Ok(IssuedToken::bearer("t", Duration::from_secs(60)).unwrap()) })
+            }
+        }
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (emea, apac) = metrics::with_local_recorder(&recorder, || {
+            (
+                TokenCache::new(Fixed, CacheConfig::default().name("emea")),
+                TokenCache::new(Fixed, CacheConfig::default().name("apac")),
+            )
+        });
+        emea.token().await.unwrap();
+        apac.token().await.unwrap();
+        for _ in 0..3 {
+            assert!(emea.fresh_header().is_some());
+        }
+        assert!(apac.fresh_header().is_some());
+        let series: std::collections::HashMap<String, u64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) => {
+                    let key = key.key();
+                    let mut labels: Vec<String> = key
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect();
+                    labels.sort();
+                    Some((format!("{}{:?}", key.name(), labels), n))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            series[&format!("{METRIC_REQUESTS_AUTHORIZED}[\"cache=emea\"]")],
+            3
+        );
+        assert_eq!(
+            series[&format!("{METRIC_REQUESTS_AUTHORIZED}[\"cache=apac\"]")],
+            1
+        );
+        assert_eq!(
+            series[&format!("{METRIC_TOKENS_RETRIEVED}[\"cache=emea\"]")],
+            1
+        );
+        assert_eq!(
+            series[&format!("{METRIC_FAILURES}[\"cache=apac\", \"cause=timeout\"]")],
+            0
+        );
+        // Named caches register no unlabelled series.
+        assert!(
+            series.keys().all(|key| key.contains("cache=")),
+            "{series:?}"
+        );
     }
 }
