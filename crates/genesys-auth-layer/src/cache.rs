@@ -75,6 +75,7 @@ pub struct CacheConfig {
     backoff_initial: Duration,
     backoff_max: Duration,
     name: Option<Arc<str>>,
+    refresh_while_idle: bool,
 }
 
 impl Default for CacheConfig {
@@ -87,6 +88,7 @@ impl Default for CacheConfig {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             name: None,
+            refresh_while_idle: false,
         }
     }
 }
@@ -134,6 +136,31 @@ impl CacheConfig {
         self.backoff_initial = initial.clamp(MIN_BACKOFF, MAX_BACKOFF);
         self.backoff_max = max.clamp(self.backoff_initial, MAX_BACKOFF);
         self
+    }
+
+    /// Whether the token's own timer starts the refresh when its refresh window opens,
+    /// even if no request comes (default: `false`, a request in the window starts it).
+    ///
+    /// With `true`, a client idle for longer than a token's lifetime still finds a valid
+    /// token on its next request instead of waiting for one, at the price of one token
+    /// request per lifetime while the cache exists, used or not. The timer makes one
+    /// attempt per token; if it fails, the failure is backed off as usual and the next
+    /// request in the window tries again.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// let config = CacheConfig::default().refresh_while_idle(true);
+    /// assert!(config.refreshes_while_idle());
+    /// ```
+    pub fn refresh_while_idle(mut self, enabled: bool) -> Self {
+        self.refresh_while_idle = enabled;
+        self
+    }
+
+    /// Whether [`refresh_while_idle`](Self::refresh_while_idle) is on.
+    pub fn refreshes_while_idle(&self) -> bool {
+        self.refresh_while_idle
     }
 
     /// Names this cache in what operators see: the `cache` label of every `metrics` series
@@ -745,6 +772,7 @@ impl TokenCache {
             };
             guard.mark_due(&token);
             drop(token);
+            guard.refresh_if_idle();
             tokio::time::sleep_until(expires_at).await;
             if let Some(token) = guard.token.upgrade() {
                 token.advance_phase(Phase::Expired);
@@ -876,6 +904,19 @@ impl PhaseTimerGuard {
         token.advance_phase(Phase::Due);
         if let Some(cache) = self.cache.upgrade() {
             cache.fresh.retire(token.generation());
+        }
+    }
+
+    /// With [`CacheConfig::refresh_while_idle`], starts the refresh ahead that a request in
+    /// the window would start (unless one runs or a backoff forbids it). The cache is held
+    /// only while deciding: the refresh task keeps it alive until the fetch ends, and a
+    /// cache whose every handle is gone is not refreshed.
+    fn refresh_if_idle(&self) {
+        let Some(inner) = self.cache.upgrade() else {
+            return;
+        };
+        if inner.config.refresh_while_idle {
+            TokenCache { inner }.refresh_ahead(Instant::now());
         }
     }
 }
@@ -1091,6 +1132,68 @@ mod tests {
         // One initial fetch, then one per 90 s of the 300 s: at 90, 180 and 270 s.
         assert_eq!(source.calls(), 4);
         assert_eq!(cache.current().unwrap().generation(), TokenGeneration(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_cache_refreshes_on_its_timer_only_when_asked() {
+        for enabled in [false, true] {
+            let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(500));
+            let cache = TokenCache::new(source.clone(), config().refresh_while_idle(enabled));
+            cache.token().await.unwrap();
+            let waited = cache.stats().waited_for_token;
+
+            // No request for three lifetimes.
+            for _ in 0..300 {
+                tokio::time::advance(Duration::from_secs(1)).await;
+                tokio::task::yield_now().await;
+            }
+            let token = cache.token().await.unwrap();
+            if enabled {
+                // Refreshed at 90, 180 and 270 s by the timers alone: the request after
+                // the idle spell does not wait.
+                assert_eq!(source.calls(), 4);
+                assert_eq!(token.generation(), TokenGeneration(4));
+                assert_eq!(cache.stats().waited_for_token, waited);
+            } else {
+                // Nothing happened while idle; the request waits for one fetch.
+                assert_eq!(source.calls(), 2);
+                assert_eq!(token.generation(), TokenGeneration(2));
+                assert_eq!(cache.stats().waited_for_token, waited + 1);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_refresh_that_fails_is_not_retried_in_a_loop() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
+        let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
+        cache.token().await.unwrap();
+        source.then(Err(AuthError::Timeout(Duration::from_secs(1))));
+        // The timer's one attempt at 90 s fails; idle until just before expiry, nothing
+        // else is asked of the endpoint, and the valid token keeps serving.
+        tokio::time::advance(Duration::from_secs(91)).await;
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.calls(), 2);
+        assert_eq!(cache.stats().fetch_failures, 1);
+        tokio::time::advance(Duration::from_secs(8)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(source.calls(), 2, "no retry without a request");
+        assert_eq!(cache.fresh_header().unwrap().1, TokenGeneration(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_cache_is_not_refreshed_by_its_timer() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
+        let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
+        let token = cache.token().await.unwrap();
+        drop(cache);
+        // The token outlives the cache (a caller still holds it), so its timer still runs.
+        tokio::time::advance(Duration::from_secs(95)).await;
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.calls(), 1);
+        drop(token);
     }
 
     #[tokio::test(start_paused = true)]
