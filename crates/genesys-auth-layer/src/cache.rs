@@ -48,6 +48,8 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// The shortest backoff after a failure: a floor so that no configuration turns a failing
 /// token endpoint into a loop of requests.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The shortest refresh window (see [`CacheConfig::refresh_ahead`]).
+pub const MIN_REFRESH_WINDOW: Duration = Duration::from_secs(1);
 /// The longest backoff accepted.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
 /// How much longer than the fetch timeout a caller waits for a refresh before giving up on
@@ -96,6 +98,10 @@ impl Default for CacheConfig {
 impl CacheConfig {
     /// Refresh once the remaining life is under `max(at_least, fraction × lifetime)`, but
     /// never earlier than half-way through the lifetime. `fraction` is clamped to `0..=0.5`.
+    ///
+    /// The window is never shorter than [`MIN_REFRESH_WINDOW`] (or a tenth of the lifetime,
+    /// if that is shorter): a token refreshed only at its expiry would be sent expired
+    /// whenever its timer runs a moment late, and never refreshed ahead.
     pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
         self.refresh_ahead = at_least.min(MAX_TOKEN_LIFETIME);
         self.refresh_ahead_fraction = if fraction.is_finite() {
@@ -192,7 +198,9 @@ impl CacheConfig {
             .refresh_ahead
             .max(lifetime.mul_f64(self.refresh_ahead_fraction));
         let jittered = base + base.mul_f64(self.refresh_jitter * random_fraction());
-        jittered.min(lifetime / 2)
+        jittered
+            .max(MIN_REFRESH_WINDOW.min(lifetime / 10))
+            .min(lifetime / 2)
     }
 
     /// How long to wait after the `consecutive`-th failure in a row.
@@ -552,9 +560,25 @@ impl TokenCache {
         if self.nanos(now) < self.inner.refresh_blocked_until.load(Ordering::Relaxed) {
             return;
         }
-        let Ok(mut state) = self.inner.state.try_lock() else {
-            return;
+        let state = match self.inner.state.try_lock() {
+            Ok(state) => state,
+            // Like `lock_state`: a panic elsewhere must not stop refreshing for good.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
+        self.refresh_ahead_locked(state, now);
+    }
+
+    /// [`refresh_ahead`](Self::refresh_ahead) for the token's timer, which is the only one
+    /// to ask when no request comes: it waits for the lock (never held across an await)
+    /// instead of leaving the decision to a caller that may never come, and decides from
+    /// the state under the lock rather than from the lock-free hint.
+    fn refresh_ahead_from_timer(&self, now: Instant) {
+        let state = self.lock_state();
+        self.refresh_ahead_locked(state, now);
+    }
+
+    fn refresh_ahead_locked(&self, mut state: MutexGuard<'_, RefreshState>, now: Instant) {
         let still_due = self
             .inner
             .current
@@ -916,7 +940,7 @@ impl PhaseTimerGuard {
             return;
         };
         if inner.config.refresh_while_idle {
-            TokenCache { inner }.refresh_ahead(Instant::now());
+            TokenCache { inner }.refresh_ahead_from_timer(Instant::now());
         }
     }
 }
@@ -1180,6 +1204,55 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(source.calls(), 2, "no retry without a request");
         assert_eq!(cache.fresh_header().unwrap().1, TokenGeneration(1));
+    }
+
+    #[test]
+    fn the_refresh_window_has_a_floor() {
+        let config = CacheConfig::default()
+            .refresh_ahead(Duration::ZERO, 0.0)
+            .refresh_jitter(0.0);
+        assert_eq!(
+            config.refresh_window(Duration::from_secs(3600)),
+            MIN_REFRESH_WINDOW
+        );
+        // A very short lifetime: a tenth of it, still before half-way.
+        assert_eq!(
+            config.refresh_window(Duration::from_secs(2)),
+            Duration::from_millis(200)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_refresh_is_not_lost_when_the_lock_is_busy() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
+        let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
+        cache.token().await.unwrap();
+        // Another thread (a health probe, say) holds the state lock when the window opens.
+        let (held, release) = (
+            Arc::new(std::sync::Barrier::new(2)),
+            Arc::new(std::sync::Barrier::new(2)),
+        );
+        let holder = {
+            let (inner, held, release) = (cache.inner.clone(), held.clone(), release.clone());
+            std::thread::spawn(move || {
+                let _state = inner.state.lock().unwrap();
+                held.wait();
+                release.wait();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            })
+        };
+        held.wait();
+        release.wait();
+        tokio::time::advance(Duration::from_secs(91)).await;
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        holder.join().unwrap();
+        assert_eq!(
+            source.calls(),
+            2,
+            "the timer waited for the lock and refreshed"
+        );
+        assert_eq!(cache.current().unwrap().generation(), TokenGeneration(2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,7 +64,7 @@ pub use auth::{AuthLayer, AuthService, ResponseFuture, Scope};
 pub use cache::{
     CacheConfig, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
     DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION,
-    DEFAULT_REFRESH_JITTER, MIN_BACKOFF,
+    DEFAULT_REFRESH_JITTER, MIN_BACKOFF, MIN_REFRESH_WINDOW,
 };
 pub use credentials::{
     ClientId, ClientSecret, Credentials, SecretSlot, ENV_CLIENT_ID, ENV_CLIENT_SECRET,
