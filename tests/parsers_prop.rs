@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use genesys_auth_layer::parse::{
-    parse_error_body, parse_retry_after, parse_token_response, MAX_TOKEN_LIFETIME,
+    parse_error_body, parse_retry_after, parse_token_response, MAX_RETRY_AFTER, MAX_TOKEN_LIFETIME,
 };
 use genesys_auth_layer::{
     AuthError, BoxFuture, CacheConfig, InvalidTokenResponse, IssuedToken, OAuthErrorCode,
@@ -92,6 +92,16 @@ fn bearer_any_case() -> impl Strategy<Value = String> {
             .map(|(c, u)| if u { c.to_ascii_uppercase() } else { c })
             .collect()
     })
+}
+
+/// The characters the crate never shows as they are in server text (the spec of
+/// `error::truncate`).
+fn hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}')
 }
 
 fn rfc_code() -> impl Strategy<Value = String> {
@@ -224,8 +234,8 @@ proptest! {
     }
 
     /// Any OAuth error code round-trips through Genesys' error body, with the
-    /// description (preferring `error_description`, at most 512 bytes, control characters
-    /// replaced by spaces).
+    /// description (preferring `error_description`, at most 512 bytes, control and
+    /// invisible formatting characters replaced by spaces).
     #[test]
     fn error_code_round_trips(
         code in rfc_code(),
@@ -247,18 +257,21 @@ proptest! {
             .map(|d| {
                 let mut end = d.len().min(512);
                 while !d.is_char_boundary(end) { end -= 1; }
-                // Control characters (CR, LF, ESC…) become spaces: no forged log lines.
-                d[..end].chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>()
+                // Control characters (CR, LF, ESC…), line separators and invisible
+                // formatting characters become spaces: no forged or disguised log lines.
+                d[..end].chars().map(|c| if hidden_or_control(c) { ' ' } else { c }).collect::<String>()
             });
         prop_assert_eq!(parsed.description, expected);
     }
 
-    /// Any whole number of seconds round-trips through `Retry-After`.
+    /// Any whole number of seconds round-trips through `Retry-After`, up to the cap of one
+    /// day, and never beyond it.
     #[test]
     fn retry_after_seconds_round_trip(secs in any::<u64>(), now_secs in any::<u32>()) {
         let value = HeaderValue::from_str(&secs.to_string()).unwrap();
         let now = UNIX_EPOCH + Duration::from_secs(u64::from(now_secs));
-        prop_assert_eq!(parse_retry_after(&value, now), Some(Duration::from_secs(secs)));
+        let expected = Duration::from_secs(secs).min(MAX_RETRY_AFTER);
+        prop_assert_eq!(parse_retry_after(&value, now), Some(expected));
     }
 
     /// An HTTP date `delay` after `now` parses back to `delay` (less `now`'s fraction of a
@@ -282,7 +295,7 @@ proptest! {
         };
         prop_assume!(at.duration_since(UNIX_EPOCH).unwrap().as_secs() < 253_402_300_800);
         let value = HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap();
-        prop_assert_eq!(parse_retry_after(&value, now), Some(expected));
+        prop_assert_eq!(parse_retry_after(&value, now), Some(expected.min(MAX_RETRY_AFTER)));
     }
 }
 

@@ -334,19 +334,26 @@ impl fmt::Display for RetryAfter<'_> {
 
 /// A URI for an error message: user info (`user:password@`) replaced, at most 200 bytes.
 pub(crate) fn shown_uri(uri: &str) -> String {
-    let redacted = uri.find("://").and_then(|scheme_end| {
-        let start = scheme_end + 3;
-        let rest = &uri[start..];
-        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-        let at = authority.rfind('@')?;
-        Some(format!("{}[redacted]{}", &uri[..start], &uri[start + at..]))
-    });
+    // The authority starts after `scheme://`, after a leading `//`, or (no scheme at all,
+    // `user:pass@host`) at the start; user info is everything before its last `@`.
+    let start = match uri.find("://") {
+        Some(scheme_end) => scheme_end + 3,
+        None if uri.starts_with("//") => 2,
+        None => 0,
+    };
+    let rest = &uri[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let redacted = authority
+        .rfind('@')
+        .map(|at| format!("{}[redacted]{}", &uri[..start], &uri[start + at..]));
     truncate(&redacted.unwrap_or_else(|| uri.to_owned()), 200)
 }
 
 /// Cuts untrusted text (a server's error description, a region name) to at most `max`
-/// bytes on a character boundary, with control characters (CR, LF, ESC…) replaced by
-/// spaces, so it cannot forge log lines or terminal escapes.
+/// bytes on a character boundary, with control characters (CR, LF, ESC…), Unicode line and
+/// paragraph separators and invisible formatting characters (bidirectional overrides,
+/// zero-width characters) replaced by spaces, so it cannot forge log lines, terminal
+/// escapes, or text that reads differently from what it is.
 pub(crate) fn truncate(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -354,13 +361,53 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     }
     s[..end]
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if shown_as_is(c) { c } else { ' ' })
         .collect()
+}
+
+/// Whether `c` may appear in a log line as it is.
+fn shown_as_is(c: char) -> bool {
+    !(c.is_control()
+        || matches!(c,
+            '\u{00ad}'                    // soft hyphen
+            | '\u{061c}'                  // Arabic letter mark
+            | '\u{180e}'                  // Mongolian vowel separator
+            | '\u{200b}'..='\u{200f}'     // zero-width space/joiners, LRM, RLM
+            | '\u{2028}'..='\u{202e}'     // line/paragraph separators, bidi embeddings
+            | '\u{2060}'..='\u{206f}'     // word joiner, invisible operators, bidi isolates
+            | '\u{feff}'                  // zero-width no-break space (BOM)
+            | '\u{fff9}'..='\u{fffb}'     // interlinear annotations
+        ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_info_is_redacted_with_or_without_a_scheme() {
+        for (given, shown) in [
+            (
+                "https://u:p@gw.example.com/oauth/token",
+                "https://[redacted]@gw.example.com/oauth/token",
+            ),
+            (
+                "u:p@gw.example.com/oauth",
+                "[redacted]@gw.example.com/oauth",
+            ),
+            ("//u:p@gw.example.com", "//[redacted]@gw.example.com"),
+            ("gw.example.com/a@b", "gw.example.com/a@b"),
+        ] {
+            assert_eq!(shown_uri(given), shown, "{given}");
+        }
+    }
+
+    #[test]
+    fn server_text_cannot_break_or_disguise_a_log_line() {
+        let hostile = "a\r\nb\u{2028}c\u{2029}d\u{202e}e\u{200b}f\u{feff}g\u{1b}[31mh";
+        assert_eq!(truncate(hostile, 200), "a  b c d e f g [31mh");
+        assert_eq!(truncate("plain é 名前", 200), "plain é 名前");
+    }
 
     #[test]
     fn backing_off_looks_through_to_the_cause() {

@@ -264,7 +264,10 @@ pub(crate) fn parse_absolute(s: &str) -> Result<Uri, ConfigError> {
 
 pub(crate) fn check_absolute(uri: Uri) -> Result<Uri, ConfigError> {
     let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
-    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+    // User info (`user:password@host`) is refused: HTTP clients do not send it, so it could
+    // only end up printed (in `Debug`, in logs) with whatever password it holds.
+    let has_user_info = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if !scheme_ok || has_user_info || uri.host().is_none_or(str::is_empty) {
         return Err(ConfigError::InvalidUri(crate::error::shown_uri(
             &uri.to_string(),
         )));
@@ -275,6 +278,35 @@ pub(crate) fn check_absolute(uri: Uri) -> Result<Uri, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_with_user_info_are_refused_without_showing_it() {
+        for (token_url, api) in [
+            (
+                "https://gwuser:GWPASS@gw.example.com/oauth/token",
+                "https://api.example.com",
+            ),
+            (
+                "https://login.example.com/oauth/token",
+                "https://gwuser:GWPASS@api.example.com",
+            ),
+            ("gwuser:GWPASS@gw.example.com", "https://api.example.com"),
+        ] {
+            let err = Endpoints::custom(token_url, api).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(matches!(err, ConfigError::InvalidUri(_)), "{shown}");
+            assert!(
+                !shown.contains("GWPASS") && !shown.contains("gwuser"),
+                "{shown}"
+            );
+        }
+        let err = Endpoints::from_bases(
+            "https://u:GWPASS@login.example.com",
+            "https://api.example.com",
+        )
+        .unwrap_err();
+        assert!(!format!("{err:?}").contains("GWPASS"));
+    }
 
     #[test]
     fn every_region_parses_from_name_and_domain_and_builds_uris() {

@@ -129,12 +129,19 @@ pub fn parse_error_body(body: &[u8]) -> Option<OAuthErrorBody> {
 /// ```
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX)));
-    }
-    let at = httpdate::parse_http_date(text).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let delay = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        let at = httpdate::parse_http_date(text).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    // A caller may add it to an `Instant`: keep it far from overflowing one.
+    Some(delay.min(MAX_RETRY_AFTER))
 }
+
+/// The longest `Retry-After` [`parse_retry_after`] returns: one day. (The cache honours at
+/// most its backoff cap, one minute by default.)
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[cfg(test)]
 mod tests {
@@ -255,8 +262,11 @@ mod tests {
         );
         assert_eq!(
             parse_retry_after(&HeaderValue::from_static("99999999999999999999999"), now),
-            Some(Duration::from_secs(u64::MAX))
+            Some(MAX_RETRY_AFTER)
         );
+        // A caller can add any answer to an `Instant` without overflow.
+        let far = parse_retry_after(&HeaderValue::from_static("18446744073709551615"), now);
+        let _ = std::time::Instant::now() + far.unwrap();
         let past = httpdate::fmt_http_date(now - Duration::from_secs(100));
         assert_eq!(
             parse_retry_after(&HeaderValue::from_str(&past).unwrap(), now),
