@@ -44,9 +44,32 @@ pub struct CredentialStore {
 }
 
 struct StoreInner {
-    credentials: ArcSwap<Credentials>,
+    current: ArcSwap<Entry>,
+}
+
+/// One set of credentials and what was learnt about it: replaced as a whole by a rotation,
+/// so a preference learnt for old credentials can never attach to new ones.
+struct Entry {
+    credentials: Arc<Credentials>,
     /// Whether the secondary secret is the one that last worked.
     prefer_secondary: AtomicBool,
+}
+
+impl Entry {
+    fn new(credentials: Credentials) -> Self {
+        Self {
+            credentials: Arc::new(credentials),
+            prefer_secondary: AtomicBool::new(false),
+        }
+    }
+
+    fn preferred_slot(&self) -> SecretSlot {
+        if self.prefer_secondary.load(Ordering::Relaxed) {
+            SecretSlot::Secondary
+        } else {
+            SecretSlot::Primary
+        }
+    }
 }
 
 impl CredentialStore {
@@ -54,15 +77,20 @@ impl CredentialStore {
     pub fn new(credentials: Credentials) -> Self {
         Self {
             inner: Arc::new(StoreInner {
-                credentials: ArcSwap::from_pointee(credentials),
-                prefer_secondary: AtomicBool::new(false),
+                current: ArcSwap::from_pointee(Entry::new(credentials)),
             }),
         }
     }
 
     /// The credentials now.
     pub fn current(&self) -> Arc<Credentials> {
-        self.inner.credentials.load_full()
+        self.inner.current.load().credentials.clone()
+    }
+
+    /// The credentials now and the secret to try first, read together.
+    pub(crate) fn snapshot(&self) -> (Arc<Credentials>, SecretSlot) {
+        let entry = self.inner.current.load();
+        (entry.credentials.clone(), entry.preferred_slot())
     }
 
     /// Replaces the credentials. The next token request uses the new primary secret; tokens
@@ -74,31 +102,32 @@ impl CredentialStore {
             has_secondary = credentials.secondary_secret().is_some(),
             "credentials rotated"
         );
-        self.inner.credentials.store(Arc::new(credentials));
-        self.inner.prefer_secondary.store(false, Ordering::Relaxed);
+        // One store: the new credentials come with no preference of their own.
+        self.inner.current.store(Arc::new(Entry::new(credentials)));
     }
 
     /// The secret to try first.
     pub fn preferred_slot(&self) -> SecretSlot {
-        if self.inner.prefer_secondary.load(Ordering::Relaxed) {
-            SecretSlot::Secondary
-        } else {
-            SecretSlot::Primary
-        }
+        self.inner.current.load().preferred_slot()
     }
 
     /// Remembers that `slot` of `credentials` worked, unless they were rotated meanwhile.
+    /// (If a rotation lands between the check and the store, the preference goes to the
+    /// entry it replaced, which nobody reads any more.)
     pub(crate) fn prefer(&self, credentials: &Arc<Credentials>, slot: SecretSlot) {
-        if Arc::ptr_eq(&self.inner.credentials.load(), credentials) {
-            self.inner
+        let entry = self.inner.current.load();
+        if Arc::ptr_eq(&entry.credentials, credentials) {
+            entry
                 .prefer_secondary
                 .store(slot == SecretSlot::Secondary, Ordering::Relaxed);
         }
     }
 
     /// Loads credentials from `path` and keeps re-reading it every `interval`, rotating
-    /// whenever its contents change to valid credentials. A file that becomes unreadable or
-    /// invalid is reported (`warn`) and the last good credentials are kept.
+    /// whenever its contents change to valid credentials. A change is applied once two
+    /// consecutive reads agree (so up to two intervals after it is written), so a file
+    /// caught half-written is never used. A file that becomes unreadable or invalid is
+    /// reported (`warn`) and the last good credentials are kept.
     ///
     /// `path` is either a file of `KEY=value` lines (a vault agent template or an env file)
     /// or a directory with one file per key (a mounted Kubernetes secret). Keys are
@@ -126,7 +155,7 @@ impl CredentialStore {
         let weak = Arc::downgrade(&store.inner);
         let watched = path.clone();
         let task = tokio::spawn(async move {
-            let mut last = fingerprint;
+            let mut changes = Settling::new(fingerprint);
             let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
@@ -135,22 +164,25 @@ impl CredentialStore {
                 let Some(inner) = weak.upgrade() else { return };
                 let store = CredentialStore { inner };
                 match read_credentials(&watched).await {
-                    Ok((_, fingerprint)) if fingerprint == last => {}
                     Ok((credentials, fingerprint)) => {
-                        last = fingerprint;
-                        tracing::info!(
+                        if changes.settled(fingerprint) {
+                            tracing::info!(
+                                target: "genesys_auth_layer::credentials",
+                                path = %watched.display(),
+                                "credentials file changed"
+                            );
+                            store.rotate(credentials);
+                        }
+                    }
+                    Err(error) => {
+                        changes.unreadable();
+                        tracing::warn!(
                             target: "genesys_auth_layer::credentials",
                             path = %watched.display(),
-                            "credentials file changed"
+                            %error,
+                            "credentials file unusable; keeping the last good credentials"
                         );
-                        store.rotate(credentials);
                     }
-                    Err(error) => tracing::warn!(
-                        target: "genesys_auth_layer::credentials",
-                        path = %watched.display(),
-                        %error,
-                        "credentials file unusable; keeping the last good credentials"
-                    ),
                 }
             }
         });
@@ -193,6 +225,46 @@ impl Drop for CredentialsWatcher {
     }
 }
 
+/// Decides when a changed credentials file is applied: only once two consecutive reads
+/// agree. A file rewritten in place (`cat > file`, `cp`) can be read half-written, with a
+/// secret that is valid as text but cut short; applying it would make the next token
+/// request fail with `invalid_client` and start a backoff. A write that is still going on
+/// reads differently the next time; a finished one reads the same.
+struct Settling {
+    /// What was applied last.
+    applied: u64,
+    /// A change read once, not applied yet.
+    seen: Option<u64>,
+}
+
+impl Settling {
+    fn new(applied: u64) -> Self {
+        Self {
+            applied,
+            seen: None,
+        }
+    }
+
+    /// Whether credentials read with `fingerprint` are to be applied now.
+    fn settled(&mut self, fingerprint: u64) -> bool {
+        if fingerprint == self.applied {
+            self.seen = None;
+            return false;
+        }
+        if self.seen.replace(fingerprint) == Some(fingerprint) {
+            self.applied = fingerprint;
+            self.seen = None;
+            return true;
+        }
+        false
+    }
+
+    /// The file could not be read or parsed: a change must be read twice anew.
+    fn unreadable(&mut self) {
+        self.seen = None;
+    }
+}
+
 /// Reads credentials from a file or directory, with a fingerprint of what was read (a hash,
 /// so the contents themselves need not be kept to notice a change).
 async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError> {
@@ -203,6 +275,13 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
     let metadata = tokio::fs::metadata(path).await.map_err(unreadable)?;
     let mut pairs: Vec<(String, Zeroizing<String>)> = Vec::new();
     if metadata.is_dir() {
+        // A mounted Kubernetes secret swaps a `..data` link to a new directory in one step:
+        // read every key through one resolution of it, so that one read never mixes keys
+        // from before and after an update.
+        let dir = match tokio::fs::canonicalize(path.join("..data")).await {
+            Ok(snapshot) => snapshot,
+            Err(_) => path.to_path_buf(),
+        };
         for name in [
             "client_id",
             "client_secret",
@@ -211,7 +290,7 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
             ENV_CLIENT_SECRET,
             ENV_SECONDARY_SECRET,
         ] {
-            match tokio::fs::read(path.join(name)).await {
+            match tokio::fs::read(dir.join(name)).await {
                 Ok(bytes) => {
                     let bytes = Zeroizing::new(bytes);
                     let text = Zeroizing::new(String::from_utf8_lossy(&bytes).trim().to_owned());
@@ -351,6 +430,52 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("condition not reached within 2 s");
+    }
+
+    #[test]
+    fn a_change_is_applied_only_once_two_reads_agree() {
+        let mut changes = Settling::new(1);
+        assert!(!changes.settled(1), "unchanged");
+        // Caught mid-write (2), then finished (3): neither read twice yet.
+        assert!(!changes.settled(2));
+        assert!(!changes.settled(3));
+        assert!(changes.settled(3), "the same twice: applied");
+        assert!(!changes.settled(3), "applied once");
+        // A change, an unreadable moment, the change again: it must be read twice anew.
+        assert!(!changes.settled(4));
+        changes.unreadable();
+        assert!(!changes.settled(4));
+        assert!(changes.settled(4));
+        // Back to what is applied: a pending change is forgotten.
+        assert!(!changes.settled(5));
+        assert!(!changes.settled(4));
+        assert!(!changes.settled(5));
+        assert!(changes.settled(5));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_kubernetes_secret_is_read_through_one_resolution_of_its_data_link() {
+        use std::os::unix::fs::symlink;
+        let dir = temp_path("k8s");
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/client_id"), "id\n").unwrap();
+        std::fs::write(dir.join("..v1/client_secret"), "one\n").unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/client_id", dir.join("client_id")).unwrap();
+        symlink("..data/client_secret", dir.join("client_secret")).unwrap();
+        let (creds, _) = read_credentials(&dir).await.unwrap();
+        assert_eq!(creds.secret().expose_secret(), "one");
+
+        // The update: a new directory, then the `..data` link swapped to it.
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/client_id"), "id\n").unwrap();
+        std::fs::write(dir.join("..v2/client_secret"), "two\n").unwrap();
+        symlink("..v2", dir.join("..data.tmp")).unwrap();
+        std::fs::rename(dir.join("..data.tmp"), dir.join("..data")).unwrap();
+        let (creds, _) = read_credentials(&dir).await.unwrap();
+        assert_eq!(creds.secret().expose_secret(), "two");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

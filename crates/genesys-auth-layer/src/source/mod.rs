@@ -195,8 +195,8 @@ impl<S> fmt::Debug for ClientCredentials<S> {
 impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
         Box::pin(async move {
-            let credentials = self.credentials.current();
-            let first = match self.credentials.preferred_slot() {
+            let (credentials, preferred) = self.credentials.snapshot();
+            let first = match preferred {
                 slot if credentials.secret_in(slot).is_some() => slot,
                 _ => SecretSlot::Primary,
             };
