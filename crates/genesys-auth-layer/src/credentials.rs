@@ -237,14 +237,25 @@ impl Credentials {
     /// Per RFC 6749 §2.3.1 the id and the secret are each form-urlencoded before they are
     /// joined with `:` and base64-encoded.
     pub(crate) fn basic_authorization(&self, secret: &ClientSecret) -> HeaderValue {
-        let mut pair = Zeroizing::new(String::new());
+        // Both buffers get their final capacity up front: a buffer that grew would leave
+        // its earlier, smaller copy of the secret unwiped in freed memory.
+        let encoded_max = 3 * (self.id.as_str().len() + secret.expose_secret().len()) + 1;
+        let mut pair = Zeroizing::new(String::with_capacity(encoded_max));
         pair.extend(form_urlencoded::byte_serialize(self.id.as_str().as_bytes()));
         pair.push(':');
         pair.extend(form_urlencoded::byte_serialize(
             secret.expose_secret().as_bytes(),
         ));
-        let mut value = Zeroizing::new(String::from("Basic "));
+        debug_assert!(pair.len() <= encoded_max, "the pair buffer never grew");
+        let value_len = 6 + pair.len().div_ceil(3) * 4;
+        let mut value = Zeroizing::new(String::with_capacity(value_len));
+        value.push_str("Basic ");
         base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut value);
+        debug_assert_eq!(
+            value.len(),
+            value_len,
+            "the header buffer was sized exactly"
+        );
         // Base64 output and "Basic " are visible ASCII, always a valid header value.
         let mut header =
             HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("Basic"));
@@ -270,6 +281,17 @@ mod tests {
             String::from_utf8(decoded).unwrap(),
             "id%3Awith+space:p%40ss%2Fw%C3%B6rd"
         );
+    }
+
+    #[test]
+    fn the_basic_buffers_are_sized_for_the_worst_case() {
+        // Every byte percent-encoded (3 chars), and lengths around base64's groups of 3:
+        // the debug assertions in `basic_authorization` check that no buffer grew.
+        for n in 1..12 {
+            let secret = "é/".repeat(n);
+            let creds = Credentials::new("ü".repeat(n), secret.as_str()).unwrap();
+            assert!(creds.basic_authorization(creds.secret()).is_sensitive());
+        }
     }
 
     #[test]

@@ -293,7 +293,7 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
             match tokio::fs::read(dir.join(name)).await {
                 Ok(bytes) => {
                     let bytes = Zeroizing::new(bytes);
-                    let text = Zeroizing::new(String::from_utf8_lossy(&bytes).trim().to_owned());
+                    let text = Zeroizing::new(lossy_text(&bytes).trim().to_owned());
                     pairs.push((name.to_owned(), text));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -302,7 +302,7 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
         }
     } else {
         let bytes = Zeroizing::new(tokio::fs::read(path).await.map_err(unreadable)?);
-        let text = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
+        let text = lossy_text(&bytes);
         pairs = parse_env_lines(&text);
     }
     let mut hasher = DefaultHasher::new();
@@ -323,6 +323,15 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
             .map(|(_, v)| v.to_string())
     })?;
     Ok((credentials, fingerprint))
+}
+
+/// The file's bytes as text (invalid UTF-8 replaced), in a buffer wiped when dropped: the
+/// text holds the secret.
+fn lossy_text(bytes: &[u8]) -> Zeroizing<String> {
+    match String::from_utf8_lossy(bytes) {
+        std::borrow::Cow::Borrowed(text) => Zeroizing::new(text.to_owned()),
+        std::borrow::Cow::Owned(text) => Zeroizing::new(text),
+    }
 }
 
 /// Parses `KEY=value` lines: blank lines and `#` comments skipped, an `export ` prefix and

@@ -255,8 +255,49 @@ impl<S: TokenHttpService> ClientCredentials<S> {
             .oneshot(request)
             .await
             .map_err(AuthError::transport)?;
-        read_token_response(response, self.max_response_bytes).await
+        match read_token_response(response, self.max_response_bytes).await {
+            Err(AuthError::OAuth {
+                status,
+                code,
+                description: Some(description),
+            }) => Err(AuthError::OAuth {
+                status,
+                code,
+                description: Some(without_secret(description, credentials, secret)),
+            }),
+            other => other,
+        }
     }
+}
+
+/// A server's error description with the secret it was sent (as it is, form-encoded, or
+/// inside the Basic header) replaced: some gateways echo what they refused, and the
+/// description ends up in errors and logs.
+fn without_secret(description: String, credentials: &Credentials, secret: &ClientSecret) -> String {
+    let raw = secret.expose_secret();
+    let encoded: zeroize::Zeroizing<String> =
+        zeroize::Zeroizing::new(form_urlencoded::byte_serialize(raw.as_bytes()).collect());
+    let basic = credentials.basic_authorization(secret);
+    let basic = basic
+        .to_str()
+        .unwrap_or_default()
+        .trim_start_matches("Basic ");
+    let mut shown = description;
+    for echoed in [basic, encoded.as_str(), raw] {
+        if !echoed.is_empty() && shown.contains(echoed) {
+            shown = shown.replace(echoed, "[redacted]");
+        }
+        // The description is cut at 512 bytes: a secret cut in two leaves its start.
+        let cut = (4..echoed.len())
+            .rev()
+            .filter(|&n| echoed.is_char_boundary(n))
+            .find(|&n| shown.ends_with(&echoed[..n]));
+        if let Some(n) = cut {
+            shown.truncate(shown.len() - n);
+            shown.push_str("[redacted]");
+        }
+    }
+    shown
 }
 
 /// Turns a token endpoint's answer into a token or a typed error.
@@ -433,6 +474,48 @@ mod tests {
             big.fetch().await.unwrap_err(),
             AuthError::ResponseTooLarge { limit: 10 }
         ));
+    }
+
+    #[tokio::test]
+    async fn a_secret_echoed_by_the_server_is_redacted() {
+        let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
+        let secret = credentials.secret().clone();
+        let basic = credentials.basic_authorization(&secret);
+        let basic = basic
+            .to_str()
+            .unwrap()
+            .trim_start_matches("Basic ")
+            .to_owned();
+        let description = format!(
+            "client_secret s3cr3t+/=value (form s3cr3t%2B%2F%3Dvalue) refused; got Basic {basic}"
+        );
+        let body: &'static str = Box::leak(
+            format!(r#"{{"error":"invalid_client","error_description":"{description}"}}"#)
+                .into_boxed_str(),
+        );
+        let source = ClientCredentials::new(
+            respond(401, &[], body),
+            Uri::from_static("http://127.0.0.1:1/oauth/token"),
+            credentials,
+        )
+        .unwrap();
+        let err = source.fetch().await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(!shown.contains(&basic), "{shown}");
+        assert!(
+            shown.contains("client_secret [redacted] (form [redacted]) refused"),
+            "{shown}"
+        );
+
+        // Cut by the 512-byte limit in the middle of the secret: its start is redacted too.
+        let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
+        let secret = credentials.secret().clone();
+        let cut = format!("{}s3cr3t+/=va", "x".repeat(20));
+        assert_eq!(
+            without_secret(cut, &credentials, &secret),
+            format!("{}[redacted]", "x".repeat(20))
+        );
     }
 
     #[tokio::test]
