@@ -78,6 +78,7 @@ pub struct CacheConfig {
     backoff_max: Duration,
     name: Option<Arc<str>>,
     refresh_while_idle: bool,
+    check_clock: bool,
 }
 
 impl Default for CacheConfig {
@@ -91,6 +92,7 @@ impl Default for CacheConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             name: None,
             refresh_while_idle: false,
+            check_clock: false,
         }
     }
 }
@@ -167,6 +169,42 @@ impl CacheConfig {
     /// Whether [`refresh_while_idle`](Self::refresh_while_idle) is on.
     pub fn refreshes_while_idle(&self) -> bool {
         self.refresh_while_idle
+    }
+
+    /// Whether every request compares the clock with the token's refresh time (default:
+    /// `false`).
+    ///
+    /// By default a token's phase (fresh, due for refresh, expired) is moved on by a timer
+    /// task on the runtime, so a request with a fresh token reads no clock. Where that timer
+    /// may not run on time, turn this on:
+    ///
+    /// * a runtime driven only while a request runs (`block_on` per call behind a
+    ///   synchronous facade): the timer's runtime sleeps between calls, and a call is
+    ///   polled before the timers that fell due meanwhile;
+    /// * a process frozen between requests (serverless platforms that throttle the CPU
+    ///   outside requests, a paused VM).
+    ///
+    /// Without it, after such a gap the first requests can carry a token past its refresh
+    /// time, or past its expiry, until the timer runs; the API answers 401 and
+    /// [`RefreshOn401`](crate::RefreshOn401) replays them (with [`AuthLayer`](crate::AuthLayer)
+    /// alone, the caller gets the 401). With it, each request costs one clock read (about
+    /// 20–25 ns) and never carries a token past its refresh time without starting the
+    /// refresh, nor one past its expiry.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// let config = CacheConfig::default().check_clock_per_request(true);
+    /// assert!(config.checks_clock_per_request());
+    /// ```
+    pub fn check_clock_per_request(mut self, enabled: bool) -> Self {
+        self.check_clock = enabled;
+        self
+    }
+
+    /// Whether [`check_clock_per_request`](Self::check_clock_per_request) is on.
+    pub fn checks_clock_per_request(&self) -> bool {
+        self.check_clock
     }
 
     /// Names this cache in what operators see: the `cache` label of every `metrics` series
@@ -380,10 +418,10 @@ impl TokenCache {
     /// reads the clock and, unless a refresh runs or the backoff forbids it (both known from
     /// one atomic load), starts a background refresh.
     #[inline]
-    pub(crate) fn fresh_header(&self) -> Option<(HeaderValue, TokenGeneration)> {
+    pub(crate) fn fresh_header(&self) -> Option<(HeaderValue, TokenGeneration, Instant)> {
         let guard = self.inner.current.load();
         let token = guard.as_deref()?;
-        match token.phase() {
+        match self.phase_of(token) {
             Phase::Fresh => {}
             Phase::Due => {
                 let now = Instant::now();
@@ -395,7 +433,40 @@ impl TokenCache {
             Phase::Expired => return None,
         }
         self.inner.counters.request_authorized();
-        Some((token.header().clone(), token.generation()))
+        Some((
+            token.header().clone(),
+            token.generation(),
+            token.refresh_at(),
+        ))
+    }
+
+    /// The token's phase; with [`CacheConfig::check_clock_per_request`], checked against
+    /// the clock too, doing the work of a timer that runs late (the token is marked due and
+    /// withdrawn from the services' kept headers).
+    #[inline]
+    fn phase_of(&self, token: &Token) -> Phase {
+        let phase = token.phase();
+        if phase == Phase::Fresh && self.inner.config.check_clock {
+            self.phase_by_clock(token)
+        } else {
+            phase
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn phase_by_clock(&self, token: &Token) -> Phase {
+        if Instant::now() < token.refresh_at() {
+            return Phase::Fresh;
+        }
+        token.advance_phase(Phase::Due);
+        self.inner.fresh.retire(token.generation());
+        token.phase()
+    }
+
+    /// Whether every request checks the clock (see [`CacheConfig::check_clock_per_request`]).
+    pub(crate) fn checks_clock(&self) -> bool {
+        self.inner.config.check_clock
     }
 
     /// This cache's identity, unique in the process.
@@ -1148,7 +1219,7 @@ mod tests {
         // 10 s window a background refresh starts, and no request ever waits.
         for _ in 0..300 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            let (_, generation) = cache.fresh_header().expect("a valid token at every step");
+            let (_, generation, _) = cache.fresh_header().expect("a valid token at every step");
             assert!(generation.0 >= 1);
             tokio::task::yield_now().await;
         }

@@ -33,15 +33,19 @@ pub(crate) struct Shared {
     pub(crate) scope: Scope,
     /// `cache.id()`, next to the scope that every call reads anyway.
     pub(crate) cache_id: u64,
+    /// `cache.checks_clock()`: whether a kept header is also checked against the clock.
+    pub(crate) check_clock: bool,
 }
 
 impl Shared {
     pub(crate) fn new(cache: TokenCache, scope: Scope) -> Self {
         let cache_id = cache.id();
+        let check_clock = cache.checks_clock();
         Self {
             cache,
             scope,
             cache_id,
+            check_clock,
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct AuthService<S> {
 struct KeptHeader {
     generation: TokenGeneration,
     header: HeaderValue,
+    /// The token's refresh time, for [`CacheConfig::check_clock_per_request`](crate::CacheConfig::check_clock_per_request).
+    refresh_at: tokio::time::Instant,
 }
 
 impl fmt::Debug for KeptHeader {
@@ -190,7 +192,11 @@ impl<S> AuthService<S> {
         }
         let fresh = self.shared.cache.fresh_generation();
         match &self.kept {
-            Some(kept) if kept.generation.0 == fresh => {
+            Some(kept)
+                if kept.generation.0 == fresh
+                    && (!self.shared.check_clock
+                        || tokio::time::Instant::now() < kept.refresh_at) =>
+            {
                 request
                     .headers_mut()
                     .insert(AUTHORIZATION, kept.header.clone());
@@ -220,11 +226,12 @@ impl<S> AuthService<S> {
     #[inline(never)]
     fn attach_from_cache(&mut self, headers: &mut HeaderMap, fresh: u64) -> Attach {
         match self.shared.cache.fresh_header() {
-            Some((header, generation)) => {
+            Some((header, generation, refresh_at)) => {
                 // Kept only if it is the fresh generation read before loading it.
                 self.kept = (self.reused && generation.0 == fresh).then(|| KeptHeader {
                     generation,
                     header: private_copy(&header),
+                    refresh_at,
                 });
                 self.reused = true;
                 headers.insert(AUTHORIZATION, header);
@@ -383,11 +390,75 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 4);
     }
 
+    /// Issues `token-0`, `token-1`, … valid 1 s each, at once.
+    #[derive(Clone, Default)]
+    struct OneSecond(Arc<AtomicUsize>);
+
+    impl TokenSource for OneSecond {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(1)).unwrap())
+            })
+        }
+    }
+
+    /// A runtime driven only while a call runs (`block_on` per call, as behind a
+    /// synchronous facade): between calls nothing runs the token's timer, and a call is
+    /// polled before the timers that fell due meanwhile.
+    #[test]
+    fn a_late_timer_is_caught_when_the_clock_is_checked() {
+        for check in [false, true] {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let setup = || {
+                let source = OneSecond::default();
+                let config = CacheConfig::default()
+                    .refresh_ahead(Duration::from_millis(500), 0.0)
+                    .refresh_jitter(0.0)
+                    .check_clock_per_request(check);
+                let cache = TokenCache::new(source.clone(), config);
+                let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+                let mut service = AuthLayer::new(cache, scope).layer(echo());
+                for _ in 0..3 {
+                    assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
+                }
+                (source, service)
+            };
+
+            // Past the refresh time (0.5 s), before the expiry (1 s), nothing driven.
+            let (source, mut service) = setup();
+            std::thread::sleep(std::time::Duration::from_millis(600));
+            assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
+            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+            let refreshed = source.0.load(Ordering::SeqCst) == 2;
+            assert_eq!(
+                refreshed, check,
+                "a refresh ahead started (clock checked: {check})"
+            );
+
+            // Past the expiry, nothing driven.
+            let (_, mut service) = setup();
+            std::thread::sleep(std::time::Duration::from_millis(1_100));
+            let sent = runtime.block_on(send(&mut service));
+            if check {
+                assert_eq!(sent, "Bearer token-1", "never the expired token");
+            } else {
+                // The documented cost of trusting the timer: the expired token goes out
+                // (the API's 401 is then replayed by `RefreshOn401`).
+                assert_eq!(sent, "Bearer token-0");
+            }
+        }
+    }
+
     #[test]
     fn debug_shows_the_kept_generation_not_the_token() {
         let kept = KeptHeader {
             generation: TokenGeneration(7),
             header: HeaderValue::from_static("Bearer secret-value"),
+            refresh_at: tokio::time::Instant::now(),
         };
         let shown = format!("{kept:?}");
         assert!(shown.contains('7') && !shown.contains("secret"), "{shown}");
