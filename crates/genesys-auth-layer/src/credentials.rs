@@ -237,6 +237,16 @@ impl Credentials {
     /// Per RFC 6749 §2.3.1 the id and the secret are each form-urlencoded before they are
     /// joined with `:` and base64-encoded.
     pub(crate) fn basic_authorization(&self, secret: &ClientSecret) -> HeaderValue {
+        let value = self.basic_value(secret);
+        // Base64 output and "Basic " are visible ASCII, always a valid header value.
+        let mut header =
+            HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+        header.set_sensitive(true);
+        header
+    }
+
+    /// `Basic <base64>`, in a buffer wiped when dropped.
+    pub(crate) fn basic_value(&self, secret: &ClientSecret) -> Zeroizing<String> {
         // Both buffers get their final capacity up front: a buffer that grew would leave
         // its earlier, smaller copy of the secret unwiped in freed memory.
         let encoded_max = 3 * (self.id.as_str().len() + secret.expose_secret().len()) + 1;
@@ -256,11 +266,7 @@ impl Credentials {
             value_len,
             "the header buffer was sized exactly"
         );
-        // Base64 output and "Basic " are visible ASCII, always a valid header value.
-        let mut header =
-            HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("Basic"));
-        header.set_sensitive(true);
-        header
+        value
     }
 }
 

@@ -334,18 +334,35 @@ impl fmt::Display for RetryAfter<'_> {
 
 /// A URI for an error message: user info (`user:password@`) replaced, at most 200 bytes.
 pub(crate) fn shown_uri(uri: &str) -> String {
-    // The authority starts after `scheme://`, after a leading `//`, or (no scheme at all,
-    // `user:pass@host`) at the start; user info is everything before its last `@`.
-    let start = match uri.find("://") {
-        Some(scheme_end) => scheme_end + 3,
-        None if uri.starts_with("//") => 2,
-        None => 0,
-    };
+    // Kept visible: a scheme, only when it is one (`letters:` at the start, then `//`), and
+    // leading slashes. User info (up to the authority's last `@`) is redacted. Without a
+    // real scheme the text may not even be a URI ("user:pass@host", "https:/user:pass@host"):
+    // everything up to the last `@` before a query or fragment is redacted then, a path
+    // holding an `@` included, which is the safe side.
+    let scheme_len = uri
+        .find(':')
+        .filter(|&colon| {
+            let scheme = &uri[..colon];
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-'))
+                && uri[colon..].starts_with("://")
+        })
+        .map_or(0, |colon| colon + 1);
+    let start =
+        scheme_len + uri[scheme_len..].len() - uri[scheme_len..].trim_start_matches('/').len();
     let rest = &uri[start..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    // With a real scheme the authority ends at the path; without one, nothing says where.
+    let ends: &[char] = if scheme_len > 0 {
+        &['/', '?', '#']
+    } else {
+        &['?', '#']
+    };
+    let authority = &rest[..rest.find(ends).unwrap_or(rest.len())];
     let redacted = authority
         .rfind('@')
-        .map(|at| format!("{}[redacted]{}", &uri[..start], &uri[start + at..]));
+        .map(|at| format!("{}[redacted]{}", &uri[..start], &rest[at..]));
     truncate(&redacted.unwrap_or_else(|| uri.to_owned()), 200)
 }
 
@@ -377,6 +394,12 @@ fn shown_as_is(c: char) -> bool {
             | '\u{2060}'..='\u{206f}'     // word joiner, invisible operators, bidi isolates
             | '\u{feff}'                  // zero-width no-break space (BOM)
             | '\u{fff9}'..='\u{fffb}'     // interlinear annotations
+            | '\u{0600}'..='\u{0605}'     // Arabic number signs (format)
+            | '\u{06dd}' | '\u{070f}' | '\u{08e2}' | '\u{110bd}' | '\u{110cd}'
+            | '\u{fe00}'..='\u{fe0f}'     // variation selectors
+            | '\u{1d173}'..='\u{1d17a}'   // musical formatting
+            | '\u{e0000}'..='\u{e007f}'   // tags ("ASCII smuggling")
+            | '\u{e0100}'..='\u{e01ef}'   // variation selectors supplement
         ))
 }
 
@@ -396,7 +419,25 @@ mod tests {
                 "[redacted]@gw.example.com/oauth",
             ),
             ("//u:p@gw.example.com", "//[redacted]@gw.example.com"),
-            ("gw.example.com/a@b", "gw.example.com/a@b"),
+            ("gw.example.com/a@b", "[redacted]@b"),
+            ("https://api.example.com/a@b", "https://api.example.com/a@b"),
+            (
+                "https://api.example.com/x?email=a@b",
+                "https://api.example.com/x?email=a@b",
+            ),
+            (
+                "gwuser:GWPASS@gw.example.com/oauth/token?next=https://x",
+                "[redacted]@gw.example.com/oauth/token?next=https://x",
+            ),
+            (
+                "https:/gwuser:GWPASS@gw.example.com/t",
+                "[redacted]@gw.example.com/t",
+            ),
+            (
+                "https//gwuser:GWPASS@gw.example.com/t",
+                "[redacted]@gw.example.com/t",
+            ),
+            ("é://ü:p@h/é", "[redacted]@h/é"),
         ] {
             assert_eq!(shown_uri(given), shown, "{given}");
         }
@@ -404,8 +445,8 @@ mod tests {
 
     #[test]
     fn server_text_cannot_break_or_disguise_a_log_line() {
-        let hostile = "a\r\nb\u{2028}c\u{2029}d\u{202e}e\u{200b}f\u{feff}g\u{1b}[31mh";
-        assert_eq!(truncate(hostile, 200), "a  b c d e f g [31mh");
+        let hostile = "a\r\nb\u{2028}c\u{2029}d\u{202e}e\u{200b}f\u{feff}g\u{1b}[31mh\u{e0041}i";
+        assert_eq!(truncate(hostile, 200), "a  b c d e f g [31mh i");
         assert_eq!(truncate("plain é 名前", 200), "plain é 名前");
     }
 

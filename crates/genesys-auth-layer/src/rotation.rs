@@ -225,6 +225,16 @@ impl Drop for CredentialsWatcher {
     }
 }
 
+/// The keys credentials are read from, in a file or as a directory's file names.
+const CREDENTIAL_KEYS: [&str; 6] = [
+    "client_id",
+    "client_secret",
+    "secondary_client_secret",
+    ENV_CLIENT_ID,
+    ENV_CLIENT_SECRET,
+    ENV_SECONDARY_SECRET,
+];
+
 /// Decides when a changed credentials file is applied: only once two consecutive reads
 /// agree. A file rewritten in place (`cat > file`, `cp`) can be read half-written, with a
 /// secret that is valid as text but cut short; applying it would make the next token
@@ -282,14 +292,7 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
             Ok(snapshot) => snapshot,
             Err(_) => path.to_path_buf(),
         };
-        for name in [
-            "client_id",
-            "client_secret",
-            "secondary_client_secret",
-            ENV_CLIENT_ID,
-            ENV_CLIENT_SECRET,
-            ENV_SECONDARY_SECRET,
-        ] {
+        for name in CREDENTIAL_KEYS {
             match tokio::fs::read(dir.join(name)).await {
                 Ok(bytes) => {
                     let bytes = Zeroizing::new(bytes);
@@ -305,8 +308,13 @@ async fn read_credentials(path: &Path) -> Result<(Credentials, u64), ConfigError
         let text = lossy_text(&bytes);
         pairs = parse_env_lines(&text);
     }
+    // Only the keys that make the credentials count: another value in the same env file
+    // that changes often must not keep a real change from settling (see `Settling`).
     let mut hasher = DefaultHasher::new();
-    for (key, value) in &pairs {
+    for (key, value) in pairs
+        .iter()
+        .filter(|(key, _)| CREDENTIAL_KEYS.contains(&key.as_str()))
+    {
         key.hash(&mut hasher);
         value.as_str().hash(&mut hasher);
     }
@@ -439,6 +447,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("condition not reached within 2 s");
+    }
+
+    #[tokio::test]
+    async fn other_values_in_the_file_do_not_count_as_a_change() {
+        let file = temp_path("other-values");
+        std::fs::write(&file, "client_id=id\nclient_secret=s\nREQUEST_ID=1\n").unwrap();
+        let (_, before) = read_credentials(&file).await.unwrap();
+        std::fs::write(&file, "client_id=id\nclient_secret=s\nREQUEST_ID=2\n").unwrap();
+        let (_, after) = read_credentials(&file).await.unwrap();
+        assert_eq!(before, after);
+        std::fs::write(&file, "client_id=id\nclient_secret=t\nREQUEST_ID=2\n").unwrap();
+        let (_, changed) = read_credentials(&file).await.unwrap();
+        assert_ne!(after, changed);
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

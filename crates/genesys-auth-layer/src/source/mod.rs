@@ -277,11 +277,8 @@ fn without_secret(description: String, credentials: &Credentials, secret: &Clien
     let raw = secret.expose_secret();
     let encoded: zeroize::Zeroizing<String> =
         zeroize::Zeroizing::new(form_urlencoded::byte_serialize(raw.as_bytes()).collect());
-    let basic = credentials.basic_authorization(secret);
-    let basic = basic
-        .to_str()
-        .unwrap_or_default()
-        .trim_start_matches("Basic ");
+    let basic = credentials.basic_value(secret);
+    let basic = basic.trim_start_matches("Basic ");
     let mut shown = description;
     for echoed in [basic, encoded.as_str(), raw] {
         if !echoed.is_empty() && shown.contains(echoed) {
