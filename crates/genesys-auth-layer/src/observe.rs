@@ -386,11 +386,35 @@ mod tests {
         assert!(health.has_valid_token());
     }
 
+    /// Every counter the recorder holds, as `name["label=value", …]` (labels sorted).
+    #[cfg(feature = "metrics")]
+    fn counter_values(
+        snapshotter: &metrics_util::debugging::Snapshotter,
+    ) -> std::collections::HashMap<String, u64> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => {
+                    let key = key.key();
+                    let mut labels: Vec<String> = key
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect();
+                    labels.sort();
+                    Some((format!("{}{:?}", key.name(), labels), n))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     #[cfg(feature = "metrics")]
     #[tokio::test]
     async fn counters_reach_a_metrics_recorder() {
         use crate::{BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
 
         struct FailsOnce(std::sync::atomic::AtomicBool);
         impl TokenSource for FailsOnce {
@@ -418,22 +442,7 @@ mod tests {
         for _ in 0..5 {
             assert!(cache.fresh_header().is_some());
         }
-        let counters: std::collections::HashMap<String, u64> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| match value {
-                DebugValue::Counter(n) => {
-                    let key = key.key();
-                    let labels: Vec<String> = key
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect();
-                    Some((format!("{}{:?}", key.name(), labels), n))
-                }
-                _ => None,
-            })
-            .collect();
+        let counters = counter_values(&snapshotter);
         assert_eq!(counters[&format!("{METRIC_TOKENS_RETRIEVED}[]")], 1);
         assert_eq!(
             counters[&format!("{METRIC_FAILURES}[\"cause=timeout\"]")],
@@ -451,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn named_caches_publish_their_own_series() {
         use crate::{BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
 
         struct Fixed;
         impl TokenSource for Fixed {
@@ -474,23 +483,7 @@ mod tests {
             assert!(emea.fresh_header().is_some());
         }
         assert!(apac.fresh_header().is_some());
-        let series: std::collections::HashMap<String, u64> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| match value {
-                DebugValue::Counter(n) => {
-                    let key = key.key();
-                    let mut labels: Vec<String> = key
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect();
-                    labels.sort();
-                    Some((format!("{}{:?}", key.name(), labels), n))
-                }
-                _ => None,
-            })
-            .collect();
+        let series = counter_values(&snapshotter);
         assert_eq!(
             series[&format!("{METRIC_REQUESTS_AUTHORIZED}[\"cache=emea\"]")],
             3
