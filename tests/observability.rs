@@ -14,17 +14,22 @@ use tower::{ServiceBuilder, ServiceExt};
 
 use common::{h2_client, Captured};
 
+/// Captures this thread's tracing output up to `level` while the guard lives.
+fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(captured.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
 // Current-thread runtime: spawned tasks (the refresh) run on this thread, under the
 // thread-local subscriber set below.
 #[tokio::test]
 async fn documented_events_counters_and_health() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(captured.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::TRACE);
 
     let fake = FakeGenesys::builder()
         .client("obs-client", "primary")
@@ -118,13 +123,7 @@ async fn documented_events_counters_and_health() {
 
 #[tokio::test]
 async fn a_named_cache_names_its_fetch_span() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(captured.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::INFO);
 
     let fake = FakeGenesys::start().await.unwrap();
     let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())

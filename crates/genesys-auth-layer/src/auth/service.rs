@@ -295,16 +295,30 @@ mod tests {
     use crate::source::BoxFuture;
     use crate::{AuthError, AuthLayer, CacheConfig, IssuedToken, Scope, TokenCache, TokenSource};
 
-    /// Issues `token-0`, `token-1`, … valid 100 s each, 50 ms after being asked.
-    #[derive(Clone, Default)]
-    struct Counting(Arc<AtomicUsize>);
+    /// Issues `token-0`, `token-1`, … each valid `lifetime`, `delay` after being asked, and
+    /// counts them.
+    #[derive(Clone)]
+    struct Counting(Arc<AtomicUsize>, Duration, Duration);
+
+    impl Counting {
+        fn new(lifetime: Duration, delay: Duration) -> Self {
+            Self(Arc::default(), lifetime, delay)
+        }
+    }
+
+    /// Tokens valid 100 s, issued 50 ms after being asked.
+    impl Default for Counting {
+        fn default() -> Self {
+            Self::new(Duration::from_secs(100), Duration::from_millis(50))
+        }
+    }
 
     impl TokenSource for Counting {
         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(100)).unwrap())
+                tokio::time::sleep(self.2).await;
+                Ok(IssuedToken::bearer(&format!("token-{n}"), self.1).unwrap())
             })
         }
     }
@@ -390,19 +404,6 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 4);
     }
 
-    /// Issues `token-0`, `token-1`, … valid 1 s each, at once.
-    #[derive(Clone, Default)]
-    struct OneSecond(Arc<AtomicUsize>);
-
-    impl TokenSource for OneSecond {
-        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-            let n = self.0.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move {
-                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(1)).unwrap())
-            })
-        }
-    }
-
     /// A runtime driven only while a call runs (`block_on` per call, as behind a
     /// synchronous facade): between calls nothing runs the token's timer, and a call is
     /// polled before the timers that fell due meanwhile.
@@ -414,7 +415,7 @@ mod tests {
                 .build()
                 .unwrap();
             let setup = || {
-                let source = OneSecond::default();
+                let source = Counting::new(Duration::from_secs(1), Duration::ZERO);
                 let config = CacheConfig::default()
                     .refresh_ahead(Duration::from_millis(500), 0.0)
                     .refresh_jitter(0.0)
