@@ -188,8 +188,9 @@ impl CacheConfig {
     /// time, or past its expiry, until the timer runs; the API answers 401 and
     /// [`RefreshOn401`](crate::RefreshOn401) replays them (with [`AuthLayer`](crate::AuthLayer)
     /// alone, the caller gets the 401). With it, each request costs one clock read (about
-    /// 20–25 ns) and never carries a token past its refresh time without starting the
-    /// refresh, nor one past its expiry.
+    /// 20–25 ns), never carries a token past its expiry, and past its refresh time asks
+    /// for the refresh ahead (which starts unless one runs, a backoff forbids it, or another
+    /// thread holds the cache's lock at that instant; the next request asks again).
     ///
     /// ```
     /// use genesys_auth_layer::CacheConfig;
