@@ -151,9 +151,10 @@ impl CacheConfig {
     ///
     /// With `true`, a client idle for longer than a token's lifetime still finds a valid
     /// token on its next request instead of waiting for one, at the price of one token
-    /// request per lifetime while the cache exists, used or not. The timer makes one
-    /// attempt per token; if it fails, the failure is backed off as usual and the next
-    /// request in the window tries again.
+    /// request per lifetime while the cache exists, used or not. If the refresh fails, the
+    /// timer tries again each time the backoff allows (1 s doubling to 60 s by default,
+    /// never faster), until a new token arrives or the old one expires; then requests take
+    /// over, as without the option.
     ///
     /// ```
     /// use genesys_auth_layer::CacheConfig;
@@ -650,6 +651,23 @@ impl TokenCache {
         self.refresh_ahead_locked(state, now);
     }
 
+    /// When the timer of an idle cache looks again after asking for a refresh at `now`: once
+    /// the refresh in flight has ended (or had its time), or at the end of the backoff after
+    /// a failure.
+    fn next_idle_attempt(&self, now: Instant) -> IdleWait {
+        let deadline = now + self.inner.config.fetch_timeout + WAIT_GRACE;
+        let mut state = self.lock_state();
+        if let Some(refresh) = self.joinable_refresh(&mut state) {
+            return IdleWait::Refresh(refresh, deadline);
+        }
+        match &state.failure {
+            Some(failure) if failure.retry_at > now => IdleWait::Until(failure.retry_at),
+            // Neither running nor backing off: the refresh already published a newer token
+            // (or the current one is not due), so there is nothing left to do.
+            _ => IdleWait::Done,
+        }
+    }
+
     fn refresh_ahead_locked(&self, mut state: MutexGuard<'_, RefreshState>, now: Instant) {
         let still_due = self
             .inner
@@ -867,8 +885,9 @@ impl TokenCache {
                 return guard.finish();
             };
             guard.mark_due(&token);
+            let generation = token.generation();
             drop(token);
-            guard.refresh_if_idle();
+            guard.refresh_while_idle(generation, expires_at).await;
             tokio::time::sleep_until(expires_at).await;
             if let Some(token) = guard.token.upgrade() {
                 token.advance_phase(Phase::Expired);
@@ -981,6 +1000,16 @@ impl Drop for RefreshGuard {
     }
 }
 
+/// What the timer of an idle cache waits for before it looks again.
+enum IdleWait {
+    /// The refresh in flight to end, at the latest by the instant given.
+    Refresh(Channel, Instant),
+    /// The end of a backoff.
+    Until(Instant),
+    /// Nothing: a newer token is current.
+    Done,
+}
+
 /// Lives in a token's phase timer: if the timer is dropped before it finished (its runtime
 /// shut down), the token is marked due, so requests read the clock again instead of
 /// trusting a phase nobody will advance.
@@ -1003,16 +1032,43 @@ impl PhaseTimerGuard {
         }
     }
 
-    /// With [`CacheConfig::refresh_while_idle`], starts the refresh ahead that a request in
-    /// the window would start (unless one runs or a backoff forbids it). The cache is held
-    /// only while deciding: the refresh task keeps it alive until the fetch ends, and a
-    /// cache whose every handle is gone is not refreshed.
-    fn refresh_if_idle(&self) {
-        let Some(inner) = self.cache.upgrade() else {
-            return;
-        };
-        if inner.config.refresh_while_idle {
-            TokenCache { inner }.refresh_ahead_from_timer(Instant::now());
+    /// With [`CacheConfig::refresh_while_idle`], does what requests in the window would do
+    /// while none comes: starts the refresh ahead, and after a failure starts it again once
+    /// the backoff allows, until a newer token is current or this one (`generation`)
+    /// expires. The cache is held only while deciding, never while sleeping: the refresh
+    /// task keeps it alive until its fetch ends, and a cache whose every handle is gone is
+    /// not refreshed.
+    async fn refresh_while_idle(&self, generation: TokenGeneration, expires_at: Instant) {
+        loop {
+            let next = {
+                let Some(inner) = self.cache.upgrade() else {
+                    return;
+                };
+                if !inner.config.refresh_while_idle {
+                    return;
+                }
+                let cache = TokenCache { inner };
+                let still_current = cache
+                    .inner
+                    .current
+                    .load()
+                    .as_deref()
+                    .is_some_and(|t| t.generation() == generation);
+                let now = Instant::now();
+                if !still_current || now >= expires_at {
+                    return;
+                }
+                cache.refresh_ahead_from_timer(now);
+                cache.next_idle_attempt(now)
+            };
+            match next {
+                IdleWait::Refresh(mut refresh, deadline) => {
+                    let ended = refresh.wait_for(Option::is_some);
+                    let _ = tokio::time::timeout_at(deadline.min(expires_at), ended).await;
+                }
+                IdleWait::Until(at) => tokio::time::sleep_until(at.min(expires_at)).await,
+                IdleWait::Done => return,
+            }
         }
     }
 }
@@ -1260,22 +1316,65 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_refresh_that_fails_is_not_retried_in_a_loop() {
+    async fn an_idle_refresh_that_fails_is_retried_at_the_pace_of_the_backoff_until_expiry() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
+        let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
+        cache.token().await.unwrap();
+        for _ in 0..100 {
+            source.then(Err(AuthError::Timeout(Duration::from_secs(1))));
+        }
+        // From 90 s to the expiry at 100 s, no request: the timer retries after each backoff
+        // (1 s doubling to 8 s, each between half and all of it), never faster.
+        let mut calls_at = Vec::new();
+        let mut seen = source.calls();
+        for step in 1..=100 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+            if step == 1 {
+                tokio::time::advance(Duration::from_secs(90) - Duration::from_millis(100)).await;
+                tokio::task::yield_now().await;
+            }
+            while seen < source.calls() {
+                calls_at.push(Instant::now());
+                seen += 1;
+            }
+        }
+        let attempts = source.calls() - 1;
+        assert!((3..=5).contains(&attempts), "{attempts} attempts in 10 s");
+        assert!(
+            calls_at
+                .windows(2)
+                .all(|w| w[1] - w[0] >= Duration::from_millis(400)),
+            "attempts spaced by the backoff"
+        );
+        assert_eq!(cache.stats().fetch_failures as usize, attempts);
+        // Past the expiry the timer stops; without a request nothing more is asked.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(source.calls() - 1, attempts, "no attempt after the expiry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_refresh_recovers_after_failures_before_the_token_expires() {
         let source = Scripted::new(Duration::from_secs(100), Duration::from_millis(50));
         let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
         cache.token().await.unwrap();
         source.then(Err(AuthError::Timeout(Duration::from_secs(1))));
-        // The timer's one attempt at 90 s fails; idle until just before expiry, nothing
-        // else is asked of the endpoint, and the valid token keeps serving.
-        tokio::time::advance(Duration::from_secs(91)).await;
+        source.then(Err(AuthError::Timeout(Duration::from_secs(1))));
+        tokio::time::advance(Duration::from_secs(90)).await;
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+        }
+        // Two failures, then a token, all before 100 s; then quiet until its own window.
+        assert_eq!(source.calls(), 4);
+        assert_eq!(cache.current().unwrap().generation(), TokenGeneration(2));
+        let waited = cache.stats().waited_for_token;
+        tokio::time::advance(Duration::from_secs(20)).await;
         tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(source.calls(), 2);
-        assert_eq!(cache.stats().fetch_failures, 1);
-        tokio::time::advance(Duration::from_secs(8)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(source.calls(), 2, "no retry without a request");
-        assert_eq!(cache.fresh_header().unwrap().1, TokenGeneration(1));
+        assert_eq!(source.calls(), 4);
+        cache.token().await.unwrap();
+        assert_eq!(cache.stats().waited_for_token, waited, "no request waited");
     }
 
     #[test]
