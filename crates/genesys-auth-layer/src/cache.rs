@@ -150,10 +150,11 @@ impl CacheConfig {
     /// even if no request comes (default: `false`, a request in the window starts it).
     ///
     /// With `true`, a client idle for longer than a token's lifetime still finds a valid
-    /// token on its next request instead of waiting for one, at the price of one token
-    /// request per lifetime while the cache exists, used or not. If the refresh fails, the
-    /// timer tries again each time the backoff allows (1 s doubling to 60 s by default,
-    /// never faster), until a new token arrives or the old one expires; then requests take
+    /// token on its next request instead of waiting for one, at the price of a token
+    /// request per lifetime while the cache exists, used or not (more while the token
+    /// endpoint fails). If the refresh fails, the timer tries again each time the backoff
+    /// allows (by default 1 s doubling to 60 s, each wait between half and all of that,
+    /// never sooner), until a new token arrives or the old one expires; then requests take
     /// over, as without the option.
     ///
     /// ```
