@@ -462,8 +462,7 @@ impl TokenCache {
         if Instant::now() < token.refresh_at() {
             return Phase::Fresh;
         }
-        token.advance_phase(Phase::Due);
-        self.inner.fresh.retire(token.generation());
+        self.inner.mark_due(token);
         token.phase()
     }
 
@@ -1001,6 +1000,16 @@ impl Drop for RefreshGuard {
     }
 }
 
+impl Inner {
+    /// `token` is due for refresh: its phase first, then the fresh-generation word (the
+    /// order `FreshGeneration::publish` relies on). Done by the token's timer, or by a
+    /// request that read the clock before a late timer.
+    fn mark_due(&self, token: &Token) {
+        token.advance_phase(Phase::Due);
+        self.fresh.retire(token.generation());
+    }
+}
+
 /// What the timer of an idle cache waits for before it looks again.
 enum IdleWait {
     /// The refresh in flight to end, at the latest by the instant given.
@@ -1027,9 +1036,9 @@ impl PhaseTimerGuard {
 
     /// Marks the token due, and withdraws it from the services' kept headers.
     fn mark_due(&self, token: &Token) {
-        token.advance_phase(Phase::Due);
-        if let Some(cache) = self.cache.upgrade() {
-            cache.fresh.retire(token.generation());
+        match self.cache.upgrade() {
+            Some(cache) => cache.mark_due(token),
+            None => token.advance_phase(Phase::Due),
         }
     }
 
