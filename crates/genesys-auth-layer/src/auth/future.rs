@@ -34,7 +34,7 @@ pin_project! {
         // Waiting for a token before the inner service can be called. Boxed: it is the
         // slow path, and keeping it small keeps the hot path's future small.
         WaitingForToken {
-            waiting: Option<Box<Waiting<S, B>>>,
+            waiting: Pending<S, B>,
         },
         // The inner service was called; `stamp` names the token attached, if any.
         Called {
@@ -42,6 +42,17 @@ pin_project! {
             future: S::Future,
             stamp: Option<Stamp>,
         },
+    }
+}
+
+/// The waiting state's box, dropped out of line: what is left of the future's drop on the
+/// hot path is small enough to inline into the caller.
+pub(crate) struct Pending<S, B>(Option<Box<Waiting<S, B>>>);
+
+impl<S, B> Drop for Pending<S, B> {
+    #[inline(never)]
+    fn drop(&mut self) {
+        drop(self.0.take());
     }
 }
 
@@ -71,12 +82,12 @@ where
     ) -> Self {
         Self {
             state: State::WaitingForToken {
-                waiting: Some(Box::new(Waiting {
+                waiting: Pending(Some(Box::new(Waiting {
                     token,
                     cache,
                     service,
                     request,
-                })),
+                }))),
             },
         }
     }
@@ -91,23 +102,41 @@ where
 
     #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // The hot path (the inner service was called at once) stays small enough to inline;
-        // waiting for a token and stamping a 401 are out of line.
-        loop {
-            if let StateProj::Called { future, stamp } = self.as_mut().project().state.project() {
-                let stamp = *stamp;
-                return match ready!(future.poll(cx)) {
-                    Ok(response) => match stamp {
-                        Some(stamp) if response.status() == StatusCode::UNAUTHORIZED => {
-                            Poll::Ready(Ok(stamp_401(response, stamp)))
+        // The hot path (the inner service was called at once) stays small enough to inline,
+        // and moves the response as few times as it can: a 401 is stamped in place. Waiting
+        // for a token is out of line.
+        match self.as_mut().project().state.project() {
+            StateProj::Called { future, stamp } => Poll::Ready(match ready!(future.poll(cx)) {
+                Ok(mut response) => {
+                    if let Some(stamp) = stamp {
+                        if response.status() == StatusCode::UNAUTHORIZED {
+                            stamp_401(&mut response, *stamp);
                         }
-                        _ => Poll::Ready(Ok(response)),
-                    },
-                    Err(error) => Poll::Ready(Err(error.into())),
-                };
-            }
-            ready!(self.as_mut().poll_token(cx))?;
+                    }
+                    Ok(response)
+                }
+                Err(error) => Err(error.into()),
+            }),
+            StateProj::WaitingForToken { .. } => self.poll_waiting(cx),
         }
+    }
+}
+
+impl<S, B, ResBody> ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    /// Waits for the token, calls the inner service with it, and polls its future.
+    #[cold]
+    #[inline(never)]
+    fn poll_waiting(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResBody>, BoxError>> {
+        ready!(self.as_mut().poll_token(cx))?;
+        // `poll_token` moved the state to `Called`: this does not come back here.
+        self.poll(cx)
     }
 }
 
@@ -124,11 +153,11 @@ where
         let StateProj::WaitingForToken { waiting } = state.as_mut().project() else {
             return Poll::Ready(Ok(()));
         };
-        let Some(pending) = waiting.as_mut() else {
+        let Some(pending) = waiting.0.as_mut() else {
             return Poll::Ready(Err("AuthService future polled after completion".into()));
         };
         let result = ready!(pending.token.as_mut().poll(cx));
-        let Some(pending) = waiting.take() else {
+        let Some(pending) = waiting.0.take() else {
             return Poll::Ready(Err("AuthService future polled after completion".into()));
         };
         let token = result?;
@@ -157,7 +186,7 @@ where
 /// extension allocates, and the hot path must not.
 #[cold]
 #[inline(never)]
-fn stamp_401<B>(mut response: Response<B>, stamp: Stamp) -> Response<B> {
+fn stamp_401<B>(response: &mut Response<B>, stamp: Stamp) {
     response.extensions_mut().insert(stamp.generation);
     response.extensions_mut().insert(stamp);
     tracing::debug!(
@@ -165,7 +194,6 @@ fn stamp_401<B>(mut response: Response<B>, stamp: Stamp) -> Response<B> {
         generation = stamp.generation.0,
         "API answered 401 for a token this layer attached"
     );
-    response
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>

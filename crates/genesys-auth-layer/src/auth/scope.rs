@@ -149,8 +149,20 @@ impl Scope {
             "http" => false,
             _ => return self.contains_in_any_case(scheme, authority),
         };
+        // The first spelling (the first origin's bare host) inline: it is what nearly every
+        // request to a one-origin scope uses. The others, and other cases, out of line.
+        match self.spellings.first() {
+            Some((h, a)) if *h == https && same_bytes(a, authority) => true,
+            _ => self.contains_elsewhere(https, scheme, authority),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn contains_elsewhere(&self, https: bool, scheme: &str, authority: &[u8]) -> bool {
         self.spellings
             .iter()
+            .skip(1)
             .any(|(h, a)| *h == https && same_bytes(a, authority))
             || self.contains_in_any_case(scheme, authority)
     }

@@ -153,8 +153,16 @@ where
 /// reference count with every service on every core; the kept copy's count is only touched
 /// by this service and its clones (usually on one thread), so bumping it per request does
 /// not bounce a cache line between cores.
+///
+/// The buffer gets one spare byte: `bytes` turns a `Vec` with spare capacity into its
+/// shared representation at once, whose clone is a plain reference-count increment; an
+/// exactly sized one goes through a check of its representation on every clone. (Only
+/// speed depends on this; any representation is correct.)
 fn private_copy(header: &HeaderValue) -> HeaderValue {
-    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(header.as_bytes()))
+    let bytes = header.as_bytes();
+    let mut buffer = Vec::with_capacity(bytes.len() + 1);
+    buffer.extend_from_slice(bytes);
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::from(buffer))
         .unwrap_or_else(|_| header.clone());
     copy.set_sensitive(true);
     copy
