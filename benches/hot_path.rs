@@ -36,7 +36,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use genesys_auth_layer::{
     AuthError, BoxFuture, CacheConfig, GenesysAuth, IssuedToken, Scope, TokenSource,
 };
@@ -421,9 +421,95 @@ fn parts(c: &mut Criterion) {
     group.finish();
 }
 
+/// The ratios the benchmark issue sets bars on: (label, numerator, denominator, bar).
+const BARS: [(&str, &str, &str, &str); 6] = [
+    ("(3) / (2)", "3_auth_layer", "2_set_header", "<= 1.10"),
+    ("(4) / (7)", "4_full_stack", "7_retry_clone_set_header", "<= 1.10"),
+    ("(3) / (5a)", "3_auth_layer", "5a_rwlock_layer", "< 1"),
+    ("(3) / (5b)", "3_auth_layer", "5b_mutex_layer", "< 1"),
+    ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer", "< 1"),
+    ("(4) / (5b)", "4_full_stack", "5b_mutex_layer", "< 1"),
+];
+
+/// `--paired`: the variants measured side by side in short interleaved batches, and each
+/// bar's ratio taken within a round.
+///
+/// Criterion measures one variant for seconds and then the next, so a change in the
+/// machine's speed between the two (this shared machine's speed drifts by several percent
+/// from one second to the next) lands in their ratio. Here every round runs one batch of
+/// `BATCH` calls of each variant, in an order that rotates from round to round, so the
+/// variants of one round share the machine's state; the median over rounds of each
+/// round's ratio is reported, with its quartiles.
+fn paired(rounds: usize) {
+    const BATCH: u32 = 5_000;
+    let rt = runtime();
+    let _guard = rt.enter();
+    let uri = Uri::from_static(PATH);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut callers: Vec<(&str, Caller)> = variants(&rt)
+        .into_iter()
+        .map(|(name, make)| (name, make()))
+        .collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); callers.len()];
+    // Warm-up: every variant's code and data in the caches, the kept headers in place.
+    for (_, call) in &mut callers {
+        for _ in 0..BATCH {
+            call(&uri, &mut cx);
+        }
+    }
+    let n = callers.len();
+    for round in 0..rounds {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let call = &mut callers[i].1;
+            let start = Instant::now();
+            for _ in 0..BATCH {
+                call(&uri, &mut cx);
+            }
+            times[i].push(start.elapsed().as_nanos() as f64 / f64::from(BATCH));
+        }
+    }
+    let index = |name: &str| callers.iter().position(|(n, _)| *n == name);
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (at(0.25), at(0.5), at(0.75))
+    };
+    println!("`cargo bench --bench hot_path -- --paired {rounds}`: {rounds} rounds of {BATCH} calls per variant, interleaved\n");
+    println!("| variant | ns per call: p25 | median | p75 |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (i, (name, _)) in callers.iter().enumerate() {
+        let (a, m, b) = quartiles(times[i].clone());
+        println!("| {name} | {a:.1} | {m:.1} | {b:.1} |");
+    }
+    println!("\n| ratio (same round) | p25 | median | p75 | bar |");
+    println!("| --- | ---: | ---: | ---: | --- |");
+    for (label, num, den, bar) in BARS {
+        let (Some(x), Some(y)) = (index(num), index(den)) else {
+            continue;
+        };
+        let ratios = times[x].iter().zip(&times[y]).map(|(a, b)| a / b).collect();
+        let (a, m, b) = quartiles(ratios);
+        println!("| {label} | {a:.3} | **{m:.3}** | {b:.3} | {bar} |");
+    }
+}
+
 criterion_group! {
     name = benches;
     config = config();
     targets = single_thread, two_threads, parts
 }
-criterion_main!(benches);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--paired") {
+        let rounds = args
+            .get(at + 1)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(400);
+        paired(rounds);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
