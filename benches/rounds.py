@@ -6,12 +6,19 @@ One criterion run on a shared machine moves by several percent from one process 
 next (address-space layout, neighbours), which is as much as a 1.10x bar allows; the median
 of per-run ratios is steadier than any single run. Each ratio is taken within one run.
 
+With GROUP `paired`, each run is one process of the bench's `--paired` mode (every variant
+interleaved in short batches, 1,000 rounds), and the table shows each run's median
+per-call time and per-round ratio: the process's memory layout still moves a ratio by a
+few percent from one process to the next, which several runs show.
+
 Usage: python3 benches/rounds.py [RUNS] [GROUP]
 e.g.   python3 benches/rounds.py 5 one_call      # about 2.5 minutes on a 2-core machine
        python3 benches/rounds.py 5 two_threads
+       python3 benches/rounds.py 9 paired        # about 1 minute
 """
 import json
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -39,15 +46,38 @@ def medians():
     return out
 
 
-runs = []
-for i in range(RUNS):
-    subprocess.run(
-        ["cargo", "bench", "--bench", "hot_path", "--", f"^{GROUP}/"],
+def paired():
+    """One process of `--paired`: its median ns per variant, and its median ratios."""
+    out = subprocess.run(
+        ["cargo", "bench", "--bench", "hot_path", "--", "--paired", "1000"],
         check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    runs.append(medians())
+        capture_output=True,
+        text=True,
+    ).stdout
+    times, ratios = {}, {}
+    for line in out.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.match(r"^\d", cells[0]):
+            times[cells[0]] = float(cells[2])
+        elif len(cells) == 5 and cells[0].startswith("("):
+            ratios[cells[0]] = float(cells[2])
+    return times, ratios
+
+
+runs, paired_ratios = [], []
+for i in range(RUNS):
+    if GROUP == "paired":
+        times, ratios = paired()
+        runs.append(times)
+        paired_ratios.append(ratios)
+    else:
+        subprocess.run(
+            ["cargo", "bench", "--bench", "hot_path", "--", f"^{GROUP}/"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        runs.append(medians())
     print(f"run {i + 1}/{RUNS} done", file=sys.stderr)
 
 names = sorted(runs[0])
@@ -63,7 +93,11 @@ print()
 print("| ratio (same run) | " + " | ".join(f"run {i + 1}" for i in range(RUNS)) + " | median | bar |")
 print("| --- |" + " ---: |" * (RUNS + 1) + " --- |")
 for label, num, den, bar in BARS:
-    ratios = [r[num] / r[den] for r in runs if num in r and den in r]
+    if GROUP == "paired":
+        # The median of the per-round ratios within each process, not a ratio of medians.
+        ratios = [r[label] for r in paired_ratios if label in r]
+    else:
+        ratios = [r[num] / r[den] for r in runs if num in r and den in r]
     if not ratios:
         continue
     cells = " | ".join(f"{x:.3f}" for x in ratios)
