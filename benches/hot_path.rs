@@ -424,7 +424,12 @@ fn parts(c: &mut Criterion) {
 /// The ratios the benchmark issue sets bars on: (label, numerator, denominator, bar).
 const BARS: [(&str, &str, &str, &str); 6] = [
     ("(3) / (2)", "3_auth_layer", "2_set_header", "<= 1.10"),
-    ("(4) / (7)", "4_full_stack", "7_retry_clone_set_header", "<= 1.10"),
+    (
+        "(4) / (7)",
+        "4_full_stack",
+        "7_retry_clone_set_header",
+        "<= 1.10",
+    ),
     ("(3) / (5a)", "3_auth_layer", "5a_rwlock_layer", "< 1"),
     ("(3) / (5b)", "3_auth_layer", "5b_mutex_layer", "< 1"),
     ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer", "< 1"),
@@ -503,10 +508,7 @@ criterion_group! {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--paired") {
-        let rounds = args
-            .get(at + 1)
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(400);
+        let rounds = args.get(at + 1).and_then(|r| r.parse().ok()).unwrap_or(400);
         paired(rounds);
         return;
     }

@@ -93,6 +93,11 @@ fn status_502(e: &AuthError) -> bool {
 fn status_503(e: &AuthError) -> bool {
     matches!(e, AuthError::UnexpectedStatus { status } if *status == 503) && !e.is_fatal()
 }
+fn status_401(e: &AuthError) -> bool {
+    matches!(e, AuthError::UnexpectedStatus { status } if *status == 401)
+        && e.is_client_rejected()
+        && e.is_fatal()
+}
 
 fn body_missing(_: &FakeGenesys) -> TokenFault {
     TokenFault::Body(r#"{"token_type":"bearer","expires_in":3600}"#.into())
@@ -149,6 +154,13 @@ const FAULTS: &[FaultCase] = &[
         fault: Fault::Fake(|_| TokenFault::Status(503)),
         outcome: "`UnexpectedStatus { status: 503 }`",
         expect: Some(status_503),
+        next: NextAttempt::Backoff,
+    },
+    FaultCase {
+        name: "answers 401 without an OAuth error body",
+        fault: Fault::Fake(|_| TokenFault::Status(401)),
+        outcome: "`UnexpectedStatus { status: 401 }`, fatal (`is_client_rejected`)",
+        expect: Some(status_401),
         next: NextAttempt::Backoff,
     },
     FaultCase {

@@ -258,10 +258,34 @@ impl AuthError {
         }
     }
 
-    /// Whether retrying with the same configuration cannot help (see
-    /// [`OAuthErrorCode::is_fatal`]), looking through [`AuthError::BackingOff`].
+    /// Whether retrying with the same configuration cannot help: a fatal OAuth error code
+    /// (see [`OAuthErrorCode::is_fatal`]) or refused credentials (see
+    /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`].
     pub fn is_fatal(&self) -> bool {
-        self.oauth_code().is_some_and(OAuthErrorCode::is_fatal)
+        self.oauth_code().is_some_and(OAuthErrorCode::is_fatal) || self.is_client_rejected()
+    }
+
+    /// Whether the token endpoint refused the client's credentials: an OAuth
+    /// `invalid_client`, or any `401 Unauthorized`, whatever its body says (a 401 from the
+    /// token endpoint is a refused client authentication, RFC 6749 §5.2; a gateway may
+    /// answer it with its own body, Genesys with `{"code":"bad.credentials",…}`). Looks
+    /// through [`AuthError::BackingOff`] and [`AuthError::BothSecretsRejected`].
+    ///
+    /// A token request refused this way is tried once with the secondary secret, when
+    /// there is one.
+    ///
+    /// ```
+    /// use genesys_auth_layer::AuthError;
+    /// use http::StatusCode;
+    ///
+    /// let bare_401 = AuthError::UnexpectedStatus { status: StatusCode::UNAUTHORIZED };
+    /// assert!(bare_401.is_client_rejected() && bare_401.is_fatal());
+    /// let bad_gateway = AuthError::UnexpectedStatus { status: StatusCode::BAD_GATEWAY };
+    /// assert!(!bad_gateway.is_client_rejected() && !bad_gateway.is_fatal());
+    /// ```
+    pub fn is_client_rejected(&self) -> bool {
+        self.oauth_code() == Some(&OAuthErrorCode::InvalidClient)
+            || self.http_status() == Some(StatusCode::UNAUTHORIZED)
     }
 
     /// The delay a 429 answer asked for, if any.

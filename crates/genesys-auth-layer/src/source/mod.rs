@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{BoxError, Service, ServiceExt};
 
 use crate::credentials::{ClientSecret, Credentials, SecretSlot};
-use crate::error::{AuthError, ConfigError, OAuthErrorCode};
+use crate::error::{AuthError, ConfigError};
 use crate::rotation::CredentialStore;
 use crate::token::IssuedToken;
 
@@ -99,8 +99,8 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// `grant_type=client_credentials`. The answer is read up to a size cap and parsed into an
 /// [`IssuedToken`] or a typed [`AuthError`].
 ///
-/// With a secondary secret, a request refused with `invalid_client` is tried once with the
-/// other secret; the one that works is used first from then on (a `warn` event says so).
+/// With a secondary secret, a request refused with `invalid_client` (or any other `401`,
+/// see [`AuthError::is_client_rejected`]) is tried once with the other secret; the one that works is used first from then on (a `warn` event says so).
 /// Both refused is [`AuthError::BothSecretsRejected`]. Credentials are read from a
 /// [`CredentialStore`] at each fetch, so they can be rotated while the process runs.
 ///
@@ -202,10 +202,7 @@ impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
             };
             let first_result = self.request_with(&credentials, first).await;
             let other = first.other();
-            let refused = matches!(
-                &first_result,
-                Err(e) if e.oauth_code() == Some(&OAuthErrorCode::InvalidClient)
-            );
+            let refused = matches!(&first_result, Err(e) if e.is_client_rejected());
             if !refused || credentials.secret_in(other).is_none() {
                 return first_result;
             }
@@ -224,7 +221,7 @@ impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
                     self.credentials.prefer(&credentials, other);
                     Ok(token)
                 }
-                Err(e) if e.oauth_code() == Some(&OAuthErrorCode::InvalidClient) => {
+                Err(e) if e.is_client_rejected() => {
                     let second_error = Arc::new(e);
                     let (primary, secondary) = match first {
                         SecretSlot::Primary => (first_error, second_error),
@@ -456,10 +453,27 @@ mod tests {
             Some(Duration::from_secs(2))
         );
 
-        let broken = source(respond(502, &[], "<html>bad gateway</html>"));
+        // A 401 without an OAuth body (Genesys' own error JSON, or a gateway's page) is still
+        // a refusal of the client's credentials: fatal, not a transient status.
+        let refused = source(respond(
+            401,
+            &[("content-type", "application/json")],
+            r#"{"message":"Bad credentials","code":"bad.credentials","status":401}"#,
+        ));
+        let err = refused.fetch().await.unwrap_err();
         assert!(
-            matches!(broken.fetch().await.unwrap_err(), AuthError::UnexpectedStatus { status } if status == 502)
+            matches!(err, AuthError::UnexpectedStatus { status } if status == 401),
+            "{err:?}"
         );
+        assert!(err.is_client_rejected() && err.is_fatal(), "{err:?}");
+
+        let broken = source(respond(502, &[], "<html>bad gateway</html>"));
+        let err = broken.fetch().await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::UnexpectedStatus { status } if status == 502),
+            "{err:?}"
+        );
+        assert!(!err.is_client_rejected() && !err.is_fatal(), "{err:?}");
 
         let big = source(respond(
             200,
@@ -545,6 +559,52 @@ mod tests {
             source(http).fetch().await.unwrap_err(),
             AuthError::Transport(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_401_without_an_oauth_body_falls_back_to_the_secondary_secret() {
+        // The token endpoint refuses the primary secret with a bare 401 (Genesys-style
+        // body, no OAuth `error`) and accepts the secondary one.
+        let creds = Credentials::new("id", "retired")
+            .unwrap()
+            .with_secondary("current")
+            .unwrap();
+        let accepted = creds.basic_authorization(creds.secret_in(SecretSlot::Secondary).unwrap());
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let http = tower::service_fn({
+            let requests = requests.clone();
+            move |req: Request<Full<Bytes>>| {
+                requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let ok = req.headers()[AUTHORIZATION] == accepted;
+                async move {
+                    let (status, body): (u16, &'static str) = if ok {
+                        (
+                            200,
+                            r#"{"access_token":"t","token_type":"bearer","expires_in":60}"#,
+                        )
+                    } else {
+                        (
+                            401,
+                            r#"{"message":"Bad credentials","code":"bad.credentials","status":401}"#,
+                        )
+                    };
+                    Ok::<_, BoxError>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from_static(body.as_bytes())))?,
+                    )
+                }
+            }
+        });
+        let source = ClientCredentials::new(
+            http,
+            Uri::from_static("http://127.0.0.1:9/oauth/token"),
+            creds,
+        )
+        .unwrap();
+        source.fetch().await.unwrap();
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(source.credentials().preferred_slot(), SecretSlot::Secondary);
     }
 
     #[tokio::test]
