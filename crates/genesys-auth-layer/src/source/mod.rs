@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{BoxError, Service, ServiceExt};
 
 use crate::credentials::{ClientSecret, Credentials, SecretSlot};
-use crate::error::{AuthError, ConfigError};
+use crate::error::{AuthError, ConfigError, OAuthErrorCode};
 use crate::rotation::CredentialStore;
 use crate::token::IssuedToken;
 
@@ -256,20 +256,26 @@ impl<S: TokenHttpService> ClientCredentials<S> {
             Err(AuthError::OAuth {
                 status,
                 code,
-                description: Some(description),
+                description,
             }) => Err(AuthError::OAuth {
                 status,
-                code,
-                description: Some(without_secret(description, credentials, secret)),
+                // A code outside the RFC is the server's text too (up to 64 bytes).
+                code: match code {
+                    OAuthErrorCode::Extension(text) => {
+                        OAuthErrorCode::Extension(without_secret(text, credentials, secret))
+                    }
+                    known => known,
+                },
+                description: description.map(|d| without_secret(d, credentials, secret)),
             }),
             other => other,
         }
     }
 }
 
-/// A server's error description with the secret it was sent (as it is, form-encoded, or
-/// inside the Basic header) replaced: some gateways echo what they refused, and the
-/// description ends up in errors and logs.
+/// A server's error text (description, or a code outside the RFC) with the secret it was
+/// sent (as it is, form-encoded, or inside the Basic header) replaced: some gateways echo
+/// what they refused, and the text ends up in errors and logs.
 fn without_secret(description: String, credentials: &Credentials, secret: &ClientSecret) -> String {
     let raw = secret.expose_secret();
     let encoded: zeroize::Zeroizing<String> =
@@ -517,6 +523,26 @@ mod tests {
         assert!(
             shown.contains("client_secret [redacted] (form [redacted]) refused"),
             "{shown}"
+        );
+
+        // The same in an error code outside the RFC (kept verbatim, up to 64 bytes).
+        let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
+        let source = ClientCredentials::new(
+            respond(
+                400,
+                &[],
+                r#"{"error":"bad_secret:s3cr3t+/=value","error_description":"no"}"#,
+            ),
+            Uri::from_static("http://127.0.0.1:1/oauth/token"),
+            credentials,
+        )
+        .unwrap();
+        let err = source.fetch().await.unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert_eq!(
+            err.oauth_code().map(OAuthErrorCode::as_str),
+            Some("bad_secret:[redacted]")
         );
 
         // Cut by the 512-byte limit in the middle of the secret: its start is redacted too.
