@@ -422,7 +422,7 @@ fn parts(c: &mut Criterion) {
 }
 
 /// The ratios the benchmark issue sets bars on: (label, numerator, denominator, bar).
-const BARS: [(&str, &str, &str, &str); 6] = [
+const BARS: [(&str, &str, &str, &str); 7] = [
     ("(3) / (2)", "3_auth_layer", "2_set_header", "<= 1.10"),
     (
         "(4) / (7)",
@@ -434,6 +434,12 @@ const BARS: [(&str, &str, &str, &str); 6] = [
     ("(3) / (5b)", "3_auth_layer", "5b_mutex_layer", "< 1"),
     ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer", "< 1"),
     ("(4) / (5b)", "4_full_stack", "5b_mutex_layer", "< 1"),
+    (
+        "(7) / (5a)",
+        "7_retry_clone_set_header",
+        "5a_rwlock_layer",
+        "(context)",
+    ),
 ];
 
 /// `--paired`: the variants measured side by side in short interleaved batches, and each
@@ -442,7 +448,8 @@ const BARS: [(&str, &str, &str, &str); 6] = [
 /// Criterion measures one variant for seconds and then the next, so a change in the
 /// machine's speed between the two (this shared machine's speed drifts by several percent
 /// from one second to the next) lands in their ratio. Here every round runs one batch of
-/// `BATCH` calls of each variant, in an order that rotates from round to round, so the
+/// `BATCH` calls of each variant, in an order that rotates from round to round and is
+/// reversed every other round (so no variant always follows the same one), so the
 /// variants of one round share the machine's state; the median over rounds of each
 /// round's ratio is reported, with its quartiles.
 fn paired(rounds: usize) {
@@ -465,6 +472,7 @@ fn paired(rounds: usize) {
     let n = callers.len();
     for round in 0..rounds {
         for k in 0..n {
+            let k = if round % 2 == 0 { k } else { n - 1 - k };
             let i = (round + k) % n;
             let call = &mut callers[i].1;
             let start = Instant::now();
@@ -509,7 +517,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--paired") {
         let rounds = args.get(at + 1).and_then(|r| r.parse().ok()).unwrap_or(400);
-        paired(rounds);
+        paired(rounds.max(1));
         return;
     }
     benches();

@@ -218,12 +218,16 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The OAuth error code, looking through [`AuthError::BackingOff`].
+    /// The OAuth error code, looking through [`AuthError::BackingOff`] and
+    /// [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
+    /// primary's: one of them may have been a 401 without an OAuth body).
     pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
         match self {
             Self::OAuth { code, .. } => Some(code),
             Self::BackingOff { last, .. } => last.oauth_code(),
-            Self::BothSecretsRejected { secondary, .. } => secondary.oauth_code(),
+            Self::BothSecretsRejected { primary, secondary } => {
+                secondary.oauth_code().or_else(|| primary.oauth_code())
+            }
             _ => None,
         }
     }
@@ -260,13 +264,15 @@ impl AuthError {
 
     /// Whether retrying with the same configuration cannot help: a fatal OAuth error code
     /// (see [`OAuthErrorCode::is_fatal`]) or refused credentials (see
-    /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`].
+    /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`] and
+    /// [`AuthError::BothSecretsRejected`].
     pub fn is_fatal(&self) -> bool {
         self.oauth_code().is_some_and(OAuthErrorCode::is_fatal) || self.is_client_rejected()
     }
 
     /// Whether the token endpoint refused the client's credentials: an OAuth
-    /// `invalid_client`, or any `401 Unauthorized`, whatever its body says (a 401 from the
+    /// `invalid_client`, or any `401 Unauthorized` whatever its body says, another OAuth
+    /// code included (a 401 from the
     /// token endpoint is a refused client authentication, RFC 6749 §5.2; a gateway may
     /// answer it with its own body, Genesys with `{"code":"bad.credentials",…}`). Looks
     /// through [`AuthError::BackingOff`] and [`AuthError::BothSecretsRejected`].
@@ -430,6 +436,32 @@ fn shown_as_is(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_secrets_rejected_keeps_the_oauth_code_of_either_answer() {
+        let invalid_client = Arc::new(AuthError::OAuth {
+            status: StatusCode::UNAUTHORIZED,
+            code: OAuthErrorCode::InvalidClient,
+            description: None,
+        });
+        let bare_401 = Arc::new(AuthError::UnexpectedStatus {
+            status: StatusCode::UNAUTHORIZED,
+        });
+        for (primary, secondary) in [
+            (invalid_client.clone(), bare_401.clone()),
+            (bare_401.clone(), invalid_client.clone()),
+        ] {
+            let both = AuthError::BothSecretsRejected { primary, secondary };
+            assert_eq!(both.oauth_code(), Some(&OAuthErrorCode::InvalidClient));
+            assert!(both.is_client_rejected() && both.is_fatal());
+        }
+        let neither = AuthError::BothSecretsRejected {
+            primary: bare_401.clone(),
+            secondary: bare_401,
+        };
+        assert_eq!(neither.oauth_code(), None);
+        assert!(neither.is_client_rejected() && neither.is_fatal());
+    }
 
     #[test]
     fn user_info_is_redacted_with_or_without_a_scheme() {

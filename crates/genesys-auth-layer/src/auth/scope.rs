@@ -27,9 +27,9 @@ pub struct Scope {
     /// Every (scheme, authority spelling) pair of every origin, flat, so the per-request
     /// check walks one short slice.
     spellings: Vec<(bool, Box<[u8]>)>,
-    /// A copy of the first spelling (the first origin's bare host), held inline: the one
-    /// nearly every request matches, one load closer. Empty, so never matched, in an
-    /// empty scope.
+    /// A copy of the first spelling (the first origin's bare host, or `host:port` on a
+    /// port other than the scheme's default), held inline: the one nearly every request
+    /// matches, one load closer. Empty, so never matched, in an empty scope.
     first: (bool, Box<[u8]>),
 }
 
@@ -86,7 +86,8 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let word = |chunk: &[u8; 8]| u64::from_ne_bytes(*chunk);
     match (a.split_first_chunk::<8>(), b.split_first_chunk::<8>()) {
         (Some((a_first, a_rest)), Some((b_first, b_rest))) => {
-            // The first and the last word, then the words between (none up to 16 bytes).
+            // The first and the last word, then the whole words after the first (none under
+            // 16 bytes; at 16, the last word again).
             word(a_first) == word(b_first)
                 && a.last_chunk::<8>().map(word) == b.last_chunk::<8>().map(word)
                 && a_rest

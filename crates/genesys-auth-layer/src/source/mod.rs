@@ -100,7 +100,8 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// [`IssuedToken`] or a typed [`AuthError`].
 ///
 /// With a secondary secret, a request refused with `invalid_client` (or any other `401`,
-/// see [`AuthError::is_client_rejected`]) is tried once with the other secret; the one that works is used first from then on (a `warn` event says so).
+/// see [`AuthError::is_client_rejected`]) is tried once with the other secret; the one
+/// that works is used first from then on (a `warn` event says so).
 /// Both refused is [`AuthError::BothSecretsRejected`]. Credentials are read from a
 /// [`CredentialStore`] at each fetch, so they can be rotated while the process runs.
 ///
