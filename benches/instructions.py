@@ -11,7 +11,8 @@ Each variant runs under callgrind for one second of criterion's `--profile-time`
 count per call is the inclusive cost of the benchmark's per-call closure
 (`hot_path::boxed::{{closure}}`) divided by the number of times it was called.
 
-Needs valgrind (`apt-get install valgrind`). About 1.5 minutes on a 2-core machine.
+Needs valgrind (`apt-get install valgrind`). About 15 seconds on a 2-core machine, once the
+bench binary is built.
 
 Usage: python3 benches/instructions.py
 """

@@ -179,7 +179,8 @@ impl Credentials {
         })
     }
 
-    /// Adds a secondary secret, tried when the primary one is refused.
+    /// Adds a secondary secret, tried when the primary one is refused (`invalid_client` or
+    /// any other `401` from the token endpoint).
     pub fn with_secondary(mut self, secret: impl Into<ClientSecret>) -> Result<Self, ConfigError> {
         let secret = secret.into();
         if secret.expose_secret().is_empty() {
