@@ -272,10 +272,10 @@ impl AuthError {
 
     /// Whether the token endpoint refused the client's credentials: an OAuth
     /// `invalid_client`, or any `401 Unauthorized` whatever its body says, another OAuth
-    /// code included (a 401 from the
-    /// token endpoint is a refused client authentication, RFC 6749 §5.2; a gateway may
-    /// answer it with its own body, Genesys with `{"code":"bad.credentials",…}`). Looks
-    /// through [`AuthError::BackingOff`] and [`AuthError::BothSecretsRejected`].
+    /// code included (a 401 from the token endpoint is a refused client authentication,
+    /// RFC 6749 §5.2; a gateway may answer it with its own body, Genesys with
+    /// `{"code":"bad.credentials",…}`). Looks through [`AuthError::BackingOff`] and
+    /// [`AuthError::BothSecretsRejected`].
     ///
     /// A token request refused this way is tried once with the secondary secret, when
     /// there is one.

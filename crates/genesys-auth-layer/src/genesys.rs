@@ -240,8 +240,8 @@ impl CredentialSpec {
 impl GenesysAuthBuilder {
     /// A secondary client secret, tried once when the primary one is refused with
     /// `invalid_client` or any other `401` (zero-downtime secret rotation; see
-    /// [`AuthError::is_client_rejected`](crate::AuthError::is_client_rejected)). Ignored when the credentials
-    /// came from [`GenesysAuth::with_credentials`].
+    /// [`AuthError::is_client_rejected`](crate::AuthError::is_client_rejected)). Ignored
+    /// when the credentials came from [`GenesysAuth::with_credentials`].
     pub fn secondary_secret(mut self, secret: impl Into<ClientSecret>) -> Self {
         if let CredentialSpec::Given { secondary, .. } = &mut self.credentials {
             *secondary = Some(secret.into());
