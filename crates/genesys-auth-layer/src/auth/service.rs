@@ -462,6 +462,76 @@ mod tests {
         }
     }
 
+    /// The API answers every request with `status`.
+    fn answering(
+        status: u16,
+    ) -> tower::util::ServiceFn<
+        impl FnMut(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> + Clone,
+    > {
+        tower::service_fn(move |_req: Request<()>| {
+            let mut response = Response::new(());
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            std::future::ready(Ok(response))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_401s_to_requests_it_authorized_carry_the_generation() {
+        let cache = TokenCache::new(Counting::default(), CacheConfig::default());
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let layer = AuthLayer::new(cache.clone(), scope);
+        let stamp_of = |response: &Response<()>| {
+            (
+                response.extensions().get::<TokenGeneration>().copied(),
+                response.extensions().get::<Stamp>().copied(),
+            )
+        };
+        let mut unauthorized = layer.layer(answering(401));
+        let mut ok = layer.layer(answering(200));
+        let in_scope = || Request::get("https://api.example.com/x").body(()).unwrap();
+
+        // The first request waits for the token; the next ones take the cached header,
+        // then (from the service's second visit) the kept one: all three paths stamp a 401.
+        for _ in 0..4 {
+            let response = unauthorized
+                .ready()
+                .await
+                .unwrap()
+                .call(in_scope())
+                .await
+                .unwrap();
+            let (generation, stamp) = stamp_of(&response);
+            assert_eq!(generation, Some(TokenGeneration(1)));
+            assert_eq!(
+                stamp.map(|s| (s.cache, s.generation)),
+                Some((cache.id(), TokenGeneration(1)))
+            );
+        }
+        assert!(unauthorized.kept.is_some());
+        // A success carries nothing.
+        for _ in 0..3 {
+            let response = ok.ready().await.unwrap().call(in_scope()).await.unwrap();
+            assert_eq!(stamp_of(&response), (None, None));
+        }
+        // A 401 to a request it did not authorize carries nothing: another host, or the
+        // caller's own `Authorization`.
+        let elsewhere = Request::get("https://example.org/x").body(()).unwrap();
+        let response = unauthorized
+            .ready()
+            .await
+            .unwrap()
+            .call(elsewhere)
+            .await
+            .unwrap();
+        assert_eq!(stamp_of(&response), (None, None));
+        let own = Request::get("https://api.example.com/x")
+            .header(AUTHORIZATION, "Bearer mine")
+            .body(())
+            .unwrap();
+        let response = unauthorized.ready().await.unwrap().call(own).await.unwrap();
+        assert_eq!(stamp_of(&response), (None, None));
+    }
+
     #[test]
     fn debug_shows_the_kept_generation_not_the_token() {
         let kept = KeptHeader {
