@@ -255,8 +255,9 @@ impl CacheConfig {
             .backoff_initial
             .saturating_mul(1u32 << consecutive.saturating_sub(1).min(20));
         let capped = doubled.min(self.backoff_max);
-        // "Equal jitter": between half and all of the exponential value.
-        capped / 2 + (capped / 2).mul_f64(random_fraction())
+        // "Equal jitter": between half and all of the exponential value, never under the
+        // floor.
+        (capped / 2 + (capped / 2).mul_f64(random_fraction())).max(MIN_BACKOFF)
     }
 }
 
@@ -513,8 +514,10 @@ impl TokenCache {
     /// newer than it.
     ///
     /// If `generation` is still current, it is dropped and one refresh starts; a 401 for an
-    /// older generation (it arrived after a refresh) causes no token request at all. Any
-    /// number of concurrent calls for the same generation cause at most one token request.
+    /// older generation (it arrived after a refresh) causes no token request at all, and
+    /// neither does one for a generation this cache never issued (the current token is
+    /// returned). Any number of concurrent calls for the same generation cause at most one
+    /// token request.
     pub async fn refresh_after_401(
         &self,
         generation: TokenGeneration,
@@ -570,8 +573,11 @@ impl TokenCache {
             let mut state = self.lock_state();
             let now = Instant::now();
             if let Some(token) = self.inner.current.load_full() {
-                let newer = rejected.is_none_or(|g| token.generation() > g);
-                if newer && token.is_valid_at(now) {
+                // Any generation but the current one is no reason to drop it: an older one
+                // was refused before a refresh, and a newer one cannot be this cache's
+                // (another cache's generation passed by mistake must not cost a refresh).
+                let not_refused = rejected.is_none_or(|g| token.generation() != g);
+                if not_refused && token.is_valid_at(now) {
                     return Ok(token);
                 }
                 if rejected == Some(token.generation()) {
@@ -768,9 +774,12 @@ impl TokenCache {
                 state.last_generation = token.generation().0;
                 state.last_success = Some(now);
                 let recovered = if idle { state.failure.take() } else { None };
-                self.arm_timers(&token);
                 self.inner.current.store(Some(token.clone()));
                 self.inner.fresh.publish(&token);
+                // Armed once the token is current: a token that arrives already due has a
+                // timer that may run at once on another thread, and its idle refresh gives
+                // up on a token that is not current.
+                self.arm_timers(&token);
                 if idle {
                     self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
                 }
@@ -1502,6 +1511,31 @@ mod tests {
         );
         assert_eq!(source.calls(), 2);
         assert_eq!(cache.stats().unauthorized_reported, 1001);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_for_a_generation_it_never_issued_costs_no_fetch() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(100));
+        let cache = TokenCache::new(source.clone(), config());
+        cache.token().await.unwrap();
+        for _ in 0..3 {
+            let token = cache.refresh_after_401(TokenGeneration(9)).await.unwrap();
+            assert_eq!(token.generation(), TokenGeneration(1));
+        }
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[test]
+    fn backoff_never_goes_under_its_floor() {
+        let config = CacheConfig::default().backoff(Duration::ZERO, Duration::ZERO);
+        let error = AuthError::UnexpectedStatus {
+            status: http::StatusCode::BAD_GATEWAY,
+        };
+        for consecutive in [1, 1, 1, 2, 5] {
+            for _ in 0..200 {
+                assert!(config.backoff_after(consecutive, &error) >= MIN_BACKOFF);
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
