@@ -729,9 +729,13 @@ impl TokenCache {
                 sender: Some(sender),
                 reason,
             },
-            // Counted from now, not from when the task first runs: a task that starts late
-            // must not send a request its waiters have already given up on.
-            deadline: Instant::now() + self.inner.config.fetch_timeout,
+            // With callers waiting, counted from now, not from when the task first runs: a
+            // task that starts late must not send a request its waiters have already given
+            // up on. A refresh ahead has no waiter: counted from its first run, since its
+            // runtime may not run it before the next call (`block_on` per call), which would
+            // otherwise find it timed out without having asked.
+            deadline: (reason != RefreshReason::AheadOfExpiry)
+                .then(|| Instant::now() + self.inner.config.fetch_timeout),
         };
         Ok((receiver, launch))
     }
@@ -927,7 +931,8 @@ impl TokenCache {
 struct RefreshLaunch {
     runtime: tokio::runtime::Handle,
     guard: RefreshGuard,
-    deadline: Instant,
+    /// When the fetch is given up; `None`: the fetch timeout from the task's first run.
+    deadline: Option<Instant>,
 }
 
 impl RefreshLaunch {
@@ -950,6 +955,7 @@ impl RefreshLaunch {
             async move {
                 let requested_at = Instant::now();
                 let timeout = guard.cache.inner.config.fetch_timeout;
+                let deadline = deadline.unwrap_or(requested_at + timeout);
                 let result = if requested_at >= deadline {
                     Err(AuthError::Timeout(timeout))
                 } else {

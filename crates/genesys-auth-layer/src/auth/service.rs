@@ -412,6 +412,36 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 4);
     }
 
+    /// Behind a synchronous facade, a refresh started ahead by one call runs only when the
+    /// next call drives the runtime, possibly after the fetch timeout: it must still ask,
+    /// not fail as timed out (which also started a backoff).
+    #[test]
+    fn a_refresh_ahead_started_before_a_gap_still_asks() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let source = Counting::new(Duration::from_secs(2), Duration::ZERO);
+        let config = CacheConfig::default()
+            .refresh_ahead(Duration::from_secs(1), 0.0)
+            .refresh_jitter(0.0)
+            .fetch_timeout(Duration::from_millis(300))
+            .check_clock_per_request(true);
+        let cache = TokenCache::new(source.clone(), config);
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
+        assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
+        // In the refresh window: this call starts the refresh ahead, and returns before
+        // the runtime runs it.
+        std::thread::sleep(Duration::from_millis(1_200));
+        assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
+        // Past the expiry and the fetch timeout, the next call drives the refresh.
+        std::thread::sleep(Duration::from_millis(1_000));
+        assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-1");
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.stats().fetch_failures, 0);
+    }
+
     /// A runtime driven only while a call runs (`block_on` per call, as behind a
     /// synchronous facade): between calls nothing runs the token's timer, and a call is
     /// polled before the timers that fell due meanwhile.
