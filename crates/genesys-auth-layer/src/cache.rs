@@ -350,6 +350,38 @@ struct Inner {
 /// The next [`TokenCache`]'s identity.
 static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Every live cache, by id. A response future carries only its cache's id (an `Arc` per
+/// request would cost the hot path a reference-count round trip); a 401 it sees reaches
+/// the cache through this list, on the cold path. A cache leaves it when dropped.
+static CACHES: Mutex<Vec<(u64, std::sync::Weak<Inner>)>> = Mutex::new(Vec::new());
+
+fn caches() -> MutexGuard<'static, Vec<(u64, std::sync::Weak<Inner>)>> {
+    CACHES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        caches().retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// The API answered 401 to a token of the cache `id` (a response's stamp): that token, if
+/// still current, is dropped at once and one refresh starts, without waiting for it. This
+/// holds whether or not the request is replayed: a request whose body cannot be copied is
+/// not, and the refused token must not be sent again until it expires.
+pub(crate) fn report_refused(id: u64, generation: TokenGeneration) {
+    // The list's lock is released before the cache is used (or dropped: its `Drop` takes it).
+    let inner = caches()
+        .iter()
+        .find(|(i, _)| *i == id)
+        .and_then(|(_, cache)| cache.upgrade());
+    if let Some(inner) = inner {
+        TokenCache { inner }.refused(generation);
+    }
+}
+
 /// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
 ///
 /// Cloning is cheap and every clone shares the same token. Reading a valid token takes no
@@ -393,7 +425,7 @@ impl TokenCache {
     /// A cache that obtains its tokens from `source`.
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
         let counters = Counters::new(config.name_value());
-        Self {
+        let cache = Self {
             inner: Arc::new(Inner {
                 id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
                 current: ArcSwapOption::empty(),
@@ -412,7 +444,9 @@ impl TokenCache {
                 config,
                 counters,
             }),
-        }
+        };
+        caches().push((cache.inner.id, Arc::downgrade(&cache.inner)));
+        cache
     }
 
     /// The hot path: the header and generation of a token valid now, if there is one.
@@ -561,6 +595,31 @@ impl TokenCache {
                 .filter(|f| now < f.retry_at)
                 .map(|f| f.retry_at - now),
         }
+    }
+
+    /// Drops the token of `generation` if it is still current, and starts one refresh
+    /// (unless one runs or the backoff forbids it) without waiting for it.
+    fn refused(&self, generation: TokenGeneration) {
+        let launch = {
+            let mut state = self.lock_state();
+            let current = self.inner.current.load().as_deref().map(Token::generation);
+            if current != Some(generation) {
+                return;
+            }
+            self.inner.current.store(None);
+            self.inner.fresh.clear();
+            let now = Instant::now();
+            let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
+            if backing_off || self.joinable_refresh(&mut state).is_some() {
+                return;
+            }
+            match self.begin_refresh(&mut state, RefreshReason::After401) {
+                Ok((_, launch)) => launch,
+                // Without a runtime, the next request starts it.
+                Err(_) => return,
+            }
+        };
+        launch.spawn();
     }
 
     /// The slow path, shared by a missing/expired token and a 401.
@@ -1529,6 +1588,21 @@ mod tests {
             assert_eq!(token.generation(), TokenGeneration(1));
         }
         assert_eq!(source.calls(), 1);
+    }
+
+    #[test]
+    fn a_dropped_cache_leaves_the_list_401s_are_reported_through() {
+        let listed = |id| caches().iter().any(|(i, _)| *i == id);
+        let cache = TokenCache::new(Scripted::default(), config());
+        let id = cache.id();
+        assert!(listed(id));
+        let clone = cache.clone();
+        drop(cache);
+        assert!(listed(id), "a clone keeps it");
+        drop(clone);
+        assert!(!listed(id));
+        // A report for a cache that is gone is ignored.
+        report_refused(id, TokenGeneration(1));
     }
 
     #[test]

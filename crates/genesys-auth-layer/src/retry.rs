@@ -561,6 +561,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_token_is_dropped_even_when_the_request_cannot_be_replayed() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+        let streaming = || {
+            let body = Full::new(Bytes::from_static(b"stream"))
+                .map_err(|e| -> BoxError { match e {} })
+                .boxed_unsync();
+            Request::post("https://api.example.test/x")
+                .body(body)
+                .unwrap()
+        };
+        api.accept(&["token-1"]);
+        let res = client.clone().oneshot(streaming()).await.unwrap();
+        assert_eq!(res.status(), 200);
+
+        // token-1 is revoked: its 401 comes back (the body cannot be copied), but the token
+        // is dropped and the next request carries a new one.
+        api.accept(&["token-2"]);
+        let res = client.clone().oneshot(streaming()).await.unwrap();
+        assert_eq!(res.status(), 401);
+        let res = client.clone().oneshot(streaming()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        let sent: Vec<_> = api.seen().into_iter().map(|(auth, _)| auth).collect();
+        assert_eq!(
+            sent,
+            [
+                Some("Bearer token-1".to_owned()),
+                Some("Bearer token-1".to_owned()),
+                Some("Bearer token-2".to_owned())
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn the_copy_keeps_method_uri_version_headers_and_extensions() {
         #[derive(Clone, Debug, PartialEq)]
         struct Marker(u8);

@@ -36,11 +36,13 @@ pin_project! {
         WaitingForToken {
             waiting: Pending<S, B>,
         },
-        // The inner service was called; `stamp` names the token attached, if any.
+        // The inner service was called; `stamp` names the token attached, if any, and
+        // `replay` says whether this is `RefreshOn401`'s replay (whose refresh already ran).
         Called {
             #[pin]
             future: S::Future,
             stamp: Option<Stamp>,
+            replay: bool,
         },
     }
 }
@@ -60,6 +62,8 @@ impl<S, B> Drop for Pending<S, B> {
 pub(crate) struct Waiting<S, B> {
     token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
     cache: u64,
+    /// `RefreshOn401`'s replay, waiting for a token newer than the one refused.
+    replay: bool,
     service: S,
     request: Request<B>,
 }
@@ -70,13 +74,18 @@ where
 {
     pub(crate) fn called(future: S::Future, stamp: Option<Stamp>) -> Self {
         Self {
-            state: State::Called { future, stamp },
+            state: State::Called {
+                future,
+                stamp,
+                replay: false,
+            },
         }
     }
 
     pub(crate) fn waiting(
         token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
         cache: u64,
+        replay: bool,
         service: S,
         request: Request<B>,
     ) -> Self {
@@ -85,6 +94,7 @@ where
                 waiting: Pending(Some(Box::new(Waiting {
                     token,
                     cache,
+                    replay,
                     service,
                     request,
                 }))),
@@ -106,11 +116,15 @@ where
         // and moves the response as few times as it can: a 401 is stamped in place. Waiting
         // for a token is out of line.
         match self.as_mut().project().state.project() {
-            StateProj::Called { future, stamp } => Poll::Ready(match ready!(future.poll(cx)) {
+            StateProj::Called {
+                future,
+                stamp,
+                replay,
+            } => Poll::Ready(match ready!(future.poll(cx)) {
                 Ok(mut response) => {
                     if let Some(stamp) = stamp {
                         if response.status() == StatusCode::UNAUTHORIZED {
-                            stamp_401(&mut response, *stamp);
+                            stamp_401(&mut response, *stamp, *replay);
                         }
                     }
                     Ok(response)
@@ -163,6 +177,7 @@ where
         let token = result?;
         let Waiting {
             cache,
+            replay,
             mut service,
             mut request,
             ..
@@ -177,16 +192,25 @@ where
                 cache,
                 generation: token.generation(),
             }),
+            replay,
         });
         Poll::Ready(Ok(()))
     }
 }
 
-/// Puts the generation in a 401's extensions. Only 401s are stamped: inserting the first
-/// extension allocates, and the hot path must not.
+/// Reports the 401 to the cache (the refused token is dropped and a refresh starts) and
+/// puts the generation in the response's extensions. Only 401s are stamped: inserting the
+/// first extension allocates, and the hot path must not.
 #[cold]
 #[inline(never)]
-fn stamp_401<B>(response: &mut Response<B>, stamp: Stamp) {
+fn stamp_401<B>(response: &mut Response<B>, stamp: Stamp, replay: bool) {
+    // The token is refused whether or not the request will be replayed (a body that cannot
+    // be copied is not). A replay's 401 is not reported: its own refresh just ran, and a
+    // second one per request would double the token requests of an API that refuses
+    // every token; the next request's first 401 reports that token.
+    if !replay {
+        crate::cache::report_refused(stamp.cache, stamp.generation);
+    }
     response.extensions_mut().insert(stamp.generation);
     response.extensions_mut().insert(stamp);
     tracing::debug!(

@@ -286,7 +286,13 @@ impl<S> AuthService<S> {
             }
             token
         };
-        ResponseFuture::waiting(Box::pin(token), self.shared.cache_id, ready, request)
+        ResponseFuture::waiting(
+            Box::pin(token),
+            self.shared.cache_id,
+            refused.is_some(),
+            ready,
+            request,
+        )
     }
 }
 
@@ -492,74 +498,90 @@ mod tests {
         }
     }
 
-    /// The API answers every request with `status`.
+    /// The API answers every request with the status `status` holds.
     fn answering(
-        status: u16,
+        status: Arc<std::sync::atomic::AtomicU16>,
     ) -> tower::util::ServiceFn<
         impl FnMut(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> + Clone,
     > {
         tower::service_fn(move |_req: Request<()>| {
             let mut response = Response::new(());
-            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            *response.status_mut() =
+                http::StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
             std::future::ready(Ok(response))
         })
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_401s_to_requests_it_authorized_carry_the_generation() {
-        let cache = TokenCache::new(Counting::default(), CacheConfig::default());
+    async fn a_401_to_a_request_it_authorized_is_stamped_and_drops_the_token() {
+        let source = Counting::default();
+        let cache = TokenCache::new(source.clone(), CacheConfig::default());
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
-        let layer = AuthLayer::new(cache.clone(), scope);
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let mut service = AuthLayer::new(cache.clone(), scope).layer(answering(status.clone()));
         let stamp_of = |response: &Response<()>| {
             (
                 response.extensions().get::<TokenGeneration>().copied(),
-                response.extensions().get::<Stamp>().copied(),
+                response
+                    .extensions()
+                    .get::<Stamp>()
+                    .map(|s| (s.cache, s.generation)),
             )
         };
-        let mut unauthorized = layer.layer(answering(401));
-        let mut ok = layer.layer(answering(200));
         let in_scope = || Request::get("https://api.example.com/x").body(()).unwrap();
+        async fn call<S>(service: &mut S, request: Request<()>) -> Response<()>
+        where
+            S: Service<Request<()>, Response = Response<()>>,
+            S::Error: std::fmt::Debug,
+        {
+            service.ready().await.unwrap().call(request).await.unwrap()
+        }
 
-        // The first request waits for the token; the next ones take the cached header,
-        // then (from the service's second visit) the kept one: all three paths stamp a 401.
-        for _ in 0..4 {
-            let response = unauthorized
-                .ready()
-                .await
-                .unwrap()
-                .call(in_scope())
-                .await
-                .unwrap();
-            let (generation, stamp) = stamp_of(&response);
-            assert_eq!(generation, Some(TokenGeneration(1)));
+        // Successes carry nothing, on each way a header is attached: after waiting, from
+        // the cache, and (from the service's second visit to the cache) the kept copy.
+        for _ in 0..3 {
             assert_eq!(
-                stamp.map(|s| (s.cache, s.generation)),
-                Some((cache.id(), TokenGeneration(1)))
+                stamp_of(&call(&mut service, in_scope()).await),
+                (None, None)
             );
         }
-        assert!(unauthorized.kept.is_some());
-        // A success carries nothing.
-        for _ in 0..3 {
-            let response = ok.ready().await.unwrap().call(in_scope()).await.unwrap();
-            assert_eq!(stamp_of(&response), (None, None));
-        }
-        // A 401 to a request it did not authorize carries nothing: another host, or the
-        // caller's own `Authorization`.
+        assert!(service.kept.is_some());
+
+        // The API now refuses every token. A 401 to the kept header is stamped, and the
+        // token is dropped at once with one refresh started, even though nothing replays
+        // this request (`AuthLayer` alone).
+        status.store(401, Ordering::SeqCst);
+        let refused = |g| {
+            (
+                Some(TokenGeneration(g)),
+                Some((cache.id(), TokenGeneration(g))),
+            )
+        };
+        assert_eq!(stamp_of(&call(&mut service, in_scope()).await), refused(1));
+        assert!(cache.current().is_none(), "the refused token is dropped");
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.0.load(Ordering::SeqCst), 2, "one refresh started");
+        // The new token, from the cache this time: stamped and dropped the same way.
+        assert_eq!(stamp_of(&call(&mut service, in_scope()).await), refused(2));
+        // Right away, with no token: the request waits for the refresh the 401 started.
+        assert_eq!(stamp_of(&call(&mut service, in_scope()).await), refused(3));
+        assert_eq!(source.0.load(Ordering::SeqCst), 3);
+
+        // A 401 to a request it did not authorize carries nothing and costs no refresh:
+        // another host, or the caller's own `Authorization`.
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = source.0.load(Ordering::SeqCst);
         let elsewhere = Request::get("https://example.org/x").body(()).unwrap();
-        let response = unauthorized
-            .ready()
-            .await
-            .unwrap()
-            .call(elsewhere)
-            .await
-            .unwrap();
-        assert_eq!(stamp_of(&response), (None, None));
+        assert_eq!(stamp_of(&call(&mut service, elsewhere).await), (None, None));
         let own = Request::get("https://api.example.com/x")
             .header(AUTHORIZATION, "Bearer mine")
             .body(())
             .unwrap();
-        let response = unauthorized.ready().await.unwrap().call(own).await.unwrap();
-        assert_eq!(stamp_of(&response), (None, None));
+        assert_eq!(stamp_of(&call(&mut service, own).await), (None, None));
+        settle().await;
+        assert_eq!(source.0.load(Ordering::SeqCst), before);
     }
 
     #[test]
