@@ -498,12 +498,13 @@ mod tests {
         }
     }
 
+    /// What the API answers, as an HTTP status code.
+    type Answers = Arc<std::sync::atomic::AtomicU16>;
+
     /// The API answers every request with the status `status` holds.
     fn answering(
-        status: Arc<std::sync::atomic::AtomicU16>,
-    ) -> tower::util::ServiceFn<
-        impl FnMut(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> + Clone,
-    > {
+        status: Answers,
+    ) -> impl Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone {
         tower::service_fn(move |_req: Request<()>| {
             let mut response = Response::new(());
             *response.status_mut() =
