@@ -9,6 +9,7 @@
 //! without a bound.
 
 use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -353,9 +354,9 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 /// Every live cache, by id. A response future carries only its cache's id (an `Arc` per
 /// request would cost the hot path a reference-count round trip); a 401 it sees reaches
 /// the cache through this list, on the cold path. A cache leaves it when dropped.
-static CACHES: Mutex<Vec<(u64, std::sync::Weak<Inner>)>> = Mutex::new(Vec::new());
+static CACHES: Mutex<BTreeMap<u64, std::sync::Weak<Inner>>> = Mutex::new(BTreeMap::new());
 
-fn caches() -> MutexGuard<'static, Vec<(u64, std::sync::Weak<Inner>)>> {
+fn caches() -> MutexGuard<'static, BTreeMap<u64, std::sync::Weak<Inner>>> {
     CACHES
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -363,7 +364,7 @@ fn caches() -> MutexGuard<'static, Vec<(u64, std::sync::Weak<Inner>)>> {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        caches().retain(|(id, _)| *id != self.id);
+        caches().remove(&self.id);
     }
 }
 
@@ -373,10 +374,7 @@ impl Drop for Inner {
 /// not, and the refused token must not be sent again until it expires.
 pub(crate) fn report_refused(id: u64, generation: TokenGeneration) {
     // The list's lock is released before the cache is used (or dropped: its `Drop` takes it).
-    let inner = caches()
-        .iter()
-        .find(|(i, _)| *i == id)
-        .and_then(|(_, cache)| cache.upgrade());
+    let inner = caches().get(&id).and_then(std::sync::Weak::upgrade);
     if let Some(inner) = inner {
         TokenCache { inner }.refused(generation);
     }
@@ -445,7 +443,7 @@ impl TokenCache {
                 counters,
             }),
         };
-        caches().push((cache.inner.id, Arc::downgrade(&cache.inner)));
+        caches().insert(cache.inner.id, Arc::downgrade(&cache.inner));
         cache
     }
 
@@ -613,7 +611,7 @@ impl TokenCache {
             if backing_off || self.joinable_refresh(&mut state).is_some() {
                 return;
             }
-            match self.begin_refresh(&mut state, RefreshReason::After401) {
+            match self.begin_refresh(&mut state, RefreshReason::After401, false) {
                 Ok((_, launch)) => launch,
                 // Without a runtime, the next request starts it.
                 Err(_) => return,
@@ -659,7 +657,7 @@ impl TokenCache {
                             });
                         }
                     }
-                    let (receiver, launch) = self.begin_refresh(&mut state, reason)?;
+                    let (receiver, launch) = self.begin_refresh(&mut state, reason, true)?;
                     (receiver, Some(launch))
                 }
             }
@@ -743,7 +741,9 @@ impl TokenCache {
         let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
         if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
             // Without a runtime the request goes on with the still-valid token.
-            if let Ok((_, launch)) = self.begin_refresh(&mut state, RefreshReason::AheadOfExpiry) {
+            if let Ok((_, launch)) =
+                self.begin_refresh(&mut state, RefreshReason::AheadOfExpiry, false)
+            {
                 drop(state);
                 launch.spawn();
             }
@@ -767,10 +767,12 @@ impl TokenCache {
     /// Marks a refresh as in flight (under the lock) and returns what spawns it, to be
     /// called once the lock is released. The task runs to completion even if every caller
     /// that waits on it goes away, so dropping a request never cancels a refresh others need.
+    /// `awaited`: a caller waits for this refresh from its start.
     fn begin_refresh(
         &self,
         state: &mut RefreshState,
         reason: RefreshReason,
+        awaited: bool,
     ) -> Result<(Channel, RefreshLaunch), AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
         let (sender, receiver) = watch::channel(None);
@@ -788,13 +790,13 @@ impl TokenCache {
                 sender: Some(sender),
                 reason,
             },
-            // With callers waiting, counted from now, not from when the task first runs: a
+            // With a caller waiting, counted from now, not from when the task first runs: a
             // task that starts late must not send a request its waiters have already given
-            // up on. A refresh ahead has no waiter: counted from its first run, since its
-            // runtime may not run it before the next call (`block_on` per call), which would
-            // otherwise find it timed out without having asked.
-            deadline: (reason != RefreshReason::AheadOfExpiry)
-                .then(|| Instant::now() + self.inner.config.fetch_timeout),
+            // up on. A refresh nobody waits for yet (ahead of expiry, or after a 401 seen
+            // in a response) is counted from its first run, since its runtime may not run
+            // it before the next call (`block_on` per call), which would otherwise find it
+            // timed out without having asked.
+            deadline: awaited.then(|| Instant::now() + self.inner.config.fetch_timeout),
         };
         Ok((receiver, launch))
     }
@@ -1592,7 +1594,7 @@ mod tests {
 
     #[test]
     fn a_dropped_cache_leaves_the_list_401s_are_reported_through() {
-        let listed = |id| caches().iter().any(|(i, _)| *i == id);
+        let listed = |id| caches().contains_key(&id);
         let cache = TokenCache::new(Scripted::default(), config());
         let id = cache.id();
         assert!(listed(id));

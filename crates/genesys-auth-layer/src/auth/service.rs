@@ -448,6 +448,40 @@ mod tests {
         assert_eq!(cache.stats().fetch_failures, 0);
     }
 
+    /// The same for the refresh a 401 starts (`AuthLayer` alone, or a body that cannot be
+    /// replayed): nobody waits for it until the next call, which may come after the fetch
+    /// timeout.
+    #[test]
+    fn a_refresh_a_401_started_before_a_gap_still_asks() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let source = Counting::new(Duration::from_secs(100), Duration::ZERO);
+        let config = CacheConfig::default().fetch_timeout(Duration::from_millis(300));
+        let cache = TokenCache::new(source.clone(), config);
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let status: Answers = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let mut service = AuthLayer::new(cache.clone(), scope).layer(answering(status.clone()));
+        let mut call = |expected: u16| {
+            status.store(expected, Ordering::SeqCst);
+            let request = Request::get("https://api.example.com/x").body(()).unwrap();
+            let response =
+                runtime.block_on(async { service.ready().await.unwrap().call(request).await });
+            response
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(call(200), Ok(200));
+        // Refused: the token is dropped and a refresh is started, which this runtime runs
+        // only during the next call, after the fetch timeout.
+        assert_eq!(call(401), Ok(401));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(call(200), Ok(200));
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.stats().fetch_failures, 0);
+    }
+
     /// A runtime driven only while a call runs (`block_on` per call, as behind a
     /// synchronous facade): between calls nothing runs the token's timer, and a call is
     /// polled before the timers that fell due meanwhile.
