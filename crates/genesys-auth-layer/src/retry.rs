@@ -328,6 +328,16 @@ mod tests {
         GenesysAuth::from_source(source, CacheConfig::default(), scope)
     }
 
+    /// A request whose body cannot be copied (a stream, as far as the policy can tell).
+    fn streaming() -> Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>> {
+        let body = Full::new(Bytes::from_static(b"stream"))
+            .map_err(|e| -> BoxError { match e {} })
+            .boxed_unsync();
+        Request::post("https://api.example.test/x")
+            .body(body)
+            .unwrap()
+    }
+
     fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
         Request::post(uri)
             .header("content-type", "application/json")
@@ -545,12 +555,7 @@ mod tests {
         let client = ServiceBuilder::new()
             .layer(auth.layers())
             .service(api.service());
-        let body = Full::new(Bytes::from_static(b"stream"))
-            .map_err(|e| -> BoxError { match e {} })
-            .boxed_unsync();
-        let req = Request::post("https://api.example.test/x")
-            .body(body)
-            .unwrap();
+        let req = streaming();
         let res = client.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 401);
         assert_eq!(
@@ -568,14 +573,6 @@ mod tests {
         let client = ServiceBuilder::new()
             .layer(auth.layers())
             .service(api.service());
-        let streaming = || {
-            let body = Full::new(Bytes::from_static(b"stream"))
-                .map_err(|e| -> BoxError { match e {} })
-                .boxed_unsync();
-            Request::post("https://api.example.test/x")
-                .body(body)
-                .unwrap()
-        };
         api.accept(&["token-1"]);
         let res = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(res.status(), 200);

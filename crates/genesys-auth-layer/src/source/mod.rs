@@ -496,9 +496,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_secret_echoed_by_the_server_is_redacted() {
+        /// The error a token endpoint answering `status` and `body` gives, with the secret
+        /// `s3cr3t+/=value`, and how it shows in `Display` and `Debug`.
+        async fn refused(status: u16, body: &'static str) -> (AuthError, String) {
+            let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
+            let source = ClientCredentials::new(
+                respond(status, &[], body),
+                Uri::from_static("http://127.0.0.1:1/oauth/token"),
+                credentials,
+            )
+            .unwrap();
+            let err = source.fetch().await.unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            (err, shown)
+        }
+
         let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
-        let secret = credentials.secret().clone();
-        let basic = credentials.basic_authorization(&secret);
+        let basic = credentials.basic_authorization(credentials.secret());
         let basic = basic
             .to_str()
             .unwrap()
@@ -511,15 +526,7 @@ mod tests {
             format!(r#"{{"error":"invalid_client","error_description":"{description}"}}"#)
                 .into_boxed_str(),
         );
-        let source = ClientCredentials::new(
-            respond(401, &[], body),
-            Uri::from_static("http://127.0.0.1:1/oauth/token"),
-            credentials,
-        )
-        .unwrap();
-        let err = source.fetch().await.unwrap_err();
-        let shown = format!("{err} {err:?}");
-        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let (_, shown) = refused(401, body).await;
         assert!(!shown.contains(&basic), "{shown}");
         assert!(
             shown.contains("client_secret [redacted] (form [redacted]) refused"),
@@ -527,20 +534,8 @@ mod tests {
         );
 
         // The same in an error code outside the RFC (kept verbatim, up to 64 bytes).
-        let credentials = Credentials::new("id", "s3cr3t+/=value").unwrap();
-        let source = ClientCredentials::new(
-            respond(
-                400,
-                &[],
-                r#"{"error":"bad_secret:s3cr3t+/=value","error_description":"no"}"#,
-            ),
-            Uri::from_static("http://127.0.0.1:1/oauth/token"),
-            credentials,
-        )
-        .unwrap();
-        let err = source.fetch().await.unwrap_err();
-        let shown = format!("{err} {err:?}");
-        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let body = r#"{"error":"bad_secret:s3cr3t+/=value","error_description":"no"}"#;
+        let (err, _) = refused(400, body).await;
         assert_eq!(
             err.oauth_code().map(OAuthErrorCode::as_str),
             Some("bad_secret:[redacted]")
