@@ -318,6 +318,11 @@ impl RefreshState {
             .as_ref()
             .is_some_and(|r| r.same_channel(channel))
     }
+
+    /// Whether a backoff after a failure forbids a new token request at `now`.
+    fn backing_off(&self, now: Instant) -> bool {
+        self.failure.as_ref().is_some_and(|f| now < f.retry_at)
+    }
 }
 
 /// Failures since the last success.
@@ -595,6 +600,13 @@ impl TokenCache {
         }
     }
 
+    /// The API refused the current token: nobody may use it any more, kept headers
+    /// included. Called with the state lock held.
+    fn withdraw_current(&self) {
+        self.inner.current.store(None);
+        self.inner.fresh.clear();
+    }
+
     /// Drops the token of `generation` if it is still current, and starts one refresh
     /// (unless one runs or the backoff forbids it) without waiting for it.
     fn refused(&self, generation: TokenGeneration) {
@@ -604,11 +616,9 @@ impl TokenCache {
             if current != Some(generation) {
                 return;
             }
-            self.inner.current.store(None);
-            self.inner.fresh.clear();
+            self.withdraw_current();
             let now = Instant::now();
-            let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
-            if backing_off || self.joinable_refresh(&mut state).is_some() {
+            if state.backing_off(now) || self.joinable_refresh(&mut state).is_some() {
                 return;
             }
             match self.begin_refresh(&mut state, RefreshReason::After401, false) {
@@ -638,9 +648,7 @@ impl TokenCache {
                     return Ok(token);
                 }
                 if rejected == Some(token.generation()) {
-                    // The API refused the current token: nobody may use it any more.
-                    self.inner.current.store(None);
-                    self.inner.fresh.clear();
+                    self.withdraw_current();
                 }
             }
             if reason == RefreshReason::Initial {
@@ -738,7 +746,7 @@ impl TokenCache {
             .load()
             .as_deref()
             .is_some_and(|t| now >= t.refresh_at() && t.is_valid_at(now));
-        let backing_off = state.failure.as_ref().is_some_and(|f| now < f.retry_at);
+        let backing_off = state.backing_off(now);
         if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
             // Without a runtime the request goes on with the still-valid token.
             if let Ok((_, launch)) =
