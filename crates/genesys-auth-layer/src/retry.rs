@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use tower::retry::Policy;
 
 use crate::token::TokenGeneration;
@@ -166,9 +166,15 @@ pub(crate) struct Refused(pub(crate) Stamp);
 /// copies its (empty) tables, and every request pays for this copy before it is sent.
 #[inline]
 fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
+    // The URI is copied before the new request is built, so that the copy's writes have
+    // landed before it is moved in (read back at once, it waits for them). `GET` is the
+    // new request's method already.
+    let uri = request.uri().clone();
     let mut copy = Request::new(body);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
+    if request.method() != Method::GET {
+        *copy.method_mut() = request.method().clone();
+    }
+    *copy.uri_mut() = uri;
     *copy.version_mut() = request.version();
     if !request.headers().is_empty() {
         *copy.headers_mut() = request.headers().clone();

@@ -115,43 +115,28 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The hot path (the inner service was called at once) stays small enough to inline,
         // and moves the response as few times as it can: a 401 is stamped in place. Waiting
-        // for a token is out of line.
-        match self.as_mut().project().state.project() {
-            StateProj::Called {
-                future,
-                stamp,
-                replay,
-            } => Poll::Ready(match ready!(future.poll(cx)) {
-                Ok(mut response) => {
-                    if let Some(stamp) = stamp {
-                        if response.status() == StatusCode::UNAUTHORIZED {
-                            stamp_401(&mut response, *stamp, *replay);
-                        }
-                    }
-                    Ok(response)
-                }
-                Err(error) => Err(error.into()),
-            }),
-            StateProj::WaitingForToken { .. } => self.poll_waiting(cx),
+        // for a token is out of line and returns no response of its own: once the token is
+        // there it moves the state to `Called`, and the one path below polls the inner
+        // future. (When it returned the response, the two paths' responses met in one slot
+        // that the hot path's response was copied into: 3.5 % of (3)'s time, `--paired`.)
+        if let StateProj::WaitingForToken { .. } = self.as_mut().project().state.project() {
+            ready!(self.as_mut().poll_token(cx))?;
         }
-    }
-}
-
-impl<S, B, ResBody> ResponseFuture<S, B>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
-{
-    /// Waits for the token, calls the inner service with it, and polls its future.
-    #[cold]
-    #[inline(never)]
-    fn poll_waiting(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<ResBody>, BoxError>> {
-        ready!(self.as_mut().poll_token(cx))?;
-        // `poll_token` moved the state to `Called`: this does not come back here.
-        self.poll(cx)
+        let StateProj::Called {
+            future,
+            stamp,
+            replay,
+        } = self.project().state.project()
+        else {
+            return Poll::Ready(Err("AuthService future polled after completion".into()));
+        };
+        let mut output = ready!(future.poll(cx)).map_err(Into::into);
+        if let (Some(stamp), Ok(response)) = (stamp, &mut output) {
+            if response.status() == StatusCode::UNAUTHORIZED {
+                stamp_401(response, *stamp, *replay);
+            }
+        }
+        Poll::Ready(output)
     }
 }
 
