@@ -247,6 +247,12 @@ async fn a_second_401_goes_back_to_the_caller_without_a_loop() {
         "one request and one replay, no more"
     );
     assert_eq!(fake.token_requests(), 2);
+    let stats = auth.stats();
+    assert_eq!(
+        stats.unauthorized_answers, 2,
+        "the request's 401 and the replay's"
+    );
+    assert_eq!(stats.unauthorized_reported, 1, "one replay");
     fake.shutdown().await;
 }
 

@@ -373,15 +373,21 @@ impl Drop for Inner {
     }
 }
 
-/// The API answered 401 to a token of the cache `id` (a response's stamp): that token, if
-/// still current, is dropped at once and one refresh starts, without waiting for it. This
-/// holds whether or not the request is replayed: a request whose body cannot be copied is
-/// not, and the refused token must not be sent again until it expires.
-pub(crate) fn report_refused(id: u64, generation: TokenGeneration) {
+/// The API answered 401 to a token of the cache `id` (a response's stamp); `replay` says
+/// whether the request was [`RefreshOn401`](crate::RefreshOn401)'s replay. Counted either
+/// way. A first 401's token, if still current, is dropped at once and one refresh starts,
+/// without waiting for it. This holds whether or not the request is replayed: a request
+/// whose body cannot be copied is not, and the refused token must not be sent again until
+/// it expires. A replay's 401 is only counted: its own refresh just ran, and a second one
+/// per request would double the token requests of an API that refuses every token.
+pub(crate) fn report_401(id: u64, generation: TokenGeneration, replay: bool) {
     // The list's lock is released before the cache is used (or dropped: its `Drop` takes it).
     let inner = caches().get(&id).and_then(std::sync::Weak::upgrade);
     if let Some(inner) = inner {
-        TokenCache { inner }.refused(generation);
+        inner.counters.unauthorized_answer();
+        if !replay {
+            TokenCache { inner }.refused(generation);
+        }
     }
 }
 
@@ -1612,7 +1618,7 @@ mod tests {
         drop(clone);
         assert!(!listed(id));
         // A report for a cache that is gone is ignored.
-        report_refused(id, TokenGeneration(1));
+        report_401(id, TokenGeneration(1), false);
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub use error::{AuthError, ConfigError, InvalidTokenResponse, OAuthErrorCode};
 pub use genesys::{GenesysAuth, GenesysAuthBuilder};
 pub use observe::{
     CacheStats, FailureCounts, Health, METRIC_FAILURES, METRIC_REPLAYS, METRIC_REQUESTS_AUTHORIZED,
-    METRIC_REQUESTS_WAITED, METRIC_TOKENS_RETRIEVED, UNHEALTHY_AFTER_FAILURES,
+    METRIC_REQUESTS_WAITED, METRIC_TOKENS_RETRIEVED, METRIC_UNAUTHORIZED, UNHEALTHY_AFTER_FAILURES,
 };
 pub use region::{Endpoints, Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};

@@ -58,6 +58,12 @@ pub struct CacheStats {
     /// 401 answers to a token this layer attached that asked for a newer token: one per
     /// replay.
     pub unauthorized_reported: u64,
+    /// Every 401 answer from the API to a request an [`AuthService`](crate::AuthService)
+    /// attached a token to, replays included. A first 401 drops the refused token at once,
+    /// replayed or not; this minus [`unauthorized_reported`](Self::unauthorized_reported)
+    /// counts the 401s that reached the caller (a body that cannot be copied, no
+    /// [`RefreshOn401`](crate::RefreshOn401) in the stack, or a replay refused again).
+    pub unauthorized_answers: u64,
 }
 
 /// How many stripes the per-request counter has: more than the cores of most hosts that
@@ -128,6 +134,7 @@ pub(crate) struct Counters {
     requests_authorized: StripedCounter,
     waited_for_token: AtomicU64,
     unauthorized_reported: AtomicU64,
+    unauthorized_answers: AtomicU64,
     #[cfg(feature = "metrics")]
     metrics: MetricHandles,
 }
@@ -145,6 +152,7 @@ impl Counters {
             requests_authorized: StripedCounter::default(),
             waited_for_token: AtomicU64::new(0),
             unauthorized_reported: AtomicU64::new(0),
+            unauthorized_answers: AtomicU64::new(0),
             #[cfg(feature = "metrics")]
             metrics: MetricHandles::new(name),
         }
@@ -191,6 +199,12 @@ impl Counters {
         self.metrics.replays.increment(1);
     }
 
+    pub(crate) fn unauthorized_answer(&self) {
+        self.unauthorized_answers.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.unauthorized.increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> CacheStats {
         let failure = |i: usize| self.failures[i].load(Ordering::Relaxed);
         let failures_by_cause = FailureCounts {
@@ -211,6 +225,7 @@ impl Counters {
             requests_authorized: self.requests_authorized.sum(),
             waited_for_token: self.waited_for_token.load(Ordering::Relaxed),
             unauthorized_reported: self.unauthorized_reported.load(Ordering::Relaxed),
+            unauthorized_answers: self.unauthorized_answers.load(Ordering::Relaxed),
         }
     }
 }
@@ -226,6 +241,9 @@ pub const METRIC_REQUESTS_AUTHORIZED: &str = "genesys_auth_requests_authorized_t
 pub const METRIC_REPLAYS: &str = "genesys_auth_replays_total";
 /// `genesys_auth_requests_waited_total`: requests that waited for a token.
 pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
+/// `genesys_auth_unauthorized_total`: 401 answers to requests a token was attached to,
+/// replays included ([`CacheStats::unauthorized_answers`]).
+pub const METRIC_UNAUTHORIZED: &str = "genesys_auth_unauthorized_total";
 
 /// Counter handles registered once, when the cache is built: install the `metrics`
 /// recorder before building the layer.
@@ -237,6 +255,7 @@ struct MetricHandles {
     requests_authorized: metrics::Counter,
     replays: metrics::Counter,
     requests_waited: metrics::Counter,
+    unauthorized: metrics::Counter,
 }
 
 #[cfg(feature = "metrics")]
@@ -262,6 +281,7 @@ impl MetricHandles {
             requests_authorized: metrics::counter!(METRIC_REQUESTS_AUTHORIZED, with(None)),
             replays: metrics::counter!(METRIC_REPLAYS, with(None)),
             requests_waited: metrics::counter!(METRIC_REQUESTS_WAITED, with(None)),
+            unauthorized: metrics::counter!(METRIC_UNAUTHORIZED, with(None)),
         }
     }
 }
@@ -442,6 +462,9 @@ mod tests {
         for _ in 0..5 {
             assert!(cache.fresh_header().is_some());
         }
+        // A 401 to its token, as `AuthService` reports one.
+        let generation = cache.current().unwrap().generation();
+        crate::cache::report_401(cache.id(), generation, false);
         let counters = counter_values(&snapshotter);
         assert_eq!(counters[&format!("{METRIC_TOKENS_RETRIEVED}[]")], 1);
         assert_eq!(
@@ -454,6 +477,8 @@ mod tests {
         );
         assert_eq!(counters[&format!("{METRIC_REQUESTS_AUTHORIZED}[]")], 5);
         assert_eq!(counters[&format!("{METRIC_REQUESTS_WAITED}[]")], 2);
+        assert_eq!(counters[&format!("{METRIC_UNAUTHORIZED}[]")], 1);
+        assert_eq!(counters[&format!("{METRIC_REPLAYS}[]")], 0);
     }
 
     #[cfg(feature = "metrics")]

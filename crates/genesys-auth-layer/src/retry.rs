@@ -402,6 +402,11 @@ mod tests {
             0,
             "the marker never leaves"
         );
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (1, 1)
+        );
     }
 
     /// `token-1`, then `invalid_client` for ever.
@@ -591,6 +596,12 @@ mod tests {
         let res = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (1, 0),
+            "a 401 that reached the caller shows as the difference"
+        );
         let sent: Vec<_> = api.seen().into_iter().map(|(auth, _)| auth).collect();
         assert_eq!(
             sent,

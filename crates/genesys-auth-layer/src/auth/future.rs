@@ -191,12 +191,10 @@ where
 #[inline(never)]
 fn stamp_401<B>(response: &mut Response<B>, stamp: Stamp, replay: bool) {
     // The token is refused whether or not the request will be replayed (a body that cannot
-    // be copied is not). A replay's 401 is not reported: its own refresh just ran, and a
+    // be copied is not). A replay's 401 is only counted: its own refresh just ran, and a
     // second one per request would double the token requests of an API that refuses
     // every token; the next request's first 401 reports that token.
-    if !replay {
-        crate::cache::report_refused(stamp.cache, stamp.generation);
-    }
+    crate::cache::report_401(stamp.cache, stamp.generation, replay);
     response.extensions_mut().insert(stamp.generation);
     response.extensions_mut().insert(stamp);
     tracing::debug!(

@@ -613,6 +613,9 @@ mod tests {
         // Right away, with no token: the request waits for the refresh the 401 started.
         assert_eq!(stamp_of(&call(&mut service, in_scope()).await), refused(3));
         assert_eq!(source.0.load(Ordering::SeqCst), 3);
+        let stats = cache.stats();
+        assert_eq!(stats.unauthorized_answers, 3, "every 401 counted");
+        assert_eq!(stats.unauthorized_reported, 0, "none replayed");
 
         // A 401 to a request it did not authorize carries nothing and costs no refresh:
         // another host, or the caller's own `Authorization`.
@@ -628,6 +631,11 @@ mod tests {
         assert_eq!(stamp_of(&call(&mut service, own).await), (None, None));
         settle().await;
         assert_eq!(source.0.load(Ordering::SeqCst), before);
+        assert_eq!(
+            cache.stats().unauthorized_answers,
+            3,
+            "not ours: not counted"
+        );
     }
 
     #[test]
