@@ -619,19 +619,30 @@ mod tests {
         struct Marker(u8);
         let auth = auth(Counter::default());
         let mut policy = auth.retry_policy();
-        let mut req = post("https://api.example.test/x?q=1", "abc");
-        *req.method_mut() = http::Method::PUT;
-        *req.version_mut() = http::Version::HTTP_2;
-        req.headers_mut().insert("x-trace", "7".parse().unwrap());
-        req.extensions_mut().insert(Marker(9));
-        let copy = <RefreshOn401 as Policy<_, Response<()>, ()>>::clone_request(&mut policy, &req)
-            .unwrap();
-        assert_eq!(copy.method(), req.method());
-        assert_eq!(copy.uri(), req.uri());
-        assert_eq!(copy.version(), req.version());
-        assert_eq!(copy.headers(), req.headers());
-        assert_eq!(copy.extensions().get::<Marker>(), Some(&Marker(9)));
-        assert_eq!(copy.into_body().collect().await.unwrap().to_bytes(), "abc");
+        // `GET` is the copy's own method from the start; the others are cloned, an
+        // extension method too.
+        let methods = [
+            http::Method::PUT,
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::from_bytes(b"PURGE").unwrap(),
+        ];
+        for method in methods {
+            let mut req = post("https://api.example.test/x?q=1", "abc");
+            *req.method_mut() = method.clone();
+            *req.version_mut() = http::Version::HTTP_2;
+            req.headers_mut().insert("x-trace", "7".parse().unwrap());
+            req.extensions_mut().insert(Marker(9));
+            let copy =
+                <RefreshOn401 as Policy<_, Response<()>, ()>>::clone_request(&mut policy, &req)
+                    .unwrap();
+            assert_eq!(copy.method(), method);
+            assert_eq!(copy.uri(), req.uri());
+            assert_eq!(copy.version(), req.version());
+            assert_eq!(copy.headers(), req.headers());
+            assert_eq!(copy.extensions().get::<Marker>(), Some(&Marker(9)));
+            assert_eq!(copy.into_body().collect().await.unwrap().to_bytes(), "abc");
+        }
     }
 
     #[tokio::test]

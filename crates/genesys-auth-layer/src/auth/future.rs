@@ -122,13 +122,15 @@ where
         if let StateProj::WaitingForToken { .. } = self.as_mut().project().state.project() {
             ready!(self.as_mut().poll_token(cx))?;
         }
+        // `poll_token` returns `Ok` only once the state is `Called`: the `else` cannot run,
+        // and answers with an error rather than a panic if that ever changes.
         let StateProj::Called {
             future,
             stamp,
             replay,
         } = self.project().state.project()
         else {
-            return Poll::Ready(Err("AuthService future polled after completion".into()));
+            return Poll::Ready(Err("AuthService future in no state to poll".into()));
         };
         let mut output = ready!(future.poll(cx)).map_err(Into::into);
         if let (Some(stamp), Ok(response)) = (stamp, &mut output) {

@@ -189,8 +189,9 @@ impl<S> AuthService<S> {
         // was read back before those writes had landed, and the read waited for them (a
         // failed store-to-load forward: 7 % of (3)'s time, `--paired`). The checks between
         // give the writes time to land. A request that skips the header (out of scope, its
-        // own `Authorization`, a replay) drops the copy: one reference count up and down,
-        // on the header this service keeps for itself.
+        // own `Authorization`, a replay) pays for this: the fresh generation's load (and
+        // with `check_clock_per_request`, a clock read), and the copy dropped, one
+        // reference count up and down on the header this service keeps for itself.
         let fresh = self.shared.cache.fresh_generation();
         let kept = match &self.kept {
             Some(kept)
@@ -427,6 +428,87 @@ mod tests {
         settle().await;
         assert_eq!(send(&mut service).await, "Bearer token-3");
         assert_eq!(source.0.load(Ordering::SeqCst), 4);
+    }
+
+    /// The kept header is copied before the checks that skip a request: a skipped request
+    /// must still go out without it, with the clock checked or not.
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_header_stays_off_requests_it_skips() {
+        for check in [false, true] {
+            let config = CacheConfig::default().check_clock_per_request(check);
+            let cache = TokenCache::new(Counting::default(), config);
+            let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+            let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
+            for _ in 0..3 {
+                assert_eq!(send(&mut service).await, "Bearer token-0");
+            }
+            assert!(
+                service.kept.is_some(),
+                "the header is kept (clock: {check})"
+            );
+            let authorized = cache.stats().requests_authorized;
+
+            let mut seen = |request: Request<()>| {
+                let future = service.call(request);
+                async move { future.await.unwrap().into_body() }
+            };
+            let elsewhere = Request::get("https://example.org/x").body(()).unwrap();
+            assert_eq!(seen(elsewhere).await, None, "another host (clock: {check})");
+            let own = Request::get("https://api.example.com/x")
+                .header(AUTHORIZATION, "Bearer mine")
+                .body(())
+                .unwrap();
+            assert_eq!(
+                seen(own).await,
+                Some(HeaderValue::from_static("Bearer mine")),
+                "the caller's own header (clock: {check})"
+            );
+            assert_eq!(cache.stats().requests_authorized, authorized);
+            // And the kept header still goes on the next request in scope.
+            assert_eq!(send(&mut service).await, "Bearer token-0");
+            assert_eq!(cache.stats().requests_authorized, authorized + 1);
+        }
+    }
+
+    /// A response future whose token could not be obtained answers with that error, and
+    /// with an error again if polled after it; the inner service is never called.
+    #[tokio::test(start_paused = true)]
+    async fn a_future_polled_again_after_its_token_error_errs_again() {
+        use std::future::Future;
+        struct Failing;
+        impl TokenSource for Failing {
+            fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+                Box::pin(async { Err(AuthError::Timeout(Duration::from_secs(1))) })
+            }
+        }
+        let called = Arc::new(AtomicUsize::new(0));
+        let inner = tower::service_fn({
+            let called = called.clone();
+            move |_req: Request<()>| {
+                called.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Ok::<_, Infallible>(Response::new(())))
+            }
+        });
+        let cache = TokenCache::new(Failing, CacheConfig::default());
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let mut service = AuthLayer::new(cache, scope).layer(inner);
+        let request = Request::get("https://api.example.com/x").body(()).unwrap();
+        let mut future = std::pin::pin!(service.call(request));
+        let first = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+        let error = first.unwrap_err();
+        assert!(
+            matches!(
+                error.downcast_ref::<AuthError>(),
+                Some(AuthError::Timeout(_))
+            ),
+            "{error}"
+        );
+        let again = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+        assert!(
+            again.unwrap_err().to_string().contains("after completion"),
+            "an error, not a panic nor a call"
+        );
+        assert_eq!(called.load(Ordering::SeqCst), 0);
     }
 
     /// Behind a synchronous facade, a refresh started ahead by one call runs only when the
