@@ -5,7 +5,10 @@
 //! server-side revocation of every token hit by 50 concurrent calls. With
 //! `GENESYSCLOUD_OAUTHCLIENT_ID`, `GENESYSCLOUD_OAUTHCLIENT_SECRET` and `GENESYSCLOUD_REGION`
 //! set (the names Genesys' CLI and Terraform provider use), it makes one real call,
-//! `GET /api/v2/organizations/me`, and prints the organization's name.
+//! `GET /api/v2/organizations/me`, and prints the organization's name. With
+//! `GENESYSCLOUD_LOGIN_URI` and `GENESYSCLOUD_API_URI` set as well, that call goes to the
+//! hosts they name instead of the region's (a private gateway, or a `genesys-fake` started on
+//! its own, which is how CI runs this path).
 
 use std::time::Duration;
 
@@ -37,20 +40,36 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
-/// One call to the real Genesys Cloud.
+/// One call to the real Genesys Cloud (or to the hosts `GENESYSCLOUD_LOGIN_URI` and
+/// `GENESYSCLOUD_API_URI` name).
 async fn real_genesys(id: String, secret: String) -> Result<(), BoxError> {
     let region: Region = std::env::var("GENESYSCLOUD_REGION")
         .unwrap_or_else(|_| "us-east-1".into())
         .parse()?;
+    let login = std::env::var("GENESYSCLOUD_LOGIN_URI").ok();
+    let api = std::env::var("GENESYSCLOUD_API_URI").ok();
+    let (endpoints, place) = match (login, api) {
+        (Some(login), Some(api)) => (Endpoints::from_bases(&login, &api)?, api),
+        (None, None) => (region.endpoints(), format!("Region {region}")),
+        _ => {
+            return Err(
+                "set both GENESYSCLOUD_LOGIN_URI and GENESYSCLOUD_API_URI, or neither".into(),
+            )
+        }
+    };
+    let api_uri = endpoints.api_uri().clone();
     let auth = GenesysAuth::client_credentials(id, secret)
-        .region(region)
+        .endpoints(endpoints)
         .build_with_default_client()?;
     let client = ServiceBuilder::new()
         .layer(TraceLayer::new_for_http())
         .layer(auth.layers())
         .service(https_client::<Full<Bytes>>());
 
-    let uri = format!("{}api/v2/organizations/me", region.api_uri());
+    let uri = format!(
+        "{}/api/v2/organizations/me",
+        api_uri.to_string().trim_end_matches('/')
+    );
     let response = client
         .oneshot(Request::get(uri).body(Full::default())?)
         .await?;
@@ -61,7 +80,7 @@ async fn real_genesys(id: String, secret: String) -> Result<(), BoxError> {
     }
     let org: serde_json::Value = serde_json::from_slice(&body)?;
     println!(
-        "Region {region}: organization {:?}",
+        "{place}: organization {:?}",
         org.get("name").and_then(|n| n.as_str()).unwrap_or("?")
     );
     Ok(())
