@@ -43,14 +43,16 @@ async fn main() -> Result<(), BoxError> {
 /// One call to the real Genesys Cloud (or to the hosts `GENESYSCLOUD_LOGIN_URI` and
 /// `GENESYSCLOUD_API_URI` name).
 async fn real_genesys(id: String, secret: String) -> Result<(), BoxError> {
-    let region: Region = std::env::var("GENESYSCLOUD_REGION")
-        .unwrap_or_else(|_| "us-east-1".into())
-        .parse()?;
     let login = std::env::var("GENESYSCLOUD_LOGIN_URI").ok();
     let api = std::env::var("GENESYSCLOUD_API_URI").ok();
     let (endpoints, place) = match (login, api) {
         (Some(login), Some(api)) => (Endpoints::from_bases(&login, &api)?, api),
-        (None, None) => (region.endpoints(), format!("Region {region}")),
+        (None, None) => {
+            let region: Region = std::env::var("GENESYSCLOUD_REGION")
+                .unwrap_or_else(|_| "us-east-1".into())
+                .parse()?;
+            (region.endpoints(), format!("Region {region}"))
+        }
         _ => {
             return Err(
                 "set both GENESYSCLOUD_LOGIN_URI and GENESYSCLOUD_API_URI, or neither".into(),

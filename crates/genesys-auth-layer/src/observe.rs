@@ -38,7 +38,8 @@ pub struct FailureCounts {
 /// A snapshot of a cache's counters: a few relaxed atomic loads.
 ///
 /// Comparable to Duende.AccessTokenManagement's meter: tokens retrieved, retrieval failures
-/// by cause, requests authorized, 401 replays, and requests that waited for a token.
+/// by cause, requests authorized, 401 answers and replays, and requests that waited for a
+/// token.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -63,6 +64,9 @@ pub struct CacheStats {
     /// replayed or not; this minus [`unauthorized_reported`](Self::unauthorized_reported)
     /// counts the 401s that reached the caller (a body that cannot be copied, no
     /// [`RefreshOn401`](crate::RefreshOn401) in the stack, or a replay refused again).
+    /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) called
+    /// directly adds to `unauthorized_reported` only, so take the difference with
+    /// `saturating_sub` when the cache is used that way too.
     pub unauthorized_answers: u64,
 }
 

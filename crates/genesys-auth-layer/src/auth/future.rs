@@ -118,7 +118,7 @@ where
         // for a token is out of line and returns no response of its own: once the token is
         // there it moves the state to `Called`, and the one path below polls the inner
         // future. (When it returned the response, the two paths' responses met in one slot
-        // that the hot path's response was copied into: 3.5 % of (3)'s time, `--paired`.)
+        // that the hot path's response was copied into: 3 % of (3)'s time, `--paired`.)
         if let StateProj::WaitingForToken { .. } = self.as_mut().project().state.project() {
             ready!(self.as_mut().poll_token(cx))?;
         }
