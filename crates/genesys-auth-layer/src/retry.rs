@@ -334,6 +334,28 @@ mod tests {
         GenesysAuth::from_source(source, CacheConfig::default(), scope)
     }
 
+    /// A counting token source, the auth over it, an API that accepts no token yet, and
+    /// the full stack (`auth.layers()`) in front of that API.
+    fn stack<B>() -> (
+        Counter,
+        GenesysAuth,
+        Api,
+        impl Service<Request<B>, Response = Response<String>, Error = BoxError> + Clone,
+    )
+    where
+        B: ReplayableBody + http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service());
+        (source, auth, api, client)
+    }
+
     /// A request whose body cannot be copied (a stream, as far as the policy can tell).
     fn streaming() -> Request<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>> {
         let body = Full::new(Bytes::from_static(b"stream"))
@@ -353,13 +375,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_401_refreshes_and_replays_the_same_bytes_once() {
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default();
+        let (source, auth, api, mut client) = stack();
         api.accept(&["token-1"]);
-        let mut client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
 
         let ok = client
             .ready()
@@ -515,12 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_401_goes_back_to_the_caller() {
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default(); // accepts nothing
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let (source, _, api, client) = stack();
         let res = client
             .oneshot(post("https://api.example.test/x", "{}"))
             .await
@@ -532,12 +544,7 @@ mod tests {
 
     #[tokio::test]
     async fn own_authorization_and_other_hosts_are_never_touched_nor_retried() {
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default();
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let (source, _, api, client) = stack();
 
         let mut own = post("https://api.example.test/x", "{}");
         own.headers_mut()
@@ -560,12 +567,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_cannot_be_copied_is_sent_once() {
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default();
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let (_, _, api, client) = stack();
         let req = streaming();
         let res = client.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 401);
@@ -578,12 +580,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_token_is_dropped_even_when_the_request_cannot_be_replayed() {
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default();
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let (source, auth, api, client) = stack();
         api.accept(&["token-1"]);
         let res = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(res.status(), 200);
