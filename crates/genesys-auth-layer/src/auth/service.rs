@@ -368,6 +368,15 @@ mod tests {
         header.to_str().unwrap().to_owned()
     }
 
+    /// A current-thread runtime, driven only inside `block_on`, as behind a synchronous
+    /// facade.
+    fn block_on_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// Lets spawned tasks (the token's phase timer, a refresh ahead) run.
     async fn settle() {
         for _ in 0..10 {
@@ -516,10 +525,7 @@ mod tests {
     /// not fail as timed out (which also started a backoff).
     #[test]
     fn a_refresh_ahead_started_before_a_gap_still_asks() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = block_on_runtime();
         let source = Counting::new(Duration::from_secs(2), Duration::ZERO);
         let config = CacheConfig::default()
             .refresh_ahead(Duration::from_secs(1), 0.0)
@@ -546,10 +552,7 @@ mod tests {
     /// timeout.
     #[test]
     fn a_refresh_a_401_started_before_a_gap_still_asks() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = block_on_runtime();
         let source = Counting::new(Duration::from_secs(100), Duration::ZERO);
         let config = CacheConfig::default().fetch_timeout(Duration::from_millis(300));
         let cache = TokenCache::new(source.clone(), config);
@@ -581,10 +584,7 @@ mod tests {
     #[test]
     fn a_late_timer_is_caught_when_the_clock_is_checked() {
         for check in [false, true] {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let runtime = block_on_runtime();
             let setup = || {
                 let source = Counting::new(Duration::from_secs(1), Duration::ZERO);
                 let config = CacheConfig::default()
