@@ -288,6 +288,10 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, Variant)> {
         .service(inner());
     let auth_layer = ServiceBuilder::new().layer(auth.layer()).service(inner());
     let full_stack = ServiceBuilder::new().layer(auth.layers()).service(inner());
+    let tower_stack = ServiceBuilder::new()
+        .layer(auth.retry_layer())
+        .layer(auth.layer())
+        .service(inner());
     let rwlock_layer = ServiceBuilder::new()
         .layer(hand_written::RwLockLayer(rw))
         .service(inner());
@@ -304,6 +308,10 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, Variant)> {
         ("2_set_header", Box::new(move || boxed(set_header.clone()))),
         ("3_auth_layer", Box::new(move || boxed(auth_layer.clone()))),
         ("4_full_stack", Box::new(move || boxed(full_stack.clone()))),
+        (
+            "4t_tower_retry_stack",
+            Box::new(move || boxed(tower_stack.clone())),
+        ),
         (
             "5a_rwlock_layer",
             Box::new(move || boxed(rwlock_layer.clone())),

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
-use tower::layer::util::Stack;
 use tower::retry::RetryLayer;
 
-use crate::auth::{AuthLayer, Scope, Shared};
+use crate::auth::{AuthLayer, AuthReplayLayer, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
 use crate::credentials::{ClientId, ClientSecret, Credentials};
 use crate::error::{AuthError, ConfigError};
@@ -147,8 +146,10 @@ impl GenesysAuth {
     ///     });
     /// # }
     /// ```
-    pub fn layers(&self) -> Stack<AuthLayer, RetryLayer<RefreshOn401>> {
-        Stack::new(self.layer(), self.retry_layer())
+    pub fn layers(&self) -> AuthReplayLayer {
+        AuthReplayLayer {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The token cache.

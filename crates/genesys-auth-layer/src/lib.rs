@@ -60,7 +60,10 @@ mod rotation;
 mod source;
 mod token;
 
-pub use auth::{AuthLayer, AuthService, ResponseFuture, Scope};
+pub use auth::{
+    AuthLayer, AuthReplayFuture, AuthReplayLayer, AuthReplayService, AuthService, ResponseFuture,
+    Scope,
+};
 pub use cache::{
     CacheConfig, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
     DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION,

@@ -196,23 +196,11 @@ where
         request: &mut Request<B>,
         result: &mut Result<Response<ResBody>, E>,
     ) -> Option<Self::Future> {
-        let response = result.as_ref().ok()?;
-        if response.status() != StatusCode::UNAUTHORIZED || self.replayed {
+        if self.replayed {
             return None;
         }
-        let stamp = *response.extensions().get::<Stamp>()?;
-        if stamp.cache != self.cache {
-            // A 401 to another cache's token (a nested stack): its own policy replays it.
-            return None;
-        }
+        let stamp = refused_stamp(result.as_ref().ok()?, self.cache, request)?;
         self.replayed = true;
-        tracing::debug!(
-            target: "genesys_auth_layer::retry",
-            generation = stamp.generation.0,
-            method = %request.method(),
-            path = request.uri().path(),
-            "401 replayed with a newer token"
-        );
         // The refresh happens in AuthService when the replay reaches it: it holds the cache
         // (this policy holds nothing, so that tower's per-request copy of it is free).
         request.extensions_mut().insert(Refused(stamp));
@@ -220,26 +208,58 @@ where
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        // A request with its own `Authorization` is never authorized by this crate, so
-        // never replayed. (`is_empty` inlines, `contains_key` does not; many requests carry
-        // no header at all.)
-        if self.replayed
-            || (!request.headers().is_empty() && request.headers().contains_key(AUTHORIZATION))
-        {
+        if self.replayed {
             return None;
         }
-        let Some(body) = request.body().try_clone_body() else {
-            tracing::debug!(
-                target: "genesys_auth_layer::retry",
-                method = %request.method(),
-                path = request.uri().path(),
-                reason = "body cannot be copied",
-                "request will not be replayed if the API answers 401"
-            );
-            return None;
-        };
-        Some(copy_request(request, body))
+        replayable_copy(request)
     }
+}
+
+/// The stamp of a 401 that answered a token of the cache `cache`: the request is to be
+/// replayed with a newer one (and this says so in a debug event). `None` for any other
+/// answer, including a 401 to another cache's token (a nested stack's policy replays it).
+pub(crate) fn refused_stamp<R, B>(
+    response: &Response<R>,
+    cache: u64,
+    request: &Request<B>,
+) -> Option<Stamp> {
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return None;
+    }
+    let stamp = *response.extensions().get::<Stamp>()?;
+    if stamp.cache != cache {
+        return None;
+    }
+    tracing::debug!(
+        target: "genesys_auth_layer::retry",
+        generation = stamp.generation.0,
+        method = %request.method(),
+        path = request.uri().path(),
+        "401 replayed with a newer token"
+    );
+    Some(stamp)
+}
+
+/// A copy of `request` to replay if the API answers 401, if it may be replayed: one with
+/// its own `Authorization` is never authorized by this crate, and a body that cannot be
+/// copied cannot be sent twice.
+#[inline]
+pub(crate) fn replayable_copy<B: ReplayableBody>(request: &Request<B>) -> Option<Request<B>> {
+    // `is_empty` inlines, `contains_key` does not; many requests carry no header at all.
+    if !request.headers().is_empty() && request.headers().contains_key(AUTHORIZATION) {
+        return None;
+    }
+    let Some(body) = request.body().try_clone_body() else {
+        tracing::debug!(
+            target: "genesys_auth_layer::retry",
+            method = %request.method(),
+            path = request.uri().path(),
+            reason = "body cannot be copied",
+            "request will not be replayed if the API answers 401"
+        );
+        return None;
+    };
+    Some(copy_request(request, body))
 }
 
 #[cfg(test)]

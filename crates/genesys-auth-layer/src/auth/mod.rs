@@ -11,11 +11,13 @@
 
 mod future;
 mod layer;
+mod replay;
 mod scope;
 mod service;
 
 pub use future::ResponseFuture;
 pub use layer::AuthLayer;
+pub use replay::{AuthReplayFuture, AuthReplayLayer, AuthReplayService};
 pub use scope::Scope;
 pub use service::AuthService;
 

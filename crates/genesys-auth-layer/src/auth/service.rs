@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{BoxError, Service};
 
 use super::{ResponseFuture, Shared};
+use crate::cache::TokenCache;
 use crate::retry::{Refused, Stamp};
 use crate::token::TokenGeneration;
 
@@ -281,31 +282,39 @@ impl<S> AuthService<S> {
         // this service keeps a fresh clone (tower's usual hand-off).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let cache = self.shared.cache.clone();
         if refused.is_none() {
             tracing::debug!(
                 target: "genesys_auth_layer::auth",
                 "no valid token cached; request waits for one"
             );
         }
-        let token = async move {
-            let token = match refused {
-                Some(generation) => cache.refresh_after_401(generation).await,
-                None => cache.token().await,
-            };
-            if token.is_ok() {
-                cache.count_authorized();
-            }
-            token
-        };
-        ResponseFuture::waiting(
-            Box::pin(token),
-            self.shared.cache_id,
-            refused.is_some(),
-            ready,
-            request,
-        )
+        wait_then_call(self.shared.cache.clone(), ready, request, refused)
     }
+}
+
+/// A future that waits for a token of `cache` (any valid one, or one newer than the
+/// generation the API `refused`), attaches it and calls the `ready` service.
+pub(crate) fn wait_then_call<S, B>(
+    cache: TokenCache,
+    ready: S,
+    request: Request<B>,
+    refused: Option<TokenGeneration>,
+) -> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    let id = cache.id();
+    let token = async move {
+        let token = match refused {
+            Some(generation) => cache.refresh_after_401(generation).await,
+            None => cache.token().await,
+        };
+        if token.is_ok() {
+            cache.count_authorized();
+        }
+        token
+    };
+    ResponseFuture::waiting(Box::pin(token), id, refused.is_some(), ready, request)
 }
 
 #[cfg(test)]
