@@ -13,7 +13,9 @@
 //! 2. `set_header`: `tower_http::set_header::SetRequestHeaderLayer` with a fixed, pre-built
 //!    bearer `HeaderValue`, the physical limit of header injection;
 //! 3. `auth_layer`: our `AuthLayer`, valid token cached;
-//! 4. `full_stack`: our `auth.layers()` (retry with `RefreshOn401` outside `AuthLayer`);
+//! 4. `full_stack`: our `auth.layers()` (`AuthReplayLayer`: auth and replay-once in one
+//!    service); `4t_tower_retry_stack` is the same two pieces stacked with tower's `Retry`
+//!    (`auth.retry_layer()` outside `auth.layer()`);
 //! 5. `rwlock_layer` / `mutex_layer`: the hand-written `Arc<tokio::sync::RwLock<Option<Token>>>`
 //!    (and `tokio::sync::Mutex`) layer users write themselves;
 //! 6. the peer crate `cf-gears-toolkit-auth` is measured by the separate crate in
@@ -430,7 +432,7 @@ fn parts(c: &mut Criterion) {
 }
 
 /// The ratios the benchmark issue sets bars on: (label, numerator, denominator, bar).
-const BARS: [(&str, &str, &str, &str); 7] = [
+const BARS: [(&str, &str, &str, &str); 9] = [
     ("(3) / (2)", "3_auth_layer", "2_set_header", "<= 1.10"),
     (
         "(4) / (7)",
@@ -446,6 +448,18 @@ const BARS: [(&str, &str, &str, &str); 7] = [
         "(7) / (5a)",
         "7_retry_clone_set_header",
         "5a_rwlock_layer",
+        "(context)",
+    ),
+    (
+        "(4t) / (7)",
+        "4t_tower_retry_stack",
+        "7_retry_clone_set_header",
+        "(context)",
+    ),
+    (
+        "(4) / (4t)",
+        "4_full_stack",
+        "4t_tower_retry_stack",
         "(context)",
     ),
 ];

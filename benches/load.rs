@@ -370,7 +370,7 @@ async fn run_load(k: &Knobs) -> Result<LoadOutcome, BoxError> {
         let lifetimes = secs / k.lifetime.as_secs_f64();
         let refresh_periods = secs / (window + k.token_latency).as_secs_f64();
         println!(
-            "| {r} | full stack (retry + auth) | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {r} | full stack (auth + replay) | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             ours.round.rps(),
             ms(ours.round.percentile(0.50)),
             ms(ours.round.percentile(0.99)),
@@ -623,9 +623,10 @@ enum Variant {
     StaticRetry,
     /// (c) `AuthLayer` alone, no retry.
     Auth,
-    /// (d) `auth.layers()`: `RetryLayer<RefreshOn401>` outside `AuthLayer`.
+    /// (d) `auth.layers()`: `AuthReplayLayer`, auth and replay-once in one service.
     Full,
-    /// (e) `RetryLayer<CopyOnly>` outside `AuthLayer`: (d) less what `RefreshOn401` adds.
+    /// (e) `RetryLayer<CopyOnly>` outside `AuthLayer`: a replay-capable stack built from
+    /// tower's `Retry` with a policy that only copies.
     AuthCopyRetry,
 }
 
@@ -645,7 +646,7 @@ impl Variant {
             Variant::StaticAgain => "(a′) static again (A/A)",
             Variant::StaticRetry => "(b) static + Retry<CopyOnly>",
             Variant::Auth => "(c) AuthLayer alone",
-            Variant::Full => "(d) full stack (retry + auth)",
+            Variant::Full => "(d) full stack (auth + replay)",
             Variant::AuthCopyRetry => "(e) Retry<CopyOnly> + AuthLayer",
         }
     }

@@ -1,5 +1,6 @@
 //! Behaviour seen from outside: a real hyper-util client through the full stack
-//! (`RetryLayer<RefreshOn401>` + `AuthLayer`) against `genesys-fake` over loopback, and, for
+//! (`auth.layers()`; the storm and replay tests also through tower's `Retry` with
+//! `RefreshOn401` over `AuthLayer`) against `genesys-fake` over loopback, and, for
 //! tests that drive expiry with paused time, against the fake's in-process service.
 
 mod common;
@@ -14,7 +15,26 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-use common::{h2_client, stack, Stack};
+use common::{h2_client, stack, HttpClient, Stack};
+
+/// Builds one kind of stack: [`common::stack`] or [`common::tower_stack`].
+type MakeStack = fn(&GenesysAuth, HttpClient) -> Stack;
+
+/// Runs `check` on each kind of stack, as two tests: `check::fused`, `check::tower`.
+macro_rules! on_both_stacks {
+    ($(#[$attr:meta])* $check:ident) => {
+        mod $check {
+            $(#[$attr])*
+            async fn fused() {
+                super::$check(super::common::stack).await
+            }
+            $(#[$attr])*
+            async fn tower() {
+                super::$check(super::common::tower_stack).await
+            }
+        }
+    };
+}
 
 fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> GenesysAuth {
     GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
@@ -49,11 +69,14 @@ fn auth_error(err: &BoxError) -> &AuthError {
         .unwrap_or_else(|| panic!("expected an AuthError, got {err}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_concurrent_401s_cost_one_token_request() {
+on_both_stacks!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    ten_thousand_concurrent_401s_cost_one_token_request
+);
+async fn ten_thousand_concurrent_401s_cost_one_token_request(make: MakeStack) {
     let fake = FakeGenesys::start().await.unwrap();
     let auth = auth_for(&fake, CacheConfig::default());
-    let client = stack(&auth, h2_client());
+    let client = make(&auth, h2_client());
     assert_eq!(
         fire(&client, get(&fake, "/api/v2/ping"))
             .await
@@ -84,11 +107,14 @@ async fn ten_thousand_concurrent_401s_cost_one_token_request() {
     fake.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_401s_after_the_refresh_cost_no_more_token_requests() {
+on_both_stacks!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    late_401s_after_the_refresh_cost_no_more_token_requests
+);
+async fn late_401s_after_the_refresh_cost_no_more_token_requests(make: MakeStack) {
     let fake = FakeGenesys::start().await.unwrap();
     let auth = auth_for(&fake, CacheConfig::default());
-    let client = stack(&auth, h2_client());
+    let client = make(&auth, h2_client());
     fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
 
     // Every API answer takes 200 ms. Waves of requests leave every 25 ms: the early waves
@@ -184,11 +210,14 @@ async fn refresh_ahead_once_per_lifetime_and_no_request_waits() {
     assert_eq!(auth.cache().stats().waited_for_token, 2);
 }
 
-#[tokio::test]
-async fn a_replayed_post_reaches_the_api_byte_for_byte() {
+on_both_stacks!(
+    #[tokio::test]
+    a_replayed_post_reaches_the_api_byte_for_byte
+);
+async fn a_replayed_post_reaches_the_api_byte_for_byte(make: MakeStack) {
     let fake = FakeGenesys::start().await.unwrap();
     let auth = auth_for(&fake, CacheConfig::default());
-    let client = stack(&auth, h2_client());
+    let client = make(&auth, h2_client());
     fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
     fake.revoke_all_tokens();
     fake.clear_recorded();

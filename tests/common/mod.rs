@@ -48,7 +48,8 @@ pub fn endpoints(login: &str, api: &str) -> Endpoints {
     Endpoints::from_bases(login, api).expect("loopback endpoints")
 }
 
-/// The full stack (retry outside, auth inside) over `inner`, bodies collected.
+/// The full stack (`auth.layers()`: auth and replay in one service) over `inner`, bodies
+/// collected.
 pub fn stack<S, B>(auth: &GenesysAuth, inner: S) -> Stack
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -59,6 +60,25 @@ where
     B::Error: Into<BoxError>,
 {
     boxed(ServiceBuilder::new().layer(auth.layers()).service(inner))
+}
+
+/// The two-layer stack: tower's `Retry` with `RefreshOn401` (`auth.retry_layer()`) outside
+/// `auth.layer()`, over `inner`, bodies collected. Behaves as [`stack`].
+pub fn tower_stack<S, B>(auth: &GenesysAuth, inner: S) -> Stack
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    boxed(
+        ServiceBuilder::new()
+            .layer(auth.retry_layer())
+            .layer(auth.layer())
+            .service(inner),
+    )
 }
 
 /// Any HTTP service, boxed, with the response body collected.

@@ -354,14 +354,57 @@ mod tests {
         GenesysAuth::from_source(source, CacheConfig::default(), scope)
     }
 
+    /// The two ways to stack auth and replay.
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        /// `auth.layers()`: the fused [`AuthReplayLayer`](crate::AuthReplayLayer).
+        Fused,
+        /// tower's `Retry` with this policy (`auth.retry_layer()`) over `auth.layer()`.
+        Tower,
+    }
+
+    type Boxed<B> = tower::util::BoxCloneService<Request<B>, Response<String>, BoxError>;
+
+    /// `auth`'s stack of `kind` over `inner`.
+    fn over<S, B>(auth: &GenesysAuth, kind: Kind, inner: S) -> Boxed<B>
+    where
+        S: Service<Request<B>, Response = Response<String>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: ReplayableBody + Send + 'static,
+    {
+        match kind {
+            Kind::Fused => Boxed::new(ServiceBuilder::new().layer(auth.layers()).service(inner)),
+            Kind::Tower => Boxed::new(
+                ServiceBuilder::new()
+                    .layer(auth.retry_layer())
+                    .layer(auth.layer())
+                    .service(inner),
+            ),
+        }
+    }
+
+    /// Runs `check` on each [`Kind`] of stack, as two tests: `check::fused`, `check::tower`.
+    macro_rules! on_both_stacks {
+        ($check:ident) => {
+            mod $check {
+                #[tokio::test]
+                async fn fused() {
+                    super::$check(super::Kind::Fused).await
+                }
+                #[tokio::test]
+                async fn tower() {
+                    super::$check(super::Kind::Tower).await
+                }
+            }
+        };
+    }
+
     /// A counting token source, the auth over it, an API that accepts no token yet, and
-    /// the full stack (`auth.layers()`) in front of that API.
-    fn stack<B>() -> (
-        Counter,
-        GenesysAuth,
-        Api,
-        impl Service<Request<B>, Response = Response<String>, Error = BoxError> + Clone,
-    )
+    /// the stack of `kind` in front of that API.
+    fn stack<B>(kind: Kind) -> (Counter, GenesysAuth, Api, Boxed<B>)
     where
         B: ReplayableBody + http_body::Body + Send + 'static,
         B::Data: Send,
@@ -370,9 +413,7 @@ mod tests {
         let source = Counter::default();
         let auth = auth(source.clone());
         let api = Api::default();
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let client = over(&auth, kind, api.service());
         (source, auth, api, client)
     }
 
@@ -393,9 +434,9 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn a_401_refreshes_and_replays_the_same_bytes_once() {
-        let (source, auth, api, mut client) = stack();
+    on_both_stacks!(a_401_refreshes_and_replays_the_same_bytes_once);
+    async fn a_401_refreshes_and_replays_the_same_bytes_once(kind: Kind) {
+        let (source, auth, api, mut client) = stack(kind);
         api.accept(&["token-1"]);
 
         let ok = client
@@ -466,8 +507,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_401_whose_refresh_fails_gives_the_caller_the_refresh_error() {
+    on_both_stacks!(a_401_whose_refresh_fails_gives_the_caller_the_refresh_error);
+    async fn a_401_whose_refresh_fails_gives_the_caller_the_refresh_error(kind: Kind) {
         let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
         let auth = GenesysAuth::from_source(
             FailsAfterOne(AtomicUsize::new(0)),
@@ -476,9 +517,7 @@ mod tests {
         );
         let api = Api::default();
         api.accept(&["token-1"]);
-        let client = ServiceBuilder::new()
-            .layer(auth.layers())
-            .service(api.service());
+        let client = over(&auth, kind, api.service());
         let ok = client
             .clone()
             .oneshot(post("https://api.example.test/x", "{}"));
@@ -503,56 +542,60 @@ mod tests {
         assert_eq!(auth.stats().token_requests, 2);
     }
 
-    #[tokio::test]
-    async fn nested_stacks_replay_only_their_own_401s() {
-        let (source_a, source_b) = (Counter::default(), Counter::default());
-        let scoped = |uri| Scope::new([Uri::from_static(uri)]).unwrap();
-        let a = GenesysAuth::from_source(
-            source_a.clone(),
-            CacheConfig::default(),
-            scoped("https://api.a.test"),
-        );
-        let b = GenesysAuth::from_source(
-            source_b.clone(),
-            CacheConfig::default(),
-            scoped("https://api.b.test"),
-        );
-        let api = Api::default(); // accepts nothing
-        let client = ServiceBuilder::new()
-            .layer(a.layers())
-            .layer(b.layers())
-            .service(api.service());
+    on_both_stacks!(nested_stacks_replay_only_their_own_401s);
+    async fn nested_stacks_replay_only_their_own_401s(outer: Kind) {
+        // Over either kind of inner stack.
+        for inner in [Kind::Fused, Kind::Tower] {
+            let (source_a, source_b) = (Counter::default(), Counter::default());
+            let scoped = |uri| Scope::new([Uri::from_static(uri)]).unwrap();
+            let a = GenesysAuth::from_source(
+                source_a.clone(),
+                CacheConfig::default(),
+                scoped("https://api.a.test"),
+            );
+            let b = GenesysAuth::from_source(
+                source_b.clone(),
+                CacheConfig::default(),
+                scoped("https://api.b.test"),
+            );
+            let api = Api::default(); // accepts nothing
+            let client = over(&a, outer, over(&b, inner, api.service()));
 
-        // Inner stack's host: replayed once, by the inner stack only.
-        let res = client
-            .clone()
-            .oneshot(post("https://api.b.test/x", "{}"))
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 401);
-        assert_eq!(api.seen().len(), 2, "sent once and replayed once");
-        assert_eq!(source_a.0.load(Ordering::SeqCst), 0);
-        assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+            // Inner stack's host: replayed once, by the inner stack only.
+            let res = client
+                .clone()
+                .oneshot(post("https://api.b.test/x", "{}"))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 401);
+            assert_eq!(
+                api.seen().len(),
+                2,
+                "sent once and replayed once, over {inner:?}"
+            );
+            assert_eq!(source_a.0.load(Ordering::SeqCst), 0);
+            assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
 
-        // Outer stack's host: replayed once, by the outer stack only.
-        let res = client
-            .oneshot(post("https://api.a.test/x", "{}"))
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 401);
-        assert_eq!(api.seen().len(), 4);
-        assert_eq!(source_a.0.load(Ordering::SeqCst), 2);
-        assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
-        assert_eq!(
-            api.marked.load(Ordering::SeqCst),
-            0,
-            "no marker reached the API"
-        );
+            // Outer stack's host: replayed once, by the outer stack only.
+            let res = client
+                .oneshot(post("https://api.a.test/x", "{}"))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 401);
+            assert_eq!(api.seen().len(), 4);
+            assert_eq!(source_a.0.load(Ordering::SeqCst), 2);
+            assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+            assert_eq!(
+                api.marked.load(Ordering::SeqCst),
+                0,
+                "no marker reached the API"
+            );
+        }
     }
 
-    #[tokio::test]
-    async fn a_second_401_goes_back_to_the_caller() {
-        let (source, _, api, client) = stack();
+    on_both_stacks!(a_second_401_goes_back_to_the_caller);
+    async fn a_second_401_goes_back_to_the_caller(kind: Kind) {
+        let (source, _, api, client) = stack(kind);
         let res = client
             .oneshot(post("https://api.example.test/x", "{}"))
             .await
@@ -562,9 +605,9 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
-    async fn own_authorization_and_other_hosts_are_never_touched_nor_retried() {
-        let (source, _, api, client) = stack();
+    on_both_stacks!(own_authorization_and_other_hosts_are_never_touched_nor_retried);
+    async fn own_authorization_and_other_hosts_are_never_touched_nor_retried(kind: Kind) {
+        let (source, _, api, client) = stack(kind);
 
         let mut own = post("https://api.example.test/x", "{}");
         own.headers_mut()
@@ -585,9 +628,9 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 0);
     }
 
-    #[tokio::test]
-    async fn a_body_that_cannot_be_copied_is_sent_once() {
-        let (_, _, api, client) = stack();
+    on_both_stacks!(a_body_that_cannot_be_copied_is_sent_once);
+    async fn a_body_that_cannot_be_copied_is_sent_once(kind: Kind) {
+        let (_, _, api, client) = stack(kind);
         let req = streaming();
         let res = client.oneshot(req).await.unwrap();
         assert_eq!(res.status(), 401);
@@ -598,9 +641,9 @@ mod tests {
         assert_eq!(api.seen().len(), 1);
     }
 
-    #[tokio::test]
-    async fn a_refused_token_is_dropped_even_when_the_request_cannot_be_replayed() {
-        let (source, auth, api, client) = stack();
+    on_both_stacks!(a_refused_token_is_dropped_even_when_the_request_cannot_be_replayed);
+    async fn a_refused_token_is_dropped_even_when_the_request_cannot_be_replayed(kind: Kind) {
+        let (source, auth, api, client) = stack(kind);
         api.accept(&["token-1"]);
         let res = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(res.status(), 200);
