@@ -87,7 +87,7 @@ where
 }
 
 #[test]
-fn auth_layer_allocates_no_more_than_a_fixed_header() {
+fn auth_layer_and_full_stack_allocate_no_more_than_a_fixed_header() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -103,18 +103,26 @@ fn auth_layer_allocates_no_more_than_a_fixed_header() {
         .layer(SetRequestHeaderLayer::overriding(AUTHORIZATION, header))
         .service(inner());
     let mut ours = ServiceBuilder::new().layer(auth.layer()).service(inner());
+    let mut full = ServiceBuilder::new().layer(auth.layers()).service(inner());
     let mut none = inner();
 
     let baseline = allocations(&mut none);
     let set_header = allocations(&mut fixed);
     let auth_layer = allocations(&mut ours);
+    let full_stack = allocations(&mut full);
     println!(
         "allocations per call (count, bytes): no layer {baseline:?}, \
-         SetRequestHeaderLayer {set_header:?}, AuthLayer {auth_layer:?}"
+         SetRequestHeaderLayer {set_header:?}, AuthLayer {auth_layer:?}, \
+         full stack {full_stack:?}"
     );
     assert!(
         auth_layer.0 <= set_header.0 && auth_layer.1 <= set_header.1,
         "AuthLayer allocates {auth_layer:?} per call, SetRequestHeaderLayer {set_header:?}"
+    );
+    // The copy kept for a replay (and the clones that go with it) allocates nothing.
+    assert!(
+        full_stack.0 <= set_header.0 && full_stack.1 <= set_header.1,
+        "the full stack allocates {full_stack:?} per call, SetRequestHeaderLayer {set_header:?}"
     );
     assert_eq!(
         auth.cache().stats().token_requests,

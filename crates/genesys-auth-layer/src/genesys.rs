@@ -34,7 +34,7 @@ use crate::token::Token;
 ///     .build_with_default_client()?;
 /// let client = ServiceBuilder::new()
 ///     .layer(TraceLayer::new_for_http())
-///     .layer(auth.layers()) // retry outside, auth inside
+///     .layer(auth.layers()) // attach the token, refresh and replay a 401 once
 ///     .service(genesys_auth_layer::default_client::https_client::<http_body_util::Full<bytes::Bytes>>());
 /// # let _ = client; Ok(()) }
 /// ```
@@ -134,7 +134,10 @@ impl GenesysAuth {
         RetryLayer::new(self.retry_policy())
     }
 
-    /// Both layers stacked in the right order: retry outside, auth inside.
+    /// Attaching the token and replaying a 401 once, in one layer: it behaves as
+    /// [`retry_layer`](Self::retry_layer) outside [`layer`](Self::layer), and costs less
+    /// per request (see [`AuthReplayLayer`]). Stack those two yourself to put another
+    /// layer between them.
     ///
     /// ```
     /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {

@@ -37,13 +37,18 @@
 //! | [`TokenSource`], [`ClientCredentials`] | one token request |
 //! | [`TokenCache`] | lock-free reads, single-flight refresh, refresh ahead, backoff |
 //! | [`AuthLayer`], [`AuthService`] | attach the token to in-scope requests |
-//! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once |
+//! | [`AuthReplayLayer`], [`AuthReplayService`] | both: attach, and on a 401 refresh and replay once |
+//! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once, with tower's `Retry` |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
 //!
 //! # Order of layers
 //!
-//! The retry layer must sit *outside* the auth layer so the replayed request passes through
-//! [`AuthService`] again and gets the new token; [`GenesysAuth::layers`] stacks them so.
+//! [`GenesysAuth::layers`] gives one service that attaches the token and replays a 401
+//! ([`AuthReplayLayer`]). To put a layer between the two, stack them yourself: the retry
+//! layer ([`GenesysAuth::retry_layer`]) must sit *outside* the auth layer
+//! ([`GenesysAuth::layer`]) so the replayed request passes through [`AuthService`] again
+//! and gets the new token. Both stacks behave the same; the single service costs less per
+//! request, since tower's `Retry` clones the whole service below it for every request.
 
 mod auth;
 mod cache;
