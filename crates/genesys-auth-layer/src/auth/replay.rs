@@ -285,3 +285,520 @@ where
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::header::AUTHORIZATION;
+    use http::Uri;
+    use http_body_util::combinators::UnsyncBoxBody;
+    use http_body_util::{BodyExt, Full};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::source::BoxFuture;
+    use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, TokenSource};
+
+    const URI: &str = "https://api.example.test/x";
+
+    /// Issues `token-1`, `token-2`, … 10 ms after being asked, and counts them.
+    #[derive(Clone, Default)]
+    struct Counter(Arc<AtomicUsize>);
+
+    impl Counter {
+        fn issued(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for Counter {
+        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(3600)).unwrap())
+            })
+        }
+    }
+
+    fn auth(source: Counter) -> GenesysAuth {
+        let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
+        GenesysAuth::from_source(source, CacheConfig::default(), scope)
+    }
+
+    /// The header that carries `token-{n}`.
+    fn bearer(n: usize) -> Option<String> {
+        Some(format!("Bearer token-{n}"))
+    }
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    /// A request whose body cannot be copied.
+    fn streaming() -> Request<UnsyncBoxBody<Bytes, BoxError>> {
+        let body = Full::new(Bytes::from_static(b"stream"))
+            .map_err(|e| -> BoxError { match e {} })
+            .boxed_unsync();
+        Request::post(URI).body(body).unwrap()
+    }
+
+    /// An API that accepts only the tokens it was told to, and records the `Authorization`
+    /// of every request it gets.
+    #[derive(Clone, Default)]
+    struct Api {
+        valid: Arc<Mutex<Vec<String>>>,
+        seen: Arc<Mutex<Vec<Option<String>>>>,
+    }
+
+    impl Api {
+        fn accept(&self, tokens: &[&str]) {
+            *self.valid.lock().unwrap() = tokens.iter().map(|t| format!("Bearer {t}")).collect();
+        }
+
+        fn seen(&self) -> Vec<Option<String>> {
+            self.seen.lock().unwrap().clone()
+        }
+
+        /// Records `request`'s header; 200 to an accepted token, else 401.
+        fn answer<B>(&self, request: &Request<B>) -> Response<()> {
+            let auth = request
+                .headers()
+                .get(AUTHORIZATION)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let ok = auth
+                .as_ref()
+                .is_some_and(|a| self.valid.lock().unwrap().contains(a));
+            self.seen.lock().unwrap().push(auth);
+            let mut response = Response::new(());
+            if !ok {
+                *response.status_mut() = StatusCode::UNAUTHORIZED;
+            }
+            response
+        }
+
+        /// The API as a service: it sees the request at once and answers `delay` later.
+        fn service<B: Send + 'static>(
+            &self,
+            delay: Duration,
+        ) -> impl Service<Request<B>, Response = Response<()>, Error = BoxError, Future = impl Send>
+               + Clone
+               + Send {
+            let api = self.clone();
+            tower::service_fn(move |request: Request<B>| {
+                let response = api.answer(&request);
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, BoxError>(response)
+                }
+            })
+        }
+    }
+
+    /// A counting source, the auth over it, an API that accepts no token, and
+    /// `auth.layers()` in front of that API.
+    fn stack<B: ReplayableBody + Send + 'static>() -> (
+        Counter,
+        GenesysAuth,
+        Api,
+        impl Service<Request<B>, Response = Response<()>, Error = BoxError> + Clone,
+    ) {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default();
+        let client = ServiceBuilder::new()
+            .layer(auth.layers())
+            .service(api.service(Duration::ZERO));
+        (source, auth, api, client)
+    }
+
+    /// What a [`Gate`]'s `poll_ready` does once the API has been called, and what happened.
+    #[derive(Default)]
+    struct Gating {
+        /// `Pending` answers (each waking the task) to give before `Ready`.
+        pending: usize,
+        /// Whether `poll_ready` fails instead.
+        fail: bool,
+        calls: usize,
+        log: Vec<&'static str>,
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum GateError {
+        Overloaded,
+        CalledUnready,
+    }
+
+    impl fmt::Display for GateError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(match self {
+                Self::Overloaded => "overloaded",
+                Self::CalledUnready => "called without a Ready poll_ready first",
+            })
+        }
+    }
+
+    impl std::error::Error for GateError {}
+
+    /// The API behind a service that must be polled ready before each call, as tower
+    /// requires: a clone starts unready, and a call without a `Ready` first fails (and is
+    /// logged). Once the API was called, `poll_ready` follows [`Gating`].
+    struct Gate {
+        api: Api,
+        gating: Arc<Mutex<Gating>>,
+        ready: bool,
+    }
+
+    impl Clone for Gate {
+        fn clone(&self) -> Self {
+            Self {
+                api: self.api.clone(),
+                gating: self.gating.clone(),
+                ready: false,
+            }
+        }
+    }
+
+    impl fmt::Debug for Gate {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Gate")
+        }
+    }
+
+    impl<B> Service<Request<B>> for Gate {
+        type Response = Response<()>;
+        type Error = GateError;
+        type Future = std::future::Ready<Result<Response<()>, GateError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GateError>> {
+            let mut gating = self.gating.lock().unwrap();
+            if gating.calls > 0 {
+                if gating.fail {
+                    gating.log.push("error");
+                    return Poll::Ready(Err(GateError::Overloaded));
+                }
+                if gating.pending > 0 {
+                    gating.pending -= 1;
+                    gating.log.push("pending");
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            gating.log.push("ready");
+            self.ready = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<B>) -> Self::Future {
+            let mut gating = self.gating.lock().unwrap();
+            if !std::mem::take(&mut self.ready) {
+                gating.log.push("unready call");
+                return std::future::ready(Err(GateError::CalledUnready));
+            }
+            gating.calls += 1;
+            gating.log.push("call");
+            std::future::ready(Ok(self.api.answer(&request)))
+        }
+    }
+
+    /// The source, an auth with `token-1` cached, an API that accepts only `token-2`, the
+    /// gate's state, and the fused service over the gated API.
+    async fn gated(
+        gating: Gating,
+    ) -> (
+        Counter,
+        GenesysAuth,
+        Api,
+        Arc<Mutex<Gating>>,
+        AuthReplayService<Gate>,
+    ) {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        auth.token().await.unwrap();
+        let api = Api::default();
+        api.accept(&["token-2"]);
+        let gating = Arc::new(Mutex::new(gating));
+        let service = auth.layers().layer(Gate {
+            api: api.clone(),
+            gating: gating.clone(),
+            ready: false,
+        });
+        (source, auth, api, gating, service)
+    }
+
+    /// Waits for `service` to be ready for a request with a body of type `B`.
+    async fn ready_for<B, S: Service<Request<B>>>(service: &mut S)
+    where
+        S::Error: fmt::Debug,
+    {
+        service.ready().await.unwrap();
+    }
+
+    /// Polls `future` once.
+    async fn poll_once<F: Future>(future: &mut Pin<&mut F>) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
+    }
+
+    /// `value`'s `Debug` (plain), checked (plain and pretty) not to show a token.
+    fn shown(value: &impl fmt::Debug) -> String {
+        let (plain, pretty) = (format!("{value:?}"), format!("{value:#?}"));
+        for shown in [&plain, &pretty] {
+            assert!(!shown.contains("token-"), "a token in {shown}");
+        }
+        plain
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_replay_is_sent_only_once_its_service_is_ready() {
+        let (source, _auth, api, gating, service) = gated(Gating {
+            pending: 3,
+            ..Gating::default()
+        })
+        .await;
+        let response = service.oneshot(get(URI)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            gating.lock().unwrap().log,
+            ["ready", "call", "pending", "pending", "pending", "ready", "call"]
+        );
+        assert_eq!(api.seen(), [bearer(1), bearer(2)]);
+        assert_eq!(source.issued(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_readying_the_replay_is_the_callers_and_nothing_is_resent() {
+        let (source, auth, api, gating, mut service) = gated(Gating {
+            fail: true,
+            ..Gating::default()
+        })
+        .await;
+        ready_for::<(), _>(&mut service).await;
+        let future = service.call(get(URI));
+        let mut future = std::pin::pin!(future);
+        let error = std::future::poll_fn(|cx| future.as_mut().poll(cx))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.downcast_ref::<GateError>(),
+            Some(&GateError::Overloaded),
+            "{error}"
+        );
+        // Polled again: an error, neither a panic nor a call.
+        let again = poll_once(&mut future).await;
+        assert!(
+            matches!(&again, Poll::Ready(Err(e)) if e.to_string().contains("after an error")),
+            "{again:?}"
+        );
+        assert_eq!(gating.lock().unwrap().log, ["ready", "call", "error"]);
+        assert_eq!(api.seen(), [bearer(1)], "sent once");
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (1, 0),
+            "the 401 is counted, no replay asked for a token"
+        );
+        // The refused token was still dropped: its refresh runs.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.issued(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_replay_outlives_every_other_handle_to_the_cache() {
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        auth.token().await.unwrap();
+        let api = Api::default();
+        api.accept(&["token-2"]);
+        let layer = auth.layers();
+        let shared = Arc::downgrade(&layer.shared);
+        let client = ServiceBuilder::new()
+            .layer(layer)
+            .service(api.service(Duration::from_secs(1)));
+        let request = tokio::spawn(client.oneshot(get(URI)));
+        // Once the API has the request, `oneshot` has dropped the service.
+        for _ in 0..100 {
+            if !api.seen().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(api.seen(), [bearer(1)], "the request is at the API");
+        drop(auth);
+        assert_eq!(
+            shared.strong_count(),
+            1,
+            "only the response future holds it"
+        );
+
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(api.seen(), [bearer(1), bearer(2)]);
+        assert_eq!(source.issued(), 2);
+        assert_eq!(shared.strong_count(), 0, "and lets it go when done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_to_a_request_it_did_not_authorize_is_not_replayed() {
+        let (source, auth, api, client) = stack::<()>();
+        let elsewhere = client
+            .clone()
+            .oneshot(get("https://other.example.test/x"))
+            .await
+            .unwrap();
+        assert_eq!(elsewhere.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(elsewhere.extensions().get::<TokenGeneration>(), None);
+
+        let mut own = get(URI);
+        own.headers_mut()
+            .insert(AUTHORIZATION, "Bearer mine".parse().unwrap());
+        let own = client.oneshot(own).await.unwrap();
+        assert_eq!(own.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(own.extensions().get::<TokenGeneration>(), None);
+
+        assert_eq!(api.seen(), [None, Some("Bearer mine".to_owned())]);
+        assert_eq!(source.issued(), 0);
+        assert_eq!(auth.stats().unauthorized_answers, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_cannot_be_copied_is_sent_once_and_its_token_still_reported() {
+        let (source, auth, api, client) = stack();
+        api.accept(&["token-1"]);
+        let ok = client.clone().oneshot(streaming()).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+
+        api.accept(&["token-2"]); // token-1 revoked
+        let refused = client.clone().oneshot(streaming()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            refused.extensions().get::<TokenGeneration>(),
+            Some(&TokenGeneration(1))
+        );
+        assert_eq!(api.seen().len(), 2, "not replayed");
+
+        let next = client.oneshot(streaming()).await.unwrap();
+        assert_eq!(next.status(), StatusCode::OK);
+        assert_eq!(api.seen(), [bearer(1), bearer(1), bearer(2)]);
+        assert_eq!(source.issued(), 2, "the refused token was replaced");
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (1, 0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debug_names_the_state_and_never_the_token() {
+        let (_source, _auth, _api, gating, mut service) = gated(Gating {
+            pending: 1,
+            ..Gating::default()
+        })
+        .await;
+        ready_for::<(), _>(&mut service).await;
+        let future = service.call(get(URI));
+        let mut future = std::pin::pin!(future);
+        assert_eq!(
+            shown(&future),
+            r#"AuthReplayFuture { state: "first attempt" }"#
+        );
+        // token-1 refused; the replay's service is not ready yet.
+        assert!(poll_once(&mut future).await.is_pending());
+        assert_eq!(
+            shown(&future),
+            r#"AuthReplayFuture { state: "replay waiting for its service" }"#
+        );
+        // Ready; the replay waits for token-2.
+        assert!(poll_once(&mut future).await.is_pending());
+        assert_eq!(shown(&future), r#"AuthReplayFuture { state: "replay" }"#);
+        assert_eq!(future.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            gating.lock().unwrap().log.len(),
+            5,
+            "ready call pending ready call"
+        );
+
+        // Requests it would not replay.
+        ready_for::<UnsyncBoxBody<Bytes, BoxError>, _>(&mut service).await;
+        let not_replayable = service.call(streaming());
+        assert_eq!(
+            shown(&not_replayable),
+            r#"AuthReplayFuture { state: "first attempt, not replayable" }"#
+        );
+        let mut own = get(URI);
+        own.headers_mut()
+            .insert(AUTHORIZATION, "Bearer token-mine".parse().unwrap());
+        ready_for::<(), _>(&mut service).await;
+        let own = service.call(own);
+        assert_eq!(
+            shown(&own),
+            r#"AuthReplayFuture { state: "first attempt, not replayable" }"#
+        );
+        drop((not_replayable, own));
+
+        // The service, with a cached token and the header it keeps.
+        for _ in 0..2 {
+            ready_for::<(), _>(&mut service).await;
+            let response = service.call(get(URI)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let service = shown(&service);
+        assert!(service.contains("KeptHeader"), "{service}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_401s_to_one_token_cost_one_token_request() {
+        const REQUESTS: usize = 200;
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        auth.token().await.unwrap();
+        let api = Api::default();
+        api.accept(&["token-2"]);
+        // Every request sent with token-1 is held until all of them were: all 401s answer
+        // the same token, none sees the refresh the first of them starts.
+        let barrier = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+        let inner = tower::service_fn({
+            let api = api.clone();
+            move |request: Request<()>| {
+                let response = api.answer(&request);
+                let first = request.headers().get(AUTHORIZATION).unwrap() == "Bearer token-1";
+                let barrier = barrier.clone();
+                async move {
+                    if first {
+                        barrier.wait().await;
+                    }
+                    Ok::<_, BoxError>(response)
+                }
+            }
+        });
+        let service = auth.layers().layer(inner);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..REQUESTS {
+            tasks.spawn(service.clone().oneshot(get(URI)));
+        }
+        let all = async {
+            while let Some(result) = tasks.join_next().await {
+                assert_eq!(result.unwrap().unwrap().status(), StatusCode::OK);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("every request answered");
+
+        assert_eq!(source.issued(), 2, "one extra token request");
+        let seen = api.seen();
+        let count = |n| seen.iter().filter(|s| **s == bearer(n)).count();
+        assert_eq!(
+            (seen.len(), count(1), count(2)),
+            (2 * REQUESTS, REQUESTS, REQUESTS)
+        );
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (REQUESTS as u64, REQUESTS as u64)
+        );
+    }
+}
