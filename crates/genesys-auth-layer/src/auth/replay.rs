@@ -145,8 +145,14 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // The copy is moved only after the call: read back at once, its just-written
         // words would stall the read (a failed store-to-load forward).
-        let copy = replayable_copy(&request);
-        let future = self.auth.call(request);
+        // Only a request this service may authorize can be replayed: one to another host
+        // is not copied (for a `String` or `Vec` body, that would copy every byte).
+        let copy = if self.auth.shared.scope.contains(request.uri()) {
+            replayable_copy(&request)
+        } else {
+            None
+        };
+        let future = self.auth.authorize_and_call(request);
         let replay = copy.map(|request| Replay {
             service: self.auth.inner.clone(),
             shared: self.auth.shared.clone(),
@@ -662,6 +668,44 @@ mod tests {
         assert_eq!(api.seen(), [None, Some("Bearer mine".to_owned())]);
         assert_eq!(source.issued(), 0);
         assert_eq!(auth.stats().unauthorized_answers, 0);
+    }
+
+    /// A body that counts its copies.
+    #[derive(Default)]
+    struct Counted(Arc<AtomicUsize>);
+
+    impl ReplayableBody for Counted {
+        fn try_clone_body(&self) -> Option<Self> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Some(Self(self.0.clone()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_request_it_may_authorize_is_copied() {
+        let (_, _, api, client) = stack::<Counted>();
+        api.accept(&["token-1"]);
+        let copies = Arc::new(AtomicUsize::new(0));
+        let send = |uri: &str, own: bool| {
+            let mut request = Request::post(uri).body(Counted(copies.clone())).unwrap();
+            if own {
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, "Bearer mine".parse().unwrap());
+            }
+            client.clone().oneshot(request)
+        };
+        send("https://other.example.test/x", false).await.unwrap();
+        assert_eq!(copies.load(Ordering::SeqCst), 0, "another host: not copied");
+        send(URI, true).await.unwrap();
+        assert_eq!(
+            copies.load(Ordering::SeqCst),
+            0,
+            "its own header: not copied"
+        );
+        send(URI, false).await.unwrap();
+        assert_eq!(copies.load(Ordering::SeqCst), 1, "in scope: copied once");
+        assert_eq!(api.seen().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -134,7 +134,23 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        self.authorize_and_call(request)
+    }
+}
+
+impl<S> AuthService<S> {
+    /// [`Service::call`]'s body, inlined also into
+    /// [`AuthReplayService`](crate::AuthReplayService)'s `call`, so that the request is not
+    /// copied once more on its way in.
+    #[inline(always)]
+    pub(crate) fn authorize_and_call<B, ResBody>(
+        &mut self,
+        mut request: Request<B>,
+    ) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    {
         match self.attach(&mut request) {
             Attach::Skipped => ResponseFuture::called(self.inner.call(request), None),
             Attach::Attached(generation) => {
