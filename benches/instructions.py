@@ -30,6 +30,7 @@ VARIANTS = [
     "2_set_header",
     "3_auth_layer",
     "4_full_stack",
+    "4t_tower_retry_stack",
     "5a_rwlock_layer",
     "5b_mutex_layer",
     "7_retry_clone_set_header",
@@ -40,6 +41,7 @@ RATIOS = [
     ("(3) / (5a)", "3_auth_layer", "5a_rwlock_layer"),
     ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer"),
     ("(4) / (5b)", "4_full_stack", "5b_mutex_layer"),
+    ("(4) / (4t)", "4_full_stack", "4t_tower_retry_stack"),
 ]
 CALLER = "hot_path::boxed::{{closure}}"
 

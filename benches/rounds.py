@@ -36,6 +36,8 @@ BARS = [
     ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer", "< 1"),
     ("(4) / (5b)", "4_full_stack", "5b_mutex_layer", "< 1"),
     ("(7) / (5a)", "7_retry_clone_set_header", "5a_rwlock_layer", "(context)"),
+    ("(4t) / (7)", "4t_tower_retry_stack", "7_retry_clone_set_header", "(context)"),
+    ("(4) / (4t)", "4_full_stack", "4t_tower_retry_stack", "(context)"),
 ]
 
 
