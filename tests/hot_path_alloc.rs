@@ -109,7 +109,13 @@ fn auth_layer_and_full_stack_allocate_no_more_than_a_fixed_header() {
     let baseline = allocations(&mut none);
     let set_header = allocations(&mut fixed);
     let auth_layer = allocations(&mut ours);
+    let authorized = auth.stats().requests_authorized;
     let full_stack = allocations(&mut full);
+    assert_eq!(
+        auth.stats().requests_authorized - authorized,
+        120,
+        "every call through the full stack was authorized (in scope, token attached)"
+    );
     println!(
         "allocations per call (count, bytes): no layer {baseline:?}, \
          SetRequestHeaderLayer {set_header:?}, AuthLayer {auth_layer:?}, \

@@ -188,9 +188,10 @@ impl CacheConfig {
     ///   outside requests, a paused VM).
     ///
     /// Without it, after such a gap the first requests can carry a token past its refresh
-    /// time, or past its expiry, until the timer runs; the API answers 401 and
-    /// [`RefreshOn401`](crate::RefreshOn401) replays them (with [`AuthLayer`](crate::AuthLayer)
-    /// alone, the caller gets the 401). With it, each request costs one clock read (about
+    /// time, or past its expiry, until the timer runs; the API answers 401 and the full
+    /// stack ([`AuthReplayLayer`](crate::AuthReplayLayer), or
+    /// [`RefreshOn401`](crate::RefreshOn401) with tower's `Retry`) replays them (with
+    /// [`AuthLayer`](crate::AuthLayer) alone, the caller gets the 401). With it, each request costs one clock read (about
     /// 20–25 ns), never carries a token past its expiry, and past its refresh time asks
     /// for the refresh ahead (which starts unless one runs, a backoff forbids it, or another
     /// thread holds the cache's lock at that instant; the next request asks again).

@@ -595,7 +595,7 @@ mod tests {
 
     on_both_stacks!(a_second_401_goes_back_to_the_caller);
     async fn a_second_401_goes_back_to_the_caller(kind: Kind) {
-        let (source, _, api, client) = stack(kind);
+        let (source, auth, api, client) = stack(kind);
         let res = client
             .oneshot(post("https://api.example.test/x", "{}"))
             .await
@@ -603,6 +603,46 @@ mod tests {
         assert_eq!(res.status(), 401);
         assert_eq!(api.seen().len(), 2, "sent once, replayed once, no loop");
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        let stats = auth.stats();
+        assert_eq!(
+            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (2, 1),
+            "both 401s counted, one replayed: the difference reached the caller"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_policy_of_the_same_auth_outside_the_fused_layer_adds_one_replay_and_no_marker() {
+        // A misconfigured stack: tower's `Retry` with this auth's policy outside
+        // `auth.layers()`, which replays by itself. The policy's replay carries its marker
+        // into the fused service, which takes it out and does not replay that replay again.
+        let source = Counter::default();
+        let auth = auth(source.clone());
+        let api = Api::default(); // accepts nothing
+        let client = ServiceBuilder::new()
+            .layer(auth.retry_layer())
+            .layer(auth.layers())
+            .service(api.service());
+        let res = client
+            .oneshot(post("https://api.example.test/x", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        let sent: Vec<_> = api.seen().into_iter().map(|(auth, _)| auth).collect();
+        assert_eq!(
+            sent,
+            [
+                Some("Bearer token-1".to_owned()),
+                Some("Bearer token-2".to_owned()),
+                Some("Bearer token-3".to_owned()),
+            ],
+            "the fused layer's replay, then the policy's, each with a newer token"
+        );
+        assert_eq!(
+            api.marked.load(Ordering::SeqCst),
+            0,
+            "no marker reached the API"
+        );
     }
 
     on_both_stacks!(own_authorization_and_other_hosts_are_never_touched_nor_retried);

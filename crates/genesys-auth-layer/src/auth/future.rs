@@ -37,7 +37,8 @@ pin_project! {
             waiting: Pending<S, B>,
         },
         // The inner service was called; `stamp` names the token attached, if any, and
-        // `replay` says whether this is `RefreshOn401`'s replay (whose refresh already ran).
+        // `replay` says whether this is a replay (`RefreshOn401`'s or `AuthReplayService`'s),
+        // whose refresh already ran.
         Called {
             #[pin]
             future: S::Future,
@@ -63,7 +64,8 @@ impl<S, B> Drop for Pending<S, B> {
 pub(crate) struct Waiting<S, B> {
     token: BoxFuture<'static, Result<Arc<Token>, AuthError>>,
     cache: u64,
-    /// `RefreshOn401`'s replay, waiting for a token newer than the one refused.
+    /// A replay (`RefreshOn401`'s or `AuthReplayService`'s), waiting for a token newer than
+    /// the one refused.
     replay: bool,
     service: S,
     request: Request<B>,

@@ -3,9 +3,11 @@
 //! This module owns [`AuthLayer`] and [`AuthService`]: for each request to an in-scope
 //! origin without an `Authorization` header of its own, attach the current token (sensitive
 //! header) and, on a `401` answer, stamp the response with the [`TokenGeneration`] that was
-//! sent (and, privately, which cache issued it). It never retries; it waits only when there
-//! is no valid token, or when a request replayed by
+//! sent (and, privately, which cache issued it). `AuthService` never retries; it waits only
+//! when there is no valid token, or when a request replayed by
 //! [`RefreshOn401`](crate::RefreshOn401) needs a token newer than the one the API refused.
+//! It also owns [`AuthReplayLayer`], which wraps an `AuthService` and replays a stamped
+//! `401` once itself.
 //!
 //! [`TokenGeneration`]: crate::TokenGeneration
 

@@ -13,7 +13,7 @@ use tower::{BoxError, Layer, Service};
 use super::service::wait_then_call;
 use super::{AuthService, ResponseFuture, Scope, Shared};
 use crate::cache::TokenCache;
-use crate::retry::{refused_stamp, replayable_copy, ReplayableBody};
+use crate::retry::{refused_stamp, replayable_copy, Refused, ReplayableBody};
 use crate::token::TokenGeneration;
 
 /// Attaches the token and, when the API answers `401` to it, refreshes it and replays the
@@ -21,10 +21,10 @@ use crate::token::TokenGeneration;
 /// in one service. [`GenesysAuth::layers`](crate::GenesysAuth::layers) returns it.
 ///
 /// It behaves as the two stacked (retry outside, auth inside), and costs less per request:
-/// tower's `Retry` clones the whole service below it for every request (here
-/// [`AuthService`], whose shared state's reference count every core then bumps), where
-/// this layer clones only the service it wraps. Stack the two pieces yourself when you
-/// want another layer between them.
+/// tower's `Retry` clones the whole service below it for every request (policy and
+/// [`AuthService`]) and wraps the response future in its own, where this layer clones the
+/// service it wraps and the `Arc` of the shared state, and polls one future. Stack the two
+/// pieces yourself when you want another layer between them.
 ///
 /// ```
 /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
@@ -78,7 +78,7 @@ impl<S> Layer<S> for AuthReplayLayer {
 /// The service of an [`AuthReplayLayer`]: an [`AuthService`] that replays a `401` to the
 /// token it attached, once, with a newer token.
 ///
-/// * Each request whose body can be copied ([`ReplayableBody`]) and that has no
+/// * Each request in scope whose body can be copied ([`ReplayableBody`]) and that has no
 ///   `Authorization` of its own is copied before it is sent, with a clone of the inner
 ///   service to send the copy on.
 /// * A `401` answer to the token this service attached drops that token (one refresh
@@ -144,8 +144,12 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // Only a request this service may authorize can be replayed: one to another host
-        // is not copied (for a `String` or `Vec` body, that would copy every byte).
-        let copy = if self.auth.shared.scope.contains(request.uri()) {
+        // is not copied (for a `String` or `Vec` body, that would copy every byte). Nor is
+        // one that is itself a replay for this cache (a `RefreshOn401` of the same auth
+        // stacked outside this service): a request is replayed once per cache.
+        let copy = if self.auth.shared.scope.contains(request.uri())
+            && !is_replay_for(&request, self.auth.shared.cache_id)
+        {
             replayable_copy(&request)
         } else {
             None
@@ -165,8 +169,20 @@ where
     }
 }
 
+/// Whether `request` carries `RefreshOn401`'s marker for the cache `cache`: it is a
+/// replay already. (`is_empty` inlines; most requests carry no extensions at all.)
+#[inline]
+fn is_replay_for<B>(request: &Request<B>, cache: u64) -> bool {
+    !request.extensions().is_empty()
+        && request
+            .extensions()
+            .get::<Refused>()
+            .is_some_and(|Refused(stamp)| stamp.cache == cache)
+}
+
 /// The copy to replay, the service to send it on, and the cache that is to give it a newer
-/// token (held, so that it outlives every other handle to it while this request runs).
+/// token (held until the replay is sent, so that the cache outlives every other handle to
+/// it until then).
 struct Replay<S, B> {
     service: S,
     shared: Arc<Shared>,
