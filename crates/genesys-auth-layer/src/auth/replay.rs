@@ -60,6 +60,13 @@ impl AuthReplayLayer {
     }
 
     /// The token cache.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// let layer = auth.layers();
+    /// assert_eq!(layer.cache().stats().token_requests, auth.stats().token_requests);
+    /// # }
+    /// ```
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
     }
@@ -113,16 +120,41 @@ pub struct AuthReplayService<S> {
 
 impl<S> AuthReplayService<S> {
     /// A reference to the inner service.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::Layer;
+    /// let service = auth.layers().layer(String::from("inner"));
+    /// assert_eq!(service.get_ref(), "inner");
+    /// # }
+    /// ```
     pub fn get_ref(&self) -> &S {
         self.auth.get_ref()
     }
 
     /// A mutable reference to the inner service.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::Layer;
+    /// let mut service = auth.layers().layer(vec![1]);
+    /// service.get_mut().push(2);
+    /// assert_eq!(service.get_ref(), &[1, 2]);
+    /// # }
+    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         self.auth.get_mut()
     }
 
     /// The inner service.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::Layer;
+    /// let service = auth.layers().layer(7_u8);
+    /// assert_eq!(service.into_inner(), 7);
+    /// # }
+    /// ```
     pub fn into_inner(self) -> S {
         self.auth.into_inner()
     }
@@ -190,7 +222,24 @@ struct Replay<S, B> {
 }
 
 pin_project! {
-    /// The response future of [`AuthReplayService`].
+    /// The response future of [`AuthReplayService`]: the first attempt, then (after a
+    /// `401` to its token) the replay's wait for its service and a newer token, and the
+    /// replay. Its `Debug` names the state it is in.
+    ///
+    /// ```
+    /// # async fn demo(auth: genesys_auth_layer::GenesysAuth) -> Result<(), tower::BoxError> {
+    /// use tower::{Layer, Service, ServiceExt};
+    ///
+    /// let mut service = auth.layers().layer(tower::service_fn(|_req: http::Request<()>| async {
+    ///     Ok::<_, tower::BoxError>(http::Response::new(()))
+    /// }));
+    /// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
+    ///     .body(())?;
+    /// let future = service.ready().await?.call(request);
+    /// assert!(format!("{future:?}").contains("first attempt"));
+    /// let response = future.await?;
+    /// # Ok(()) }
+    /// ```
     pub struct AuthReplayFuture<S, B>
     where
         S: Service<Request<B>>,
@@ -582,6 +631,31 @@ mod tests {
             ..Gating::default()
         })
         .await;
+        let response = service.oneshot(get(URI)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            gating.lock().unwrap().log,
+            ["ready", "call", "pending", "pending", "pending", "ready", "call"]
+        );
+        assert_eq!(api.seen(), [bearer(1), bearer(2)]);
+        assert_eq!(source.issued(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_two_layer_stack_readies_its_replay_the_same_way() {
+        let (source, auth, api, gating, _) = gated(Gating {
+            pending: 3,
+            ..Gating::default()
+        })
+        .await;
+        let service = ServiceBuilder::new()
+            .layer(auth.retry_layer())
+            .layer(auth.layer())
+            .service(Gate {
+                api: api.clone(),
+                gating: gating.clone(),
+                ready: false,
+            });
         let response = service.oneshot(get(URI)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
