@@ -143,3 +143,70 @@ async fn a_named_cache_names_its_fetch_span() {
         captured.text()
     );
 }
+
+// Both stacks, the fused `auth.layers()` and tower's `Retry` over `auth.layer()`, tell an
+// operator the same story about a refused token: one 401 event, one replay event naming
+// the refused generation, one token fetched "after-401", and the same counters.
+#[tokio::test]
+async fn both_stacks_log_and_count_a_replay_alike() {
+    for (name, make) in [
+        (
+            "fused",
+            common::stack::<common::HttpClient, _> as fn(&GenesysAuth, _) -> _,
+        ),
+        ("tower", common::tower_stack::<common::HttpClient, _>),
+    ] {
+        let (captured, _guard) = capture(tracing::Level::DEBUG);
+        let fake = FakeGenesys::start().await.unwrap();
+        let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+            .endpoints(
+                Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
+                    .unwrap(),
+            )
+            .build(h2_client())
+            .unwrap();
+        let client = make(&auth, h2_client());
+        let ping = Request::get(format!("{}api/v2/ping", fake.api_uri()))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        assert_eq!(
+            client.clone().oneshot(ping.clone()).await.unwrap().status(),
+            200
+        );
+        fake.revoke_all_tokens();
+        assert_eq!(client.oneshot(ping).await.unwrap().status(), 200);
+
+        let answered = captured.events("API answered 401 for a token this layer attached");
+        assert_eq!(answered.len(), 1, "{name}: {}", captured.text());
+        assert!(
+            answered[0].contains("generation=1"),
+            "{name}: {}",
+            answered[0]
+        );
+        let replayed = captured.events("401 replayed with a newer token");
+        assert_eq!(replayed.len(), 1, "{name}: {}", captured.text());
+        assert!(
+            replayed[0].contains("generation=1"),
+            "{name}: {}",
+            replayed[0]
+        );
+        let fetched = captured.events("token fetched");
+        assert_eq!(fetched.len(), 2, "{name}: {}", captured.text());
+        assert!(
+            fetched[1].contains("reason=\"after-401\""),
+            "{name}: {}",
+            fetched[1]
+        );
+        let stats = auth.stats();
+        assert_eq!(
+            (
+                stats.unauthorized_answers,
+                stats.unauthorized_reported,
+                stats.requests_authorized
+            ),
+            (1, 1, 3),
+            "{name}: two requests and one replay authorized: {stats:?}"
+        );
+        fake.shutdown().await;
+    }
+}
