@@ -30,26 +30,115 @@ use crate::token::{Phase, Token, TokenGeneration, MAX_TOKEN_LIFETIME};
 
 /// Refresh at least this long before expiry. Genesys tokens live for hours; a minute
 /// covers a slow token endpoint, a retry or two, and clock drift between hosts.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION};
+///
+/// assert_eq!(DEFAULT_REFRESH_AHEAD, Duration::from_secs(60));
+/// let config = CacheConfig::default()
+///     .refresh_ahead(DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION);
+/// assert_eq!(config, CacheConfig::default());
+/// ```
 pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(60);
 /// ... or this share of the token's lifetime, if larger (10 %: 2.4 h of a 24 h token).
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::DEFAULT_REFRESH_AHEAD_FRACTION;
+///
+/// assert_eq!(DEFAULT_REFRESH_AHEAD_FRACTION, 0.10);
+/// let day = Duration::from_secs(24 * 60 * 60);
+/// assert_eq!(day.mul_f64(DEFAULT_REFRESH_AHEAD_FRACTION), Duration::from_secs(8640)); // 2.4 h
+/// ```
 pub const DEFAULT_REFRESH_AHEAD_FRACTION: f64 = 0.10;
 /// Up to this share of the refresh window is added at random, so that a fleet started
 /// together does not refresh in lock-step.
+///
+/// ```
+/// use genesys_auth_layer::{CacheConfig, DEFAULT_REFRESH_JITTER};
+///
+/// assert_eq!(DEFAULT_REFRESH_JITTER, 0.25);
+/// let config = CacheConfig::default().refresh_jitter(DEFAULT_REFRESH_JITTER);
+/// assert_eq!(config, CacheConfig::default());
+/// ```
 pub const DEFAULT_REFRESH_JITTER: f64 = 0.25;
 /// How long one token request may take, body included. Every caller waiting on a refresh
 /// gets an answer within this bound.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, DEFAULT_FETCH_TIMEOUT};
+///
+/// assert_eq!(DEFAULT_FETCH_TIMEOUT, Duration::from_secs(10));
+/// assert_eq!(CacheConfig::default().fetch_timeout_value(), DEFAULT_FETCH_TIMEOUT);
+/// ```
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// First wait after a failed token request; doubled per consecutive failure.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
+///
+/// assert_eq!(DEFAULT_BACKOFF_INITIAL, Duration::from_secs(1));
+/// let config = CacheConfig::default().backoff(DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX);
+/// assert_eq!(config, CacheConfig::default());
+/// ```
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Longest wait between failed token requests, also the cap on an honoured `Retry-After`:
 /// a misconfigured client is retried once a minute, not in a loop, yet recovers without a
 /// restart once it is fixed.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
+///
+/// assert_eq!(DEFAULT_BACKOFF_MAX, Duration::from_secs(60));
+/// // A longer cap, with the default first wait:
+/// let config = CacheConfig::default().backoff(DEFAULT_BACKOFF_INITIAL, Duration::from_secs(300));
+/// assert_ne!(config, CacheConfig::default());
+/// ```
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The shortest backoff after a failure: a floor so that no configuration turns a failing
 /// token endpoint into a loop of requests.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, MIN_BACKOFF};
+///
+/// assert_eq!(MIN_BACKOFF, Duration::from_millis(10));
+/// // No wait at all is not accepted: the floor is used instead.
+/// let none = CacheConfig::default().backoff(Duration::ZERO, Duration::from_secs(5));
+/// let floor = CacheConfig::default().backoff(MIN_BACKOFF, Duration::from_secs(5));
+/// assert_eq!(none, floor);
+/// ```
 pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// The shortest refresh window (see [`CacheConfig::refresh_ahead`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, TokenCache, MIN_REFRESH_WINDOW};
+/// # mod fake {
+/// #     use std::time::Duration;
+/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// #     pub struct Fixed;
+/// #     impl TokenSource for Fixed {
+/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+/// #         }
+/// #     }
+/// # }
+/// # use fake::Fixed;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// // Asked for no window at all, a one-hour token still gets the shortest one.
+/// let config = CacheConfig::default().refresh_ahead(Duration::ZERO, 0.0).refresh_jitter(0.0);
+/// let cache = TokenCache::new(Fixed, config);
+/// let token = cache.token().await?;
+/// assert_eq!(token.expires_at() - token.refresh_at(), MIN_REFRESH_WINDOW);
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 pub const MIN_REFRESH_WINDOW: Duration = Duration::from_secs(1);
 /// The longest backoff accepted.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
@@ -105,6 +194,32 @@ impl CacheConfig {
     /// The window is never shorter than [`MIN_REFRESH_WINDOW`] (or a tenth of the lifetime,
     /// if that is shorter): a token refreshed only at its expiry would be sent expired
     /// whenever its timer runs a moment late, and never refreshed ahead.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// // Five minutes before expiry, with no share of the lifetime and no jitter:
+    /// let config = CacheConfig::default()
+    ///     .refresh_ahead(Duration::from_secs(300), 0.0)
+    ///     .refresh_jitter(0.0);
+    /// let cache = TokenCache::new(Fixed, config);
+    /// let token = cache.token().await?; // a one-hour token
+    /// assert_eq!(token.expires_at() - token.refresh_at(), Duration::from_secs(300));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
         self.refresh_ahead = at_least.min(MAX_TOKEN_LIFETIME);
         self.refresh_ahead_fraction = if fraction.is_finite() {
@@ -116,6 +231,17 @@ impl CacheConfig {
     }
 
     /// The share of the refresh window added at random (`0` for none; clamped to `0..=1`).
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// // No jitter: every process refreshes at the same point of a token's life.
+    /// let exact = CacheConfig::default().refresh_jitter(0.0);
+    /// assert_ne!(exact, CacheConfig::default());
+    /// // Shares above 1 count as 1.
+    /// let most = CacheConfig::default().refresh_jitter(1.0);
+    /// assert_eq!(CacheConfig::default().refresh_jitter(5.0), most);
+    /// ```
     pub fn refresh_jitter(mut self, share: f64) -> Self {
         self.refresh_jitter = if share.is_finite() {
             share.clamp(0.0, 1.0)
@@ -126,12 +252,29 @@ impl CacheConfig {
     }
 
     /// Bounds one token request, body included (kept between 1 ms and 1 hour).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// let config = CacheConfig::default().fetch_timeout(Duration::from_secs(3));
+    /// assert_eq!(config.fetch_timeout_value(), Duration::from_secs(3));
+    /// // Zero is raised to the 1 ms floor.
+    /// let zero = CacheConfig::default().fetch_timeout(Duration::ZERO);
+    /// assert_eq!(zero.fetch_timeout_value(), Duration::from_millis(1));
+    /// ```
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 
     /// The configured fetch timeout.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, DEFAULT_FETCH_TIMEOUT};
+    ///
+    /// assert_eq!(CacheConfig::default().fetch_timeout_value(), DEFAULT_FETCH_TIMEOUT);
+    /// ```
     pub fn fetch_timeout_value(&self) -> Duration {
         self.fetch_timeout
     }
@@ -141,6 +284,18 @@ impl CacheConfig {
     ///
     /// `initial` is at least [`MIN_BACKOFF`] (no failure may turn into a loop of token
     /// requests) and `max` at most one day.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// let (initial, max) = (Duration::from_secs(2), Duration::from_secs(120));
+    /// assert_ne!(CacheConfig::default().backoff(initial, max), CacheConfig::default());
+    /// // `max` is never below `initial`.
+    /// let five = Duration::from_secs(5);
+    /// let inverted = CacheConfig::default().backoff(five, Duration::from_secs(1));
+    /// assert_eq!(inverted, CacheConfig::default().backoff(five, five));
+    /// ```
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial.clamp(MIN_BACKOFF, MAX_BACKOFF);
         self.backoff_max = max.clamp(self.backoff_initial, MAX_BACKOFF);
@@ -170,6 +325,13 @@ impl CacheConfig {
     }
 
     /// Whether [`refresh_while_idle`](Self::refresh_while_idle) is on.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// assert!(!CacheConfig::default().refreshes_while_idle());
+    /// assert!(CacheConfig::default().refresh_while_idle(true).refreshes_while_idle());
+    /// ```
     pub fn refreshes_while_idle(&self) -> bool {
         self.refresh_while_idle
     }
@@ -208,6 +370,13 @@ impl CacheConfig {
     }
 
     /// Whether [`check_clock_per_request`](Self::check_clock_per_request) is on.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// assert!(!CacheConfig::default().checks_clock_per_request());
+    /// assert!(CacheConfig::default().check_clock_per_request(true).checks_clock_per_request());
+    /// ```
     pub fn checks_clock_per_request(&self) -> bool {
         self.check_clock
     }
@@ -231,6 +400,13 @@ impl CacheConfig {
     }
 
     /// The name given with [`name`](Self::name), if any.
+    ///
+    /// ```
+    /// use genesys_auth_layer::CacheConfig;
+    ///
+    /// assert_eq!(CacheConfig::default().name_value(), None);
+    /// assert_eq!(CacheConfig::default().name("org-apac").name_value(), Some("org-apac"));
+    /// ```
     pub fn name_value(&self) -> Option<&str> {
         self.name.as_deref()
     }
@@ -272,7 +448,16 @@ fn random_fraction() -> f64 {
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Why a token was requested; recorded in tracing events and counters.
+/// Why a token was requested; recorded in tracing events (the `token_fetch` span, and the
+/// fetched and failed events), not in counters.
+///
+/// ```
+/// use genesys_auth_layer::RefreshReason;
+///
+/// let reasons = [RefreshReason::Initial, RefreshReason::AheadOfExpiry, RefreshReason::After401];
+/// let names = reasons.map(RefreshReason::as_str);
+/// assert_eq!(names, ["initial", "ahead-of-expiry", "after-401"]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RefreshReason {
@@ -286,6 +471,12 @@ pub enum RefreshReason {
 
 impl RefreshReason {
     /// A stable name for logs and metrics.
+    ///
+    /// ```
+    /// use genesys_auth_layer::RefreshReason;
+    ///
+    /// assert_eq!(RefreshReason::After401.as_str(), "after-401");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Initial => "initial",
@@ -394,9 +585,10 @@ pub(crate) fn report_401(id: u64, generation: TokenGeneration, replay: bool) {
 
 /// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
 ///
-/// Cloning is cheap and every clone shares the same token. Reading a valid token takes no
-/// lock and no clock read: an `ArcSwap` load and the token's phase (fresh, due for refresh,
-/// expired), which a timer moves forward. An [`AuthService`](crate::AuthService) does even
+/// Cloning is cheap and every clone shares the same token. An [`AuthService`](crate::AuthService)
+/// reads a valid token with no lock and no clock read: an `ArcSwap` load and the token's
+/// phase (fresh, due for refresh, expired), which a timer moves forward.
+/// [`token`](Self::token) takes no lock either, and reads the clock once. An [`AuthService`](crate::AuthService) does even
 /// less while the token is fresh: it keeps the header it last sent and checks one atomic
 /// word holding the fresh token's generation. When a token is missing or expired, one request
 /// goes to the token endpoint and every caller awaits its outcome; once a token enters its
@@ -433,6 +625,26 @@ pub struct TokenCache {
 
 impl TokenCache {
     /// A cache that obtains its tokens from `source`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default().name("org-emea"));
+    /// // Nothing is fetched until a token is needed.
+    /// assert!(cache.current().is_none());
+    /// assert_eq!(cache.stats().token_requests, 0);
+    /// ```
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
         let counters = Counters::new(config.name_value());
         let cache = Self {
@@ -541,6 +753,29 @@ impl TokenCache {
     /// Fails with the refresh's error (shared by all its waiters) or, while a backoff after
     /// a failure runs, at once with [`AuthError::BackingOff`]. Never waits longer than the
     /// fetch timeout and a second.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
+    /// // Two callers at once share one token request.
+    /// let (a, b) = tokio::join!(cache.token(), cache.token());
+    /// assert_eq!(a?.generation(), b?.generation());
+    /// assert_eq!(cache.stats().token_requests, 1);
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         let now = Instant::now();
         if let Some(token) = self.inner.current.load_full() {
@@ -562,6 +797,32 @@ impl TokenCache {
     /// neither does one for a generation this cache never issued (the current token is
     /// returned). Any number of concurrent calls for the same generation cause at most one
     /// token request.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
+    /// let refused = cache.token().await?;
+    /// let newer = cache.refresh_after_401(refused.generation()).await?;
+    /// assert!(newer.generation() > refused.generation());
+    /// // A late 401 for the old token costs no token request.
+    /// let again = cache.refresh_after_401(refused.generation()).await?;
+    /// assert_eq!(again.generation(), newer.generation());
+    /// assert_eq!(cache.stats().token_requests, 2);
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub async fn refresh_after_401(
         &self,
         generation: TokenGeneration,
@@ -572,17 +833,87 @@ impl TokenCache {
     }
 
     /// The cached token, valid or not, without side effects.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
+    /// assert!(cache.current().is_none());
+    /// let token = cache.token().await?;
+    /// assert_eq!(cache.current().map(|t| t.generation()), Some(token.generation()));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn current(&self) -> Option<Arc<Token>> {
         self.inner.current.load_full()
     }
 
     /// The counters so far.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
+    /// let token = cache.token().await?;
+    /// cache.refresh_after_401(token.generation()).await?;
+    /// let stats = cache.stats();
+    /// assert_eq!((stats.token_requests, stats.tokens_fetched, stats.fetch_failures), (2, 2, 0));
+    /// assert_eq!(stats.unauthorized_reported, 1);
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn stats(&self) -> CacheStats {
         self.inner.counters.snapshot()
     }
 
     /// How the token supply is doing (takes the slow-path lock briefly; not for every
     /// request).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Failing(pub http::StatusCode);
+    /// #     impl TokenSource for Failing {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let status = self.0;
+    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Failing;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let unavailable = Failing(http::StatusCode::SERVICE_UNAVAILABLE); // answers 503
+    /// let cache = TokenCache::new(unavailable, CacheConfig::default());
+    /// assert!(cache.token().await.is_err());
+    /// let health = cache.health();
+    /// assert_eq!(health.consecutive_failures, 1);
+    /// assert_eq!(health.last_error.as_ref().map(|e| e.cause()), Some("http_status"));
+    /// assert!(health.can_obtain_tokens()); // one 503 is routine
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn health(&self) -> Health {
         let now = Instant::now();
         let token = self

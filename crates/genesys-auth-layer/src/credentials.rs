@@ -13,13 +13,36 @@ use zeroize::Zeroizing;
 use crate::error::ConfigError;
 
 /// The environment variable holding the client id.
+///
+/// ```
+/// assert_eq!(genesys_auth_layer::ENV_CLIENT_ID, "GENESYSCLOUD_OAUTHCLIENT_ID");
+/// ```
 pub const ENV_CLIENT_ID: &str = "GENESYSCLOUD_OAUTHCLIENT_ID";
 /// The environment variable holding the client secret.
+///
+/// ```
+/// assert_eq!(genesys_auth_layer::ENV_CLIENT_SECRET, "GENESYSCLOUD_OAUTHCLIENT_SECRET");
+/// ```
 pub const ENV_CLIENT_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECRET";
 /// The environment variable holding an optional secondary client secret.
+///
+/// ```
+/// use genesys_auth_layer::ENV_SECONDARY_SECRET;
+///
+/// assert_eq!(ENV_SECONDARY_SECRET, "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET");
+/// ```
 pub const ENV_SECONDARY_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET";
 
 /// Which of a client's two secrets.
+///
+/// ```
+/// use genesys_auth_layer::{CredentialStore, Credentials, SecretSlot};
+///
+/// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
+/// // New credentials are tried with the primary secret first.
+/// assert_eq!(store.preferred_slot(), SecretSlot::Primary);
+/// # Ok::<(), genesys_auth_layer::ConfigError>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SecretSlot {
@@ -31,6 +54,13 @@ pub enum SecretSlot {
 
 impl SecretSlot {
     /// The other slot.
+    ///
+    /// ```
+    /// use genesys_auth_layer::SecretSlot;
+    ///
+    /// assert_eq!(SecretSlot::Primary.other(), SecretSlot::Secondary);
+    /// assert_eq!(SecretSlot::Secondary.other(), SecretSlot::Primary);
+    /// ```
     pub fn other(self) -> Self {
         match self {
             Self::Primary => Self::Secondary,
@@ -39,6 +69,12 @@ impl SecretSlot {
     }
 
     /// `"primary"` or `"secondary"`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::SecretSlot;
+    ///
+    /// assert_eq!(SecretSlot::Secondary.as_str(), "secondary");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Primary => "primary",
@@ -59,11 +95,28 @@ pub struct ClientId(String);
 
 impl ClientId {
     /// Wraps a client id.
+    ///
+    /// ```
+    /// use genesys_auth_layer::ClientId;
+    ///
+    /// let id = ClientId::new(String::from("6d2f5b1a-client"));
+    /// assert_eq!(id, ClientId::from("6d2f5b1a-client"));
+    /// // Not a secret: `Debug` shows it.
+    /// assert_eq!(format!("{id:?}"), r#"ClientId("6d2f5b1a-client")"#);
+    /// ```
     pub fn new(id: impl Into<String>) -> Self {
         Self(id.into())
     }
 
     /// The id.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Credentials;
+    ///
+    /// let creds = Credentials::new("6d2f5b1a-client", "my-secret")?;
+    /// assert_eq!(creds.id().as_str(), "6d2f5b1a-client");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -101,11 +154,26 @@ pub struct ClientSecret(Zeroizing<String>);
 
 impl ClientSecret {
     /// Wraps a secret.
+    ///
+    /// ```
+    /// use genesys_auth_layer::ClientSecret;
+    ///
+    /// let secret = ClientSecret::new(String::from("s3cr3t-from-vault"));
+    /// assert!(!format!("{secret:?}").contains("s3cr3t"));
+    /// ```
     pub fn new(secret: impl Into<String>) -> Self {
         Self(Zeroizing::new(secret.into()))
     }
 
     /// The secret itself. Call it only to send it to the token endpoint.
+    ///
+    /// ```
+    /// use genesys_auth_layer::ClientSecret;
+    ///
+    /// let secret = ClientSecret::new("s3cr3t");
+    /// // Check it without showing it.
+    /// assert_eq!(secret.expose_secret().len(), 6);
+    /// ```
     pub fn expose_secret(&self) -> &str {
         &self.0
     }
@@ -161,6 +229,16 @@ pub struct Credentials {
 
 impl Credentials {
     /// Pairs an id with a secret; neither may be empty.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Credentials};
+    ///
+    /// let creds = Credentials::new("my-client", "my-secret")?;
+    /// assert_eq!(creds.id().as_str(), "my-client");
+    /// assert_eq!(Credentials::new("", "my-secret").unwrap_err(), ConfigError::EmptyClientId);
+    /// assert_eq!(Credentials::new("my-client", "").unwrap_err(), ConfigError::EmptyClientSecret);
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn new(
         id: impl Into<ClientId>,
         secret: impl Into<ClientSecret>,
@@ -181,6 +259,16 @@ impl Credentials {
 
     /// Adds a secondary secret, tried when the primary one is refused (`invalid_client` or
     /// any other `401` from the token endpoint).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Credentials};
+    ///
+    /// let creds = Credentials::new("my-client", "current-secret")?.with_secondary("next-secret")?;
+    /// assert!(creds.secondary_secret().is_some());
+    /// let empty = Credentials::new("my-client", "current-secret")?.with_secondary("");
+    /// assert_eq!(empty.unwrap_err(), ConfigError::EmptyClientSecret);
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn with_secondary(mut self, secret: impl Into<ClientSecret>) -> Result<Self, ConfigError> {
         let secret = secret.into();
         if secret.expose_secret().is_empty() {
@@ -193,6 +281,19 @@ impl Credentials {
     /// Credentials from the environment variables Genesys' CLI and Terraform provider use:
     /// `GENESYSCLOUD_OAUTHCLIENT_ID`, `GENESYSCLOUD_OAUTHCLIENT_SECRET` and, optionally,
     /// `GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Credentials;
+    /// # use genesys_auth_layer::{ENV_CLIENT_ID, ENV_CLIENT_SECRET, ENV_SECONDARY_SECRET};
+    /// # std::env::set_var(ENV_CLIENT_ID, "my-client");
+    /// # std::env::set_var(ENV_CLIENT_SECRET, "my-secret");
+    /// # std::env::remove_var(ENV_SECONDARY_SECRET);
+    ///
+    /// let creds = Credentials::from_env()?;
+    /// assert_eq!(creds.id().as_str(), "my-client");
+    /// assert!(creds.secondary_secret().is_none());
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -211,16 +312,44 @@ impl Credentials {
     }
 
     /// The client id.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ClientId, Credentials};
+    ///
+    /// let creds = Credentials::new("my-client", "my-secret")?;
+    /// assert_eq!(creds.id(), &ClientId::new("my-client"));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn id(&self) -> &ClientId {
         &self.id
     }
 
     /// The (primary) client secret.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Credentials;
+    ///
+    /// let creds = Credentials::new("my-client", "my-secret")?;
+    /// // Redacted in `Debug`, alone or inside the credentials.
+    /// assert_eq!(format!("{:?}", creds.secret()), "ClientSecret([redacted])");
+    /// assert!(!format!("{creds:?}").contains("my-secret"));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn secret(&self) -> &ClientSecret {
         &self.secret
     }
 
     /// The secondary secret, if any.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Credentials;
+    ///
+    /// let creds = Credentials::new("my-client", "my-secret")?;
+    /// assert!(creds.secondary_secret().is_none());
+    /// let creds = creds.with_secondary("my-next-secret")?;
+    /// assert!(creds.secondary_secret().is_some());
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn secondary_secret(&self) -> Option<&ClientSecret> {
         self.secondary.as_ref()
     }

@@ -43,6 +43,16 @@ pub enum OAuthErrorCode {
 
 impl OAuthErrorCode {
     /// Maps a code string to its variant; unknown codes become [`OAuthErrorCode::Extension`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::OAuthErrorCode;
+    ///
+    /// assert_eq!(OAuthErrorCode::from_code("invalid_scope"), OAuthErrorCode::InvalidScope);
+    /// // Other codes are kept as they are, cut to 64 bytes.
+    /// let other = OAuthErrorCode::from_code("temporarily_unavailable");
+    /// assert_eq!(other, OAuthErrorCode::Extension("temporarily_unavailable".into()));
+    /// assert_eq!(OAuthErrorCode::from_code(&"x".repeat(100)).as_str().len(), 64);
+    /// ```
     pub fn from_code(code: &str) -> Self {
         match code {
             "invalid_request" => Self::InvalidRequest,
@@ -56,6 +66,13 @@ impl OAuthErrorCode {
     }
 
     /// The code as the server spells it.
+    ///
+    /// ```
+    /// use genesys_auth_layer::OAuthErrorCode;
+    ///
+    /// assert_eq!(OAuthErrorCode::InvalidGrant.as_str(), "invalid_grant");
+    /// assert_eq!(OAuthErrorCode::InvalidGrant.to_string(), "invalid_grant"); // `Display` too
+    /// ```
     pub fn as_str(&self) -> &str {
         match self {
             Self::InvalidRequest => "invalid_request",
@@ -70,6 +87,13 @@ impl OAuthErrorCode {
 
     /// Whether asking again with the same credentials cannot succeed: the configuration
     /// (client, secret, grant, scope) has to change first.
+    ///
+    /// ```
+    /// use genesys_auth_layer::OAuthErrorCode;
+    ///
+    /// assert!(OAuthErrorCode::UnauthorizedClient.is_fatal());
+    /// assert!(!OAuthErrorCode::InvalidRequest.is_fatal());
+    /// ```
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -89,6 +113,17 @@ impl fmt::Display for OAuthErrorCode {
 
 /// Why a token response could not be used. Built by the parser, never from the token's
 /// own characters, so it is safe to log.
+///
+/// ```
+/// use genesys_auth_layer::{parse::parse_token_response, AuthError, InvalidTokenResponse};
+///
+/// let body = br#"{"access_token":"abc","token_type":"bearer"}"#;
+/// let err = parse_token_response(body).unwrap_err();
+/// assert_eq!(err, InvalidTokenResponse::MissingExpiresIn);
+/// assert_eq!(err.to_string(), "`expires_in` is missing");
+/// // Inside an `AuthError`, it is an invalid response.
+/// assert_eq!(AuthError::from(err).cause(), "invalid_response");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidTokenResponse {
@@ -221,6 +256,24 @@ impl AuthError {
     /// The OAuth error code, looking through [`AuthError::BackingOff`] and
     /// [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
     /// primary's: one of them may have been a 401 without an OAuth body).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::{AuthError, OAuthErrorCode};
+    /// use http::StatusCode;
+    ///
+    /// let refused = AuthError::OAuth {
+    ///     status: StatusCode::BAD_REQUEST,
+    ///     code: OAuthErrorCode::InvalidScope,
+    ///     description: None,
+    /// };
+    /// // Seen through the backoff that followed it:
+    /// let retry_in = Duration::from_secs(1);
+    /// let later = AuthError::BackingOff { retry_in, last: Arc::new(refused) };
+    /// assert_eq!(later.oauth_code(), Some(&OAuthErrorCode::InvalidScope));
+    /// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).oauth_code(), None);
+    /// ```
     pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
         match self {
             Self::OAuth { code, .. } => Some(code),
@@ -235,6 +288,14 @@ impl AuthError {
     /// A stable, low-cardinality name for the kind of failure, for logs and metrics:
     /// `oauth_error`, `rate_limited`, `http_status`, `transport`, `timeout`, `too_large`,
     /// `invalid_response`, `secrets_rejected`, `backing_off`, `aborted` or `no_runtime`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::AuthError;
+    ///
+    /// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).cause(), "timeout");
+    /// assert_eq!(AuthError::RateLimited { retry_after: None }.cause(), "rate_limited");
+    /// ```
     pub fn cause(&self) -> &'static str {
         match self {
             Self::OAuth { .. } => "oauth_error",
@@ -252,6 +313,15 @@ impl AuthError {
     }
 
     /// The HTTP status the token endpoint answered, if the failure came with one.
+    ///
+    /// ```
+    /// use genesys_auth_layer::AuthError;
+    /// use http::StatusCode;
+    ///
+    /// let limited = AuthError::RateLimited { retry_after: None };
+    /// assert_eq!(limited.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+    /// assert_eq!(AuthError::NoRuntime.http_status(), None);
+    /// ```
     pub fn http_status(&self) -> Option<StatusCode> {
         match self {
             Self::OAuth { status, .. } | Self::UnexpectedStatus { status } => Some(*status),
@@ -266,6 +336,20 @@ impl AuthError {
     /// (see [`OAuthErrorCode::is_fatal`]) or refused credentials (see
     /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`] and
     /// [`AuthError::BothSecretsRejected`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::{AuthError, OAuthErrorCode};
+    /// use http::StatusCode;
+    ///
+    /// let bad_scope = AuthError::OAuth {
+    ///     status: StatusCode::BAD_REQUEST,
+    ///     code: OAuthErrorCode::InvalidScope,
+    ///     description: None,
+    /// };
+    /// assert!(bad_scope.is_fatal());
+    /// let unavailable = AuthError::UnexpectedStatus { status: StatusCode::SERVICE_UNAVAILABLE };
+    /// assert!(!unavailable.is_fatal());
+    /// ```
     pub fn is_fatal(&self) -> bool {
         self.oauth_code().is_some_and(OAuthErrorCode::is_fatal) || self.is_client_rejected()
     }
@@ -295,6 +379,15 @@ impl AuthError {
     }
 
     /// The delay a 429 answer asked for, if any.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::AuthError;
+    ///
+    /// let limited = AuthError::RateLimited { retry_after: Some(Duration::from_secs(30)) };
+    /// assert_eq!(limited.retry_after(), Some(Duration::from_secs(30)));
+    /// assert_eq!(AuthError::RateLimited { retry_after: None }.retry_after(), None);
+    /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after } => *retry_after,
@@ -309,6 +402,14 @@ impl AuthError {
 }
 
 /// A configuration mistake found while building the layer.
+///
+/// ```
+/// use genesys_auth_layer::{ConfigError, Credentials};
+///
+/// let err = Credentials::new("", "my-secret").unwrap_err();
+/// assert_eq!(err, ConfigError::EmptyClientId);
+/// assert_eq!(err.to_string(), "the client id is empty");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {

@@ -46,6 +46,22 @@ pub struct GenesysAuth {
 
 impl GenesysAuth {
     /// Starts building authentication with the client-credentials grant.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, Region};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .region(Region::EuWest1)
+    ///     .build(http_client())?;
+    /// assert!(auth.scope().contains(&Region::EuWest1.api_uri()));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn client_credentials(
         client_id: impl Into<ClientId>,
         client_secret: impl Into<ClientSecret>,
@@ -60,6 +76,24 @@ impl GenesysAuth {
     /// Starts building authentication with the client-credentials grant from a
     /// [`CredentialStore`] (or [`Credentials`]) that can be rotated at run time, for example
     /// one from [`CredentialStore::watch_file`] or [`Credentials::from_env`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CredentialStore, Credentials, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let store = CredentialStore::new(Credentials::new("my-client-id", "my-client-secret")?);
+    /// let auth = GenesysAuth::with_credentials(store.clone()).build(http_client())?;
+    /// // What the store holds is what the next token request sends.
+    /// store.rotate(Credentials::new("new-client-id", "new-client-secret")?);
+    /// let current = auth.credentials().expect("client credentials").current();
+    /// assert_eq!(current.id().as_str(), "new-client-id");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn with_credentials(credentials: impl Into<CredentialStore>) -> GenesysAuthBuilder {
         Self::builder(CredentialSpec::Store(credentials.into()))
     }
@@ -75,6 +109,28 @@ impl GenesysAuth {
     }
 
     /// Authentication from any [`TokenSource`], attaching its tokens to `scope`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, GenesysAuth, Region, Scope};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// let auth = GenesysAuth::from_source(Fixed, CacheConfig::default(), scope);
+    /// assert_eq!(auth.token().await?.generation().0, 1); // from `Fixed`
+    /// assert!(auth.credentials().is_none()); // no client credentials to rotate
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn from_source(source: impl TokenSource, config: CacheConfig, scope: Scope) -> Self {
         Self::from_layer(AuthLayer::new(TokenCache::new(source, config), scope))
     }
@@ -88,12 +144,45 @@ impl GenesysAuth {
 
     /// The credentials used for token requests, if this was built with the
     /// client-credentials grant.
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// let store = auth.credentials().expect("built with client credentials");
+    /// assert_eq!(store.current().id().as_str(), "my-client-id");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn credentials(&self) -> Option<&CredentialStore> {
         self.credentials.as_ref()
     }
 
     /// Replaces the credentials for the next token requests. Returns `false` (and changes
     /// nothing) if this was built from a custom [`TokenSource`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::{Credentials, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("old-client-id", "old-client-secret")
+    ///     .build(http_client())?;
+    /// assert!(auth.rotate_credentials(Credentials::new("new-client-id", "new-client-secret")?));
+    /// let current = auth.credentials().expect("client credentials").current();
+    /// assert_eq!(current.id().as_str(), "new-client-id");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn rotate_credentials(&self, credentials: Credentials) -> bool {
         match &self.credentials {
             Some(store) => {
@@ -124,12 +213,61 @@ impl GenesysAuth {
     }
 
     /// The refresh-and-replay-once policy.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use tower::ServiceBuilder;
+    ///
+    /// let client = ServiceBuilder::new()
+    ///     .retry(auth.retry_policy()) // the same as `.layer(auth.retry_layer())`
+    ///     .layer(auth.layer())
+    ///     .service_fn(|req: http::Request<String>| async move {
+    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
+    ///     });
+    /// # let _ = client; }
+    /// ```
     pub fn retry_policy(&self) -> RefreshOn401 {
         self.layer().retry_policy()
     }
 
     /// `tower::retry::RetryLayer` with [`RefreshOn401`]. Put it *outside*
     /// [`layer`](Self::layer).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, GenesysAuth, Region, Scope};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// # let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// let auth = GenesysAuth::from_source(Fixed, CacheConfig::default(), scope);
+    /// // `api` answers 401 to the first request, 200 to the next.
+    /// # let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    /// # let api = tower::service_fn(move |_: http::Request<String>| {
+    /// #     let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+    /// #     let status = if first { 401 } else { 200 };
+    /// #     async move { http::Response::builder().status(status).body(String::new()) }
+    /// # });
+    /// let client = ServiceBuilder::new()
+    ///     .layer(auth.retry_layer()) // outside: sees the 401, replays through `layer`
+    ///     .layer(auth.layer()) // inside: attaches the (new) token
+    ///     .service(api);
+    /// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me");
+    /// let response = client.oneshot(request.body(String::new())?).await?;
+    /// assert_eq!(response.status(), 200);
+    /// assert_eq!(auth.stats().tokens_fetched, 2); // a new token for the replay
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn retry_layer(&self) -> RetryLayer<RefreshOn401> {
         RetryLayer::new(self.retry_policy())
     }
@@ -156,27 +294,120 @@ impl GenesysAuth {
     }
 
     /// The token cache.
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// auth.token().await?;
+    /// // The same cache: the token just obtained is there.
+    /// assert_eq!(auth.cache().current().map(|t| t.generation().0), Some(1));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
     }
 
     /// The counters so far (see [`CacheStats`]).
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// auth.token().await?;
+    /// auth.token().await?; // cached
+    /// let stats = auth.stats();
+    /// assert_eq!((stats.token_requests, stats.tokens_fetched), (1, 1));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn stats(&self) -> CacheStats {
         self.shared.cache.stats()
     }
 
     /// The token supply's health, for a readiness probe (see [`Health`]).
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// /// A readiness probe.
+    /// fn ready(auth: &GenesysAuth) -> bool {
+    ///     let health = auth.health();
+    ///     health.has_valid_token() && health.can_obtain_tokens()
+    /// }
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// assert!(!ready(&auth)); // no token yet
+    /// auth.token().await?;
+    /// assert!(ready(&auth));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn health(&self) -> Health {
         self.shared.cache.health()
     }
 
     /// The origins tokens are attached to.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, Region};
+    /// use http::Uri;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .region(Region::EuWest1)
+    ///     .build(http_client())?;
+    /// let users = Uri::from_static("https://api.mypurecloud.ie/api/v2/users");
+    /// assert!(auth.scope().contains(&users));
+    /// assert!(!auth.scope().contains(&Uri::from_static("https://example.com/")));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn scope(&self) -> &Scope {
         &self.shared.scope
     }
 
     /// A valid token, fetching one if needed. Call it at start-up to fail fast on bad
     /// credentials, before the first API call.
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// // At start-up: bad credentials fail here, not at the first API call.
+    /// let token = auth.token().await?;
+    /// assert!(token.header().is_sensitive());
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         self.shared.cache.token().await
     }
@@ -246,6 +477,23 @@ impl GenesysAuthBuilder {
     /// `invalid_client` or any other `401` (zero-downtime secret rotation; see
     /// [`AuthError::is_client_rejected`](crate::AuthError::is_client_rejected)). Ignored
     /// when the credentials came from [`GenesysAuth::with_credentials`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "current-secret")
+    ///     .secondary_secret("next-secret")
+    ///     .build(http_client())?;
+    /// let credentials = auth.credentials().expect("client credentials").current();
+    /// assert!(credentials.secondary_secret().is_some());
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn secondary_secret(mut self, secret: impl Into<ClientSecret>) -> Self {
         if let CredentialSpec::Given { secondary, .. } = &mut self.credentials {
             *secondary = Some(secret.into());
@@ -255,48 +503,200 @@ impl GenesysAuthBuilder {
 
     /// The region (default `us-east-1`): tokens come from `https://login.<domain>` and are
     /// attached to requests for `https://api.<domain>`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, Region};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .region(Region::ApNortheast1)
+    ///     .build(http_client())?;
+    /// assert!(auth.scope().contains(&Region::ApNortheast1.api_uri()));
+    /// assert!(!auth.scope().contains(&Region::UsEast1.api_uri())); // the default is replaced
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn region(mut self, region: Region) -> Self {
         self.endpoints = region.endpoints();
         self
     }
 
     /// Custom endpoints, for proxies, gateways and tests.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Endpoints, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// // A local fake: plain http is allowed on loopback.
+    /// let fake = Endpoints::custom("http://127.0.0.1:8081/oauth/token", "http://127.0.0.1:8082")?;
+    /// let builder = GenesysAuth::client_credentials("my-client-id", "my-client-secret");
+    /// let auth = builder.endpoints(fake).build(http_client())?;
+    /// assert!(auth.scope().contains(&"http://127.0.0.1:8082/api/v2/users".parse().unwrap()));
+    /// // Anywhere else, the secret must not cross the network in clear.
+    /// let plain_login = "http://login.example.com/oauth/token";
+    /// let remote = Endpoints::custom(plain_login, "https://api.example.com")?;
+    /// let builder = GenesysAuth::client_credentials("my-client-id", "my-client-secret");
+    /// let built = builder.endpoints(remote).build(http_client());
+    /// assert!(matches!(built, Err(ConfigError::InsecureTokenEndpoint(_))));
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn endpoints(mut self, endpoints: Endpoints) -> Self {
         self.endpoints = endpoints;
         self
     }
 
     /// Also attach tokens to requests for this origin (scheme, host and port of `uri`).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, Region};
+    /// use http::Uri;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .authorize_origin(Uri::from_static("https://gateway.example.com"))
+    ///     .build(http_client())?;
+    /// let users = Uri::from_static("https://gateway.example.com/api/v2/users");
+    /// assert!(auth.scope().contains(&users));
+    /// assert!(auth.scope().contains(&Region::UsEast1.api_uri())); // and the region's API
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn authorize_origin(mut self, uri: Uri) -> Self {
         self.extra_origins.push(uri);
         self
     }
 
     /// All cache settings at once.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .cache_config(CacheConfig::default().name("org-emea").refresh_while_idle(true))
+    ///     .build(http_client())?;
+    /// assert!(format!("{:?}", auth.cache()).contains(r#"name: Some("org-emea")"#));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn cache_config(mut self, config: CacheConfig) -> Self {
         self.cache = config;
         self
     }
 
     /// See [`CacheConfig::refresh_ahead`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::GenesysAuth;
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .refresh_ahead(Duration::from_secs(600), 0.0)
+    ///     .build(http_client())?;
+    /// let token = auth.token().await?; // a one-hour token
+    /// // Refreshed ten minutes before expiry, plus up to 25 % of that at random.
+    /// let window = token.expires_at() - token.refresh_at();
+    /// assert!(window >= Duration::from_secs(600) && window <= Duration::from_secs(750));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
         self.cache = self.cache.refresh_ahead(at_least, fraction);
         self
     }
 
     /// See [`CacheConfig::fetch_timeout`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::{AuthError, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+    /// #             .await
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .fetch_timeout(Duration::from_millis(50))
+    ///     .build(http_client())?; // a token endpoint that never answers
+    /// let err = auth.token().await.unwrap_err();
+    /// assert!(matches!(err, AuthError::Timeout(limit) if limit == Duration::from_millis(50)));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.cache = self.cache.fetch_timeout(timeout);
         self
     }
 
     /// See [`CacheConfig::backoff`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use genesys_auth_layer::{AuthError, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         http::Response::builder().status(503).body(String::new())
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .backoff(Duration::from_secs(5), Duration::from_secs(120))
+    ///     .build(http_client())?; // a token endpoint that answers 503
+    /// assert!(auth.token().await.is_err());
+    /// // No second request before the backoff ends (2.5 to 5 s after a first failure).
+    /// match auth.token().await.unwrap_err() {
+    ///     AuthError::BackingOff { retry_in, .. } => assert!(retry_in <= Duration::from_secs(5)),
+    ///     other => panic!("expected a backoff, got {other}"),
+    /// }
+    /// assert_eq!(auth.stats().token_requests, 1);
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.cache = self.cache.backoff(initial, max);
         self
     }
 
     /// See [`ClientCredentials::max_response_bytes`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::{AuthError, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .max_token_response_bytes(16)
+    ///     .build(http_client())?; // its token responses are longer than that
+    /// let err = auth.token().await.unwrap_err();
+    /// assert!(matches!(err, AuthError::ResponseTooLarge { limit: 16 }));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn max_token_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
         self
@@ -304,6 +704,23 @@ impl GenesysAuthBuilder {
 
     /// Builds it, sending token requests through `token_http` (any tower HTTP service, such
     /// as a hyper-util client).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, GenesysAuth};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .build(http_client())?;
+    /// assert_eq!(auth.stats().token_requests, 0); // no token is asked for before it is needed
+    /// let empty = GenesysAuth::client_credentials("my-client-id", "").build(http_client());
+    /// assert_eq!(empty.unwrap_err(), ConfigError::EmptyClientSecret);
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn build<S: TokenHttpService>(self, token_http: S) -> Result<GenesysAuth, ConfigError> {
         let store = self.credentials.into_store()?;
         let source = ClientCredentials::new(
@@ -322,6 +739,17 @@ impl GenesysAuthBuilder {
     }
 
     /// Builds it with the crate's default HTTPS client for token requests.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, Region};
+    ///
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .region(Region::EuWest1)
+    ///     .build_with_default_client()?;
+    /// // Nothing is sent yet: the first token request goes out when a token is needed.
+    /// assert_eq!(auth.stats().token_requests, 0);
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     #[cfg(feature = "default-client")]
     #[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
     pub fn build_with_default_client(self) -> Result<GenesysAuth, ConfigError> {

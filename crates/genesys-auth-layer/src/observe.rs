@@ -13,7 +13,31 @@ use std::time::Duration;
 use crate::error::AuthError;
 use crate::token::TokenGeneration;
 
-/// Token-request failures by cause (see [`AuthError::cause`]).
+/// Token-request failures by cause (see [`AuthError::cause`]). An aborted refresh has no
+/// field of its own, so the fields can sum to less than
+/// [`CacheStats::fetch_failures`].
+///
+/// ```
+/// use genesys_auth_layer::{CacheConfig, TokenCache};
+/// # mod fake {
+/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// #     pub struct Failing(pub http::StatusCode);
+/// #     impl TokenSource for Failing {
+/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+/// #             let status = self.0;
+/// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+/// #         }
+/// #     }
+/// # }
+/// # use fake::Failing;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let bad_gateway = Failing(http::StatusCode::BAD_GATEWAY); // answers 502
+/// let cache = TokenCache::new(bad_gateway, CacheConfig::default());
+/// assert!(cache.token().await.is_err());
+/// let failures = cache.stats().failures_by_cause;
+/// assert_eq!((failures.http_status, failures.timeout), (1, 0));
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailureCounts {
@@ -40,6 +64,29 @@ pub struct FailureCounts {
 /// Comparable to Duende.AccessTokenManagement's meter: tokens retrieved, retrieval failures
 /// by cause, requests authorized, 401 answers and replays, and requests that waited for a
 /// token.
+///
+/// ```
+/// use genesys_auth_layer::{CacheConfig, CacheStats, TokenCache};
+/// # mod fake {
+/// #     use std::time::Duration;
+/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// #     pub struct Fixed;
+/// #     impl TokenSource for Fixed {
+/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+/// #         }
+/// #     }
+/// # }
+/// # use fake::Fixed;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let cache = TokenCache::new(Fixed, CacheConfig::default());
+/// assert_eq!(cache.stats(), CacheStats::default());
+/// cache.token().await?;
+/// let stats = cache.stats();
+/// assert_eq!((stats.token_requests, stats.tokens_fetched, stats.waited_for_token), (1, 1, 1));
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -235,18 +282,59 @@ impl Counters {
 }
 
 /// `genesys_auth_tokens_retrieved_total`: tokens obtained.
+///
+/// ```
+/// use genesys_auth_layer::METRIC_TOKENS_RETRIEVED;
+///
+/// assert_eq!(METRIC_TOKENS_RETRIEVED, "genesys_auth_tokens_retrieved_total");
+/// ```
 pub const METRIC_TOKENS_RETRIEVED: &str = "genesys_auth_tokens_retrieved_total";
 /// `genesys_auth_token_failures_total{cause}`: failed token requests by
-/// [`AuthError::cause`].
+/// [`AuthError::cause`]; a refresh that was aborted (its task gone) is labelled `other`.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{AuthError, METRIC_FAILURES};
+///
+/// assert_eq!(METRIC_FAILURES, "genesys_auth_token_failures_total");
+/// // A timeout is counted with `cause="timeout"`.
+/// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).cause(), "timeout");
+/// ```
 pub const METRIC_FAILURES: &str = "genesys_auth_token_failures_total";
 /// `genesys_auth_requests_authorized_total`: requests a token was attached to.
+///
+/// ```
+/// use genesys_auth_layer::METRIC_REQUESTS_AUTHORIZED;
+///
+/// assert_eq!(METRIC_REQUESTS_AUTHORIZED, "genesys_auth_requests_authorized_total");
+/// ```
 pub const METRIC_REQUESTS_AUTHORIZED: &str = "genesys_auth_requests_authorized_total";
-/// `genesys_auth_replays_total`: requests replayed after a 401.
+/// `genesys_auth_replays_total`: requests replayed after a 401, plus direct calls of
+/// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) (the same count as
+/// [`CacheStats::unauthorized_reported`]).
+///
+/// ```
+/// use genesys_auth_layer::METRIC_REPLAYS;
+///
+/// assert_eq!(METRIC_REPLAYS, "genesys_auth_replays_total");
+/// ```
 pub const METRIC_REPLAYS: &str = "genesys_auth_replays_total";
 /// `genesys_auth_requests_waited_total`: requests that waited for a token.
+///
+/// ```
+/// use genesys_auth_layer::METRIC_REQUESTS_WAITED;
+///
+/// assert_eq!(METRIC_REQUESTS_WAITED, "genesys_auth_requests_waited_total");
+/// ```
 pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
 /// `genesys_auth_unauthorized_total`: 401 answers to requests a token was attached to,
 /// replays included ([`CacheStats::unauthorized_answers`]).
+///
+/// ```
+/// use genesys_auth_layer::METRIC_UNAUTHORIZED;
+///
+/// assert_eq!(METRIC_UNAUTHORIZED, "genesys_auth_unauthorized_total");
+/// ```
 pub const METRIC_UNAUTHORIZED: &str = "genesys_auth_unauthorized_total";
 
 /// Counter handles registered once, when the cache is built: install the `metrics`
@@ -335,10 +423,40 @@ pub struct Health {
 /// From this many failures in a row, [`Health::can_obtain_tokens`] says no: one or two
 /// failures are routine (a 503, a timeout), three in a row with backoff between them span
 /// several seconds of the token endpoint failing.
+///
+/// ```
+/// use genesys_auth_layer::UNHEALTHY_AFTER_FAILURES;
+///
+/// assert_eq!(UNHEALTHY_AFTER_FAILURES, 3);
+/// ```
 pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
 
 impl Health {
     /// Whether a token valid now is cached: requests are authorized without waiting.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
+    /// assert!(!cache.health().has_valid_token());
+    /// cache.token().await?;
+    /// let health = cache.health();
+    /// assert!(health.has_valid_token());
+    /// assert!(health.token_expires_in.is_some());
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn has_valid_token(&self) -> bool {
         self.token_expires_in.is_some()
     }
@@ -347,6 +465,29 @@ impl Health {
     /// (`invalid_client`, …) or [`UNHEALTHY_AFTER_FAILURES`] requests failed in a row. It
     /// turns false while the cached token is still valid, so a readiness probe sees the
     /// problem before requests start failing.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CacheConfig, TokenCache};
+    /// # mod fake {
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Failing(pub http::StatusCode);
+    /// #     impl TokenSource for Failing {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let status = self.0;
+    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Failing;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let refusing = Failing(http::StatusCode::UNAUTHORIZED); // refuses the client
+    /// let cache = TokenCache::new(refusing, CacheConfig::default());
+    /// assert!(cache.token().await.is_err());
+    /// let health = cache.health();
+    /// assert_eq!(health.consecutive_failures, 1);
+    /// assert!(!health.can_obtain_tokens()); // refused credentials will not start working
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn can_obtain_tokens(&self) -> bool {
         if self.consecutive_failures == 0 {
             return true;

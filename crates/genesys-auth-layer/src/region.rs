@@ -38,14 +38,36 @@ macro_rules! regions {
 
         impl Region {
             /// Every region this crate knows, in the order Genesys lists them.
+            ///
+            /// ```
+            /// use genesys_auth_layer::Region;
+            ///
+            /// assert_eq!(Region::ALL[0], Region::UsEast1);
+            /// for region in Region::ALL {
+            ///     assert_eq!(region.name().parse::<Region>(), Ok(*region));
+            /// }
+            /// ```
             pub const ALL: &'static [Region] = &[ $( Region::$variant, )* ];
 
             /// The region's AWS-style name, e.g. `us-east-1`.
+            ///
+            /// ```
+            /// use genesys_auth_layer::Region;
+            ///
+            /// assert_eq!(Region::EuWest1.name(), "eu-west-1");
+            /// assert_eq!(Region::EuWest1.to_string(), "eu-west-1"); // `Display` too
+            /// ```
             pub const fn name(self) -> &'static str {
                 match self { $( Region::$variant => $name, )* }
             }
 
             /// The region's domain, e.g. `mypurecloud.com`.
+            ///
+            /// ```
+            /// use genesys_auth_layer::Region;
+            ///
+            /// assert_eq!(Region::ApSoutheast2.domain(), "mypurecloud.com.au");
+            /// ```
             pub const fn domain(self) -> &'static str {
                 match self { $( Region::$variant => $domain, )* }
             }
@@ -94,21 +116,48 @@ regions! {
 
 impl Region {
     /// The login host's base URI, `https://login.<domain>`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// assert_eq!(Region::EuCentral1.login_uri().to_string(), "https://login.mypurecloud.de/");
+    /// ```
     pub fn login_uri(self) -> Uri {
         base_uri("login", self.domain())
     }
 
     /// The API host's base URI, `https://api.<domain>`: the origin the token is attached to.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// assert_eq!(Region::UsWest2.api_uri().host(), Some("api.usw2.pure.cloud"));
+    /// ```
     pub fn api_uri(self) -> Uri {
         base_uri("api", self.domain())
     }
 
     /// The token endpoint, `https://login.<domain>/oauth/token`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// let url = Region::CaCentral1.token_url();
+    /// assert_eq!(url.to_string(), "https://login.cac1.pure.cloud/oauth/token");
+    /// ```
     pub fn token_url(self) -> Uri {
         join(&self.login_uri(), "/oauth/token")
     }
 
     /// The region's endpoints.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{Endpoints, Region};
+    ///
+    /// let endpoints = Region::EuWest2.endpoints();
+    /// assert_eq!(endpoints.token_url(), &Region::EuWest2.token_url());
+    /// assert_eq!(endpoints, Endpoints::from(Region::EuWest2));
+    /// ```
     pub fn endpoints(self) -> Endpoints {
         Endpoints {
             token_url: self.token_url(),
@@ -168,6 +217,14 @@ impl FromStr for Region {
 }
 
 /// A region name or domain that is not in [`Region::ALL`]. Its message lists the known ones.
+///
+/// ```
+/// use genesys_auth_layer::{Region, UnknownRegion};
+///
+/// let err: UnknownRegion = "mars-north-1".parse::<Region>().unwrap_err();
+/// assert_eq!(err.given(), "mars-north-1");
+/// assert!(err.to_string().contains("eu-west-1 (mypurecloud.ie)"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnknownRegion {
     given: String,
@@ -175,6 +232,14 @@ pub struct UnknownRegion {
 
 impl UnknownRegion {
     /// What was given.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// // Control characters are replaced, so it is safe to log.
+    /// let err = "eu-west-9\nFORGED LOG LINE".parse::<Region>().unwrap_err();
+    /// assert_eq!(err.given(), "eu-west-9 FORGED LOG LINE");
+    /// ```
     pub fn given(&self) -> &str {
         &self.given
     }
@@ -221,6 +286,19 @@ pub struct Endpoints {
 impl Endpoints {
     /// Endpoints from a full token URL and an API base URI. Both must be absolute http(s)
     /// URIs; the https-or-loopback rule for the token URL is checked when the layer is built.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Endpoints};
+    ///
+    /// let gateway = Endpoints::custom(
+    ///     "https://gateway.example.com/genesys/oauth/token",
+    ///     "https://gateway.example.com",
+    /// )?;
+    /// assert_eq!(gateway.token_url().path(), "/genesys/oauth/token");
+    /// let relative = Endpoints::custom("/oauth/token", "https://gateway.example.com");
+    /// assert!(matches!(relative, Err(ConfigError::InvalidUri(_))));
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn custom(token_url: &str, api_uri: &str) -> Result<Self, ConfigError> {
         Ok(Self {
             token_url: parse_absolute(token_url)?,
@@ -230,6 +308,15 @@ impl Endpoints {
 
     /// Endpoints from a login base URI (the token URL is `<login>/oauth/token`) and an API
     /// base URI.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Endpoints;
+    ///
+    /// let endpoints =
+    ///     Endpoints::from_bases("https://login.example.com/genesys", "https://api.example.com")?;
+    /// assert_eq!(endpoints.token_url(), "https://login.example.com/genesys/oauth/token");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn from_bases(login_uri: &str, api_uri: &str) -> Result<Self, ConfigError> {
         Ok(Self {
             token_url: join(&parse_absolute(login_uri)?, "/oauth/token"),
@@ -238,11 +325,24 @@ impl Endpoints {
     }
 
     /// The token endpoint.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// assert_eq!(Region::EuWest1.endpoints().token_url().path(), "/oauth/token");
+    /// ```
     pub fn token_url(&self) -> &Uri {
         &self.token_url
     }
 
     /// The API base URI; its origin (scheme, host, port) is where tokens are attached.
+    ///
+    /// ```
+    /// use genesys_auth_layer::Region;
+    ///
+    /// let endpoints = Region::EuWest1.endpoints();
+    /// assert_eq!(endpoints.api_uri().host(), Some("api.mypurecloud.ie"));
+    /// ```
     pub fn api_uri(&self) -> &Uri {
         &self.api_uri
     }

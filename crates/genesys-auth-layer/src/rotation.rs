@@ -24,6 +24,13 @@ use crate::error::ConfigError;
 
 /// How often a watched credentials file is re-read by default. Mounted Kubernetes secrets
 /// change within about a minute of an update; ten seconds adds little to that.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::DEFAULT_WATCH_INTERVAL;
+///
+/// assert_eq!(DEFAULT_WATCH_INTERVAL, Duration::from_secs(10));
+/// ```
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The credentials used for token requests, shared and replaceable at run time.
@@ -35,7 +42,8 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 ///
 /// let store = CredentialStore::new(Credentials::new("id", "old-secret")?);
 /// store.rotate(Credentials::new("id", "new-secret")?);
-/// assert_eq!(store.current().secret().expose_secret(), "new-secret");
+/// // Compared without printing it, even if the check failed.
+/// assert!(store.current().secret().expose_secret() == "new-secret");
 /// # Ok::<(), genesys_auth_layer::ConfigError>(())
 /// ```
 #[derive(Clone)]
@@ -74,6 +82,16 @@ impl Entry {
 
 impl CredentialStore {
     /// A store holding `credentials`.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CredentialStore, Credentials};
+    ///
+    /// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
+    /// let shared = store.clone();
+    /// store.rotate(Credentials::new("my-client", "next-secret")?.with_secondary("my-secret")?);
+    /// assert!(shared.current().secondary_secret().is_some()); // clones share the credentials
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn new(credentials: Credentials) -> Self {
         Self {
             inner: Arc::new(StoreInner {
@@ -83,6 +101,17 @@ impl CredentialStore {
     }
 
     /// The credentials now.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CredentialStore, Credentials};
+    ///
+    /// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
+    /// let before = store.current();
+    /// store.rotate(Credentials::new("other-client", "other-secret")?);
+    /// assert_eq!(before.id().as_str(), "my-client"); // a snapshot: unchanged
+    /// assert_eq!(store.current().id().as_str(), "other-client");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn current(&self) -> Arc<Credentials> {
         self.inner.current.load().credentials.clone()
     }
@@ -95,6 +124,17 @@ impl CredentialStore {
 
     /// Replaces the credentials. The next token request uses the new primary secret; tokens
     /// already issued stay in use until they expire or are refused.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{CredentialStore, Credentials, SecretSlot};
+    ///
+    /// let store = CredentialStore::new(Credentials::new("my-client", "old-secret")?);
+    /// store.rotate(Credentials::new("my-client", "new-secret")?);
+    /// // The next token request starts with the new primary secret.
+    /// assert_eq!(store.preferred_slot(), SecretSlot::Primary);
+    /// assert!(!format!("{store:?}").contains("new-secret"));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn rotate(&self, credentials: Credentials) {
         tracing::info!(
             target: "genesys_auth_layer::credentials",
@@ -107,6 +147,31 @@ impl CredentialStore {
     }
 
     /// The secret to try first.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{GenesysAuth, SecretSlot};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     use http_body_util::Full;
+    /// #     tower::service_fn(|req: http::Request<Full<bytes::Bytes>>| async move {
+    /// #         // Accepts only client "id" with secret "new" (`Basic base64("id:new")`).
+    /// #         let (status, body) = if req.headers()["authorization"] == "Basic aWQ6bmV3" {
+    /// #             (200, r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#)
+    /// #         } else {
+    /// #             (401, r#"{"error":"invalid_client"}"#)
+    /// #         };
+    /// #         http::Response::builder().status(status).body(body.to_owned())
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let auth = GenesysAuth::client_credentials("id", "old")
+    ///     .secondary_secret("new")
+    ///     .build(http_client())?; // a token endpoint that refuses "old"
+    /// auth.token().await?;
+    /// // The secondary secret worked: later token requests try it first.
+    /// let store = auth.credentials().expect("client credentials");
+    /// assert_eq!(store.preferred_slot(), SecretSlot::Secondary);
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn preferred_slot(&self) -> SecretSlot {
         self.inner.current.load().preferred_slot()
     }
@@ -206,6 +271,19 @@ impl fmt::Debug for CredentialStore {
 }
 
 /// Keeps a credentials file watched; dropping it stops the watch.
+///
+/// ```
+/// use genesys_auth_layer::{CredentialStore, DEFAULT_WATCH_INTERVAL};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # let path = std::env::temp_dir().join(format!("genesys-doc-{}.env", std::process::id()));
+/// std::fs::write(&path, "client_id=my-client\nclient_secret=my-secret\n")?;
+/// let (store, watcher) = CredentialStore::watch_file(&path, DEFAULT_WATCH_INTERVAL).await?;
+/// assert!(!format!("{watcher:?}").contains("my-secret")); // it shows the path only
+/// drop(watcher); // stops the watch; the store keeps the last credentials
+/// assert_eq!(store.current().id().as_str(), "my-client");
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 pub struct CredentialsWatcher {
     task: tokio::task::JoinHandle<()>,
     path: PathBuf,

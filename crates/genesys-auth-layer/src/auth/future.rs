@@ -16,6 +16,41 @@ use crate::token::Token;
 
 pin_project! {
     /// The response future of [`AuthService`](super::AuthService).
+    ///
+    /// ```
+    /// use genesys_auth_layer::ResponseFuture;
+    /// use tower::{Layer, Service, ServiceExt};
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// # let layer = {
+    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
+    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
+    /// # };
+    /// // `api` answers whether the request carried a token.
+    /// # let api = tower::service_fn(|req: http::Request<String>| async move {
+    /// #     let authorized = req.headers().contains_key(http::header::AUTHORIZATION);
+    /// #     let body = if authorized { "authorized" } else { "anonymous" };
+    /// #     Ok::<_, tower::BoxError>(http::Response::new(body.to_owned()))
+    /// # });
+    /// let mut service = layer.layer(api);
+    /// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
+    ///     .body(String::new())?;
+    /// let future: ResponseFuture<_, String> = service.ready().await?.call(request);
+    /// assert_eq!(future.await?.into_body(), "authorized");
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,

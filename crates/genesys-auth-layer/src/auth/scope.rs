@@ -104,6 +104,20 @@ impl Scope {
     ///
     /// Plain `http` origins are refused unless they are loopback, since the token would
     /// cross the network in clear; see [`Scope::with_insecure_origin`] for the exception.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Region, Scope};
+    /// use http::Uri;
+    ///
+    /// let apps = Uri::from_static("https://apps.example.com");
+    /// let scope = Scope::new([Region::EuWest1.api_uri(), apps])?;
+    /// assert!(scope.contains(&Uri::from_static("https://apps.example.com/directory")));
+    /// // Plain http only on loopback:
+    /// assert!(Scope::new([Uri::from_static("http://127.0.0.1:8080")]).is_ok());
+    /// let err = Scope::new([Uri::from_static("http://api.example.com")]).unwrap_err();
+    /// assert!(matches!(err, ConfigError::InsecureOrigin(_)));
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn new<I>(origins: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = Uri>,
@@ -119,12 +133,37 @@ impl Scope {
     }
 
     /// Adds an origin (https, or http on loopback).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{Region, Scope};
+    /// use http::Uri;
+    ///
+    /// let scope = Scope::new([Region::UsEast1.api_uri()])?
+    ///     .with_origin(Uri::from_static("https://gateway.example.com:8443"))?;
+    /// assert!(scope.contains(&Uri::from_static("https://gateway.example.com:8443/api/v2/users")));
+    /// // The port is part of the origin.
+    /// assert!(!scope.contains(&Uri::from_static("https://gateway.example.com/api/v2/users")));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn with_origin(self, uri: Uri) -> Result<Self, ConfigError> {
         self.push(Origin::of(&uri, false)?)
     }
 
     /// Adds a plain-`http` origin on another host: the token will cross the network in
     /// clear, so only for a trusted link (a sidecar, a private gateway).
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ConfigError, Region, Scope};
+    /// use http::Uri;
+    ///
+    /// let proxy = Uri::from_static("http://auth-proxy.internal:8080");
+    /// let scope = Scope::new([Region::UsEast1.api_uri()])?.with_insecure_origin(proxy.clone())?;
+    /// assert!(scope.contains(&Uri::from_static("http://auth-proxy.internal:8080/api/v2/users")));
+    /// // `with_origin` refuses it:
+    /// let refused = Scope::new([Region::UsEast1.api_uri()])?.with_origin(proxy);
+    /// assert!(matches!(refused, Err(ConfigError::InsecureOrigin(_))));
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn with_insecure_origin(self, uri: Uri) -> Result<Self, ConfigError> {
         self.push(Origin::of(&uri, true)?)
     }
@@ -147,6 +186,18 @@ impl Scope {
     }
 
     /// Whether the URI's origin is in scope. A URI with user info (`user@host`) never is.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{Region, Scope};
+    /// use http::Uri;
+    ///
+    /// let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// assert!(scope.contains(&Uri::from_static("https://api.mypurecloud.com/api/v2/users")));
+    /// assert!(!scope.contains(&Uri::from_static("http://api.mypurecloud.com/"))); // plain http
+    /// assert!(!scope.contains(&Uri::from_static("/api/v2/users"))); // relative
+    /// assert!(!scope.contains(&Uri::from_static("https://user@api.mypurecloud.com/")));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     #[inline]
     pub fn contains(&self, uri: &Uri) -> bool {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
@@ -195,6 +246,21 @@ impl Scope {
 
     /// Whether this layer should authorize `request`: its origin is in scope and it has no
     /// `Authorization` header of its own.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{Region, Scope};
+    /// use http::{header::AUTHORIZATION, Request};
+    ///
+    /// let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// let plain = Request::get("https://api.mypurecloud.com/api/v2/users/me").body(())?;
+    /// assert!(scope.applies_to(&plain));
+    /// // A request with a token of its own keeps it.
+    /// let own = Request::get("https://api.mypurecloud.com/api/v2/users/me")
+    ///     .header(AUTHORIZATION, "Bearer another-token")
+    ///     .body(())?;
+    /// assert!(!scope.applies_to(&own));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn applies_to<B>(&self, request: &Request<B>) -> bool {
         !request.headers().contains_key(AUTHORIZATION) && self.contains(request.uri())
     }

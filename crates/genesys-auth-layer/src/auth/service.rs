@@ -106,16 +106,108 @@ impl<S> AuthService<S> {
     }
 
     /// A reference to the inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # let layer = {
+    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
+    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
+    /// # };
+    ///
+    /// /// The inner client, with settings of its own.
+    /// #[derive(Clone)]
+    /// struct ApiClient {
+    ///     user_agent: String,
+    /// }
+    /// let service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
+    /// assert_eq!(service.get_ref().user_agent, "my-app/1.0");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// A mutable reference to the inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # let layer = {
+    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
+    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
+    /// # };
+    ///
+    /// /// The inner client, with settings of its own.
+    /// #[derive(Clone)]
+    /// struct ApiClient {
+    ///     user_agent: String,
+    /// }
+    /// let mut service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
+    /// service.get_mut().user_agent = "my-app/2.0".into();
+    /// assert_eq!(service.get_ref().user_agent, "my-app/2.0");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// The inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// # mod fake {
+    /// #     use std::time::Duration;
+    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+    /// #     pub struct Fixed;
+    /// #     impl TokenSource for Fixed {
+    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+    /// #         }
+    /// #     }
+    /// # }
+    /// # use fake::Fixed;
+    /// # let layer = {
+    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
+    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
+    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
+    /// # };
+    ///
+    /// /// The inner client, with settings of its own.
+    /// #[derive(Clone)]
+    /// struct ApiClient {
+    ///     user_agent: String,
+    /// }
+    /// let service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
+    /// let client: ApiClient = service.into_inner();
+    /// assert_eq!(client.user_agent, "my-app/1.0");
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -26,6 +26,28 @@ use crate::token::IssuedToken;
 pub mod parse;
 
 /// A boxed, `Send` future, as [`TokenSource::fetch`] returns.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// # mod fake {
+/// #     use std::time::Duration;
+/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// #     pub struct Fixed;
+/// #     impl TokenSource for Fixed {
+/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+/// #         }
+/// #     }
+/// # }
+/// # use fake::Fixed;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let future: BoxFuture<'_, Result<IssuedToken, AuthError>> = Fixed.fetch();
+/// let issued = future.await?;
+/// assert_eq!(issued.lifetime(), Duration::from_secs(3600));
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Something that can obtain a fresh token: one request to a token endpoint per call.
@@ -60,6 +82,21 @@ pub trait TokenSource: Send + Sync + 'static {
 /// Implemented for every `Clone + Send + Sync` service from `http::Request<Full<Bytes>>` to
 /// `http::Response<B>` whose future is `Send` and whose errors box, hyper-util's client
 /// among them; there is nothing to implement by hand.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use genesys_auth_layer::GenesysAuth;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// // A fake token endpoint for tests is one too.
+/// let fake = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+///     let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+///     Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+/// });
+/// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret").build(fake)?;
+/// assert_eq!(auth.token().await?.generation().0, 1);
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
+/// ```
 pub trait TokenHttpService:
     Service<
         Request<Full<Bytes>>,
@@ -90,6 +127,12 @@ where
 /// The largest token response read by default. A Genesys token response is a few hundred
 /// bytes; 64 KiB leaves room for any gateway's decorations and stops a hostile server from
 /// making us buffer megabytes.
+///
+/// ```
+/// use genesys_auth_layer::DEFAULT_MAX_RESPONSE_BYTES;
+///
+/// assert_eq!(DEFAULT_MAX_RESPONSE_BYTES, 64 * 1024);
+/// ```
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The OAuth client-credentials grant over any tower HTTP service.
@@ -126,6 +169,26 @@ impl<S> ClientCredentials<S> {
     ///
     /// Fails with [`ConfigError::InsecureTokenEndpoint`] if `token_url` is plain `http` on a
     /// host that is not loopback: the secret must not cross a network in clear.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ClientCredentials, ConfigError, Credentials, Region};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let creds = Credentials::new("my-client-id", "my-client-secret")?;
+    /// let url = Region::EuWest1.token_url();
+    /// let source = ClientCredentials::new(http_client(), url.clone(), creds.clone())?;
+    /// assert_eq!(source.token_url(), &url);
+    /// // Plain http is refused, except on loopback.
+    /// let insecure = http::Uri::from_static("http://login.example.com/oauth/token");
+    /// let err = ClientCredentials::new(http_client(), insecure, creds).unwrap_err();
+    /// assert!(matches!(err, ConfigError::InsecureTokenEndpoint(_)));
+    /// # Ok::<(), ConfigError>(())
+    /// ```
     pub fn new(
         http: S,
         token_url: Uri,
@@ -147,17 +210,67 @@ impl<S> ClientCredentials<S> {
 
     /// Caps how many bytes of a token response are read (default
     /// [`DEFAULT_MAX_RESPONSE_BYTES`]); a larger answer is [`AuthError::ResponseTooLarge`].
+    ///
+    /// ```
+    /// use genesys_auth_layer::{AuthError, ClientCredentials, Credentials, Region, TokenSource};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let creds = Credentials::new("my-client-id", "my-client-secret")?;
+    /// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?
+    ///     .max_response_bytes(16); // the endpoint's token responses are longer
+    /// let err = source.fetch().await.unwrap_err();
+    /// assert!(matches!(err, AuthError::ResponseTooLarge { limit: 16 }));
+    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// ```
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
         self
     }
 
     /// The token endpoint.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let creds = Credentials::new("my-client-id", "my-client-secret")?;
+    /// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?;
+    /// assert_eq!(source.token_url().host(), Some("login.mypurecloud.ie"));
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn token_url(&self) -> &Uri {
         &self.token_url
     }
 
     /// The credentials sent, replaceable at run time.
+    ///
+    /// ```
+    /// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
+    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
+    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+    /// #     })
+    /// # }
+    ///
+    /// let creds = Credentials::new("my-client-id", "old-secret")?;
+    /// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?;
+    /// // A new secret, the old one kept as a fallback while it is being replaced:
+    /// let next = Credentials::new("my-client-id", "new-secret")?.with_secondary("old-secret")?;
+    /// source.credentials().rotate(next);
+    /// assert!(source.credentials().current().secondary_secret().is_some());
+    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
     pub fn credentials(&self) -> &CredentialStore {
         &self.credentials
     }

@@ -76,6 +76,18 @@ fn parse_expires_in(value: &Value) -> Result<Duration, InvalidTokenResponse> {
 
 /// An OAuth error body as Genesys sends it: `error`, plus `description` and/or
 /// `error_description`.
+///
+/// ```
+/// use genesys_auth_layer::parse::{parse_error_body, OAuthErrorBody};
+/// use genesys_auth_layer::OAuthErrorCode;
+///
+/// let body = parse_error_body(br#"{"error":"invalid_client","description":"client not found"}"#);
+/// let expected = OAuthErrorBody {
+///     code: OAuthErrorCode::InvalidClient,
+///     description: Some("client not found".to_owned()),
+/// };
+/// assert_eq!(body, Some(expected));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OAuthErrorBody {
     /// The `error` code.
@@ -141,6 +153,15 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 
 /// The longest `Retry-After` [`parse_retry_after`] returns: one day. (The cache honours at
 /// most its backoff cap, one minute by default.)
+///
+/// ```
+/// use std::time::SystemTime;
+/// use http::HeaderValue;
+/// use genesys_auth_layer::parse::{parse_retry_after, MAX_RETRY_AFTER};
+///
+/// let a_year = HeaderValue::from_static("31536000");
+/// assert_eq!(parse_retry_after(&a_year, SystemTime::now()), Some(MAX_RETRY_AFTER));
+/// ```
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[cfg(test)]
