@@ -63,6 +63,8 @@ mod region;
 mod retry;
 mod rotation;
 mod source;
+#[cfg(test)]
+mod test_support;
 mod token;
 
 pub use auth::{

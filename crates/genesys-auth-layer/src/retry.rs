@@ -266,6 +266,7 @@ pub(crate) fn replayable_copy<B: ReplayableBody>(request: &Request<B>) -> Option
 mod tests {
     use super::*;
     use crate::source::BoxFuture;
+    use crate::test_support::{auth, Counter};
     use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, Scope};
     use http::header::AUTHORIZATION;
     use http::Uri;
@@ -275,20 +276,6 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
     use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-
-    /// Issues `token-1`, `token-2`, … and counts them.
-    #[derive(Clone, Default)]
-    struct Counter(Arc<AtomicUsize>);
-
-    impl crate::TokenSource for Counter {
-        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(3600)).unwrap())
-            })
-        }
-    }
 
     /// What the API saw: the `Authorization` header and the body.
     type Seen = (Option<String>, Bytes);
@@ -347,11 +334,6 @@ mod tests {
         fn seen(&self) -> Vec<Seen> {
             self.seen.lock().unwrap().clone()
         }
-    }
-
-    fn auth(source: Counter) -> GenesysAuth {
-        let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
-        GenesysAuth::from_source(source, CacheConfig::default(), scope)
     }
 
     /// The two ways to stack auth and replay.
@@ -474,7 +456,7 @@ mod tests {
                 Bytes::from_static(body.as_bytes())
             )
         );
-        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(source.issued(), 2);
         assert_eq!(
             api.marked.load(Ordering::SeqCst),
             0,
@@ -573,8 +555,8 @@ mod tests {
                 2,
                 "sent once and replayed once, over {inner:?}"
             );
-            assert_eq!(source_a.0.load(Ordering::SeqCst), 0);
-            assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+            assert_eq!(source_a.issued(), 0);
+            assert_eq!(source_b.issued(), 2);
 
             // Outer stack's host: replayed once, by the outer stack only.
             let res = client
@@ -583,8 +565,8 @@ mod tests {
                 .unwrap();
             assert_eq!(res.status(), 401);
             assert_eq!(api.seen().len(), 4);
-            assert_eq!(source_a.0.load(Ordering::SeqCst), 2);
-            assert_eq!(source_b.0.load(Ordering::SeqCst), 2);
+            assert_eq!(source_a.issued(), 2);
+            assert_eq!(source_b.issued(), 2);
             assert_eq!(
                 api.marked.load(Ordering::SeqCst),
                 0,
@@ -602,7 +584,7 @@ mod tests {
             .unwrap();
         assert_eq!(res.status(), 401);
         assert_eq!(api.seen().len(), 2, "sent once, replayed once, no loop");
-        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(source.issued(), 2);
         let stats = auth.stats();
         assert_eq!(
             (stats.unauthorized_answers, stats.unauthorized_reported),
@@ -665,7 +647,7 @@ mod tests {
         assert_eq!(seen.len(), 2, "neither was replayed");
         assert_eq!(seen[0].0.as_deref(), Some("Bearer mine"));
         assert_eq!(seen[1].0, None, "no token for another host");
-        assert_eq!(source.0.load(Ordering::SeqCst), 0);
+        assert_eq!(source.issued(), 0);
     }
 
     on_both_stacks!(a_body_that_cannot_be_copied_is_sent_once);
@@ -695,7 +677,7 @@ mod tests {
         assert_eq!(res.status(), 401);
         let res = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(res.status(), 200);
-        assert_eq!(source.0.load(Ordering::SeqCst), 2);
+        assert_eq!(source.issued(), 2);
         let stats = auth.stats();
         assert_eq!(
             (stats.unauthorized_answers, stats.unauthorized_reported),

@@ -366,41 +366,15 @@ mod tests {
 
     use bytes::Bytes;
     use http::header::AUTHORIZATION;
-    use http::Uri;
     use http_body_util::combinators::UnsyncBoxBody;
     use http_body_util::{BodyExt, Full};
     use tower::{ServiceBuilder, ServiceExt};
 
     use super::*;
-    use crate::source::BoxFuture;
-    use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, TokenSource};
+    use crate::test_support::{auth, Counter};
+    use crate::GenesysAuth;
 
     const URI: &str = "https://api.example.test/x";
-
-    /// Issues `token-1`, `token-2`, … 10 ms after being asked, and counts them.
-    #[derive(Clone, Default)]
-    struct Counter(Arc<AtomicUsize>);
-
-    impl Counter {
-        fn issued(&self) -> usize {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-
-    impl TokenSource for Counter {
-        fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Ok(IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(3600)).unwrap())
-            })
-        }
-    }
-
-    fn auth(source: Counter) -> GenesysAuth {
-        let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
-        GenesysAuth::from_source(source, CacheConfig::default(), scope)
-    }
 
     /// The header that carries `token-{n}`.
     fn bearer(n: usize) -> Option<String> {
