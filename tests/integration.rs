@@ -436,3 +436,72 @@ async fn tower_http_layers_compose_around_the_stack() {
     assert_eq!(org["name"], "Fake Genesys Org");
     fake.shutdown().await;
 }
+
+/// A streamed body (a channel) wrapped in `BufferedBody` is replayed byte for byte after a
+/// revocation, over HTTP/1.1 and HTTP/2, through both stacks. The fake reads a request's
+/// whole body before it answers 401, so the body was always sent in full by then.
+#[tokio::test]
+async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
+    use genesys_auth_layer::BufferedBody;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tower::util::BoxCloneService;
+
+    type Stream = http_body_util::Channel<Bytes, std::io::Error>;
+    type Api =
+        BoxCloneService<Request<BufferedBody<Stream>>, Response<hyper::body::Incoming>, BoxError>;
+    let json = r#"{"name":"streamed in pieces","list":[1,2,3],"more":"0123456789abcdef"}"#;
+
+    for http2 in [false, true] {
+        for fused in [true, false] {
+            let case = format!("http2={http2} fused={fused}");
+            let fake = FakeGenesys::start().await.unwrap();
+            let auth = auth_for(&fake, CacheConfig::default());
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.http2_only(http2);
+            let api = builder.build_http::<BufferedBody<Stream>>();
+            let client: Api = if fused {
+                BoxCloneService::new(ServiceBuilder::new().layer(auth.layers()).service(api))
+            } else {
+                BoxCloneService::new(
+                    ServiceBuilder::new()
+                        .layer(auth.retry_layer())
+                        .layer(auth.layer())
+                        .service(api),
+                )
+            };
+            auth.token().await.unwrap();
+            fake.revoke_all_tokens();
+            fake.clear_recorded();
+
+            let (mut tx, stream) = Stream::new(2);
+            tokio::spawn(async move {
+                for chunk in json.as_bytes().chunks(7) {
+                    tx.send_data(Bytes::copy_from_slice(chunk)).await.unwrap();
+                }
+            });
+            let request = Request::post(format!("{}api/v2/echo", fake.api_uri()))
+                .header("content-type", "application/json")
+                .body(BufferedBody::new(stream))
+                .unwrap();
+            let response = client.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 200, "{case}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, json.as_bytes(), "{case}");
+
+            let recorded = fake.recorded_api_requests();
+            assert_eq!(recorded.len(), 2, "{case}: sent, refused, replayed once");
+            assert_eq!(
+                (recorded[0].status, recorded[1].status),
+                (401, 200),
+                "{case}"
+            );
+            for r in &recorded {
+                assert_eq!(r.body, json.as_bytes(), "{case}");
+                assert_eq!(r.headers["content-type"], "application/json", "{case}");
+            }
+            assert_eq!(fake.token_requests(), 2, "{case}");
+            fake.shutdown().await;
+        }
+    }
+}

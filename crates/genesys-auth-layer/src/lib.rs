@@ -39,6 +39,7 @@
 //! | [`AuthLayer`], [`AuthService`] | attach the token to in-scope requests |
 //! | [`AuthReplayLayer`], [`AuthReplayService`] | both: attach, and on a 401 refresh and replay once |
 //! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once, with tower's `Retry` |
+//! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
 //!
 //! # Order of layers
@@ -51,6 +52,7 @@
 //! request, since tower's `Retry` clones the whole service below it for every request.
 
 mod auth;
+mod buffered;
 mod cache;
 mod credentials;
 #[cfg(feature = "default-client")]
@@ -71,6 +73,7 @@ pub use auth::{
     AuthLayer, AuthReplayFuture, AuthReplayLayer, AuthReplayService, AuthService, ResponseFuture,
     Scope,
 };
+pub use buffered::{BufferedBody, DEFAULT_BUFFER_LIMIT};
 pub use cache::{
     CacheConfig, RefreshReason, TokenCache, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
     DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION,

@@ -18,7 +18,8 @@ use crate::token::TokenGeneration;
 /// Implemented for the bodies that hold their bytes (`Full`, `Empty`, `String`, `Bytes`,
 /// `Vec<u8>`, `&'static str`, `()`) and, returning `None`, for streaming bodies (hyper's
 /// `Incoming`, the boxed bodies of `http-body-util`). A request whose body returns `None`
-/// is sent once; if it meets a 401, the 401 goes back to the caller.
+/// is sent once; if it meets a 401, the 401 goes back to the caller. Wrap a streaming body
+/// in a [`BufferedBody`](crate::BufferedBody) to have it replayed when it was sent in full.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -31,6 +32,19 @@ use crate::token::TokenGeneration;
 pub trait ReplayableBody: Sized {
     /// A copy of the body with the same bytes, if the body can be copied.
     fn try_clone_body(&self) -> Option<Self>;
+
+    /// Whether this copy can be sent now, asked of the copy when the API answered 401.
+    /// Always, for a body copied whole; a [`BufferedBody`](crate::BufferedBody)'s copy only
+    /// once the body it copies was sent in full.
+    ///
+    /// ```
+    /// use genesys_auth_layer::ReplayableBody;
+    /// let body = String::from("{}");
+    /// assert!(body.try_clone_body().unwrap().can_replay());
+    /// ```
+    fn can_replay(&self) -> bool {
+        true
+    }
 }
 
 macro_rules! replayable_by_clone {
@@ -215,10 +229,11 @@ where
     }
 }
 
-/// The stamp of a 401 that answered a token of the cache `cache`: the request is to be
-/// replayed with a newer one (and this says so in a debug event). `None` for any other
-/// answer, including a 401 to another cache's token (a nested stack's policy replays it).
-pub(crate) fn refused_stamp<R, B>(
+/// The stamp of a 401 that answered a token of the cache `cache`: the request (`request`,
+/// the copy) is to be replayed with a newer one (and this says so in a debug event). `None`
+/// for any other answer, including a 401 to another cache's token (a nested stack's policy
+/// replays it), and for a copy that cannot be sent ([`ReplayableBody::can_replay`]).
+pub(crate) fn refused_stamp<R, B: ReplayableBody>(
     response: &Response<R>,
     cache: u64,
     request: &Request<B>,
@@ -228,6 +243,17 @@ pub(crate) fn refused_stamp<R, B>(
     }
     let stamp = *response.extensions().get::<Stamp>()?;
     if stamp.cache != cache {
+        return None;
+    }
+    if !request.body().can_replay() {
+        tracing::debug!(
+            target: "genesys_auth_layer::retry",
+            generation = stamp.generation.0,
+            method = %request.method(),
+            path = request.uri().path(),
+            reason = "body was not sent in full",
+            "401 not replayed"
+        );
         return None;
     }
     tracing::debug!(

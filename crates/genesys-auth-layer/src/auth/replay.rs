@@ -277,6 +277,7 @@ impl<S, B, ResBody> Future for AuthReplayFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
+    B: ReplayableBody,
 {
     type Output = Result<Response<ResBody>, BoxError>;
 
@@ -332,6 +333,7 @@ fn replay_after<S, B, R>(
 ) -> Option<State<S, B>>
 where
     S: Service<Request<B>>,
+    B: ReplayableBody,
 {
     let pending = replay.as_ref()?;
     let stamp = refused_stamp(response, pending.shared.cache_id, &pending.request)?;
