@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -31,14 +31,23 @@ pin_project! {
     /// caller. Wrapped in a `BufferedBody`, it is copied as it is sent: its copy (the one
     /// the replay stacks keep) replays the same frames, data and trailers.
     ///
-    /// * The request is replayed only if the body was sent **in full** before the 401
-    ///   arrived. A server may answer 401 before it read the body; the rest of the body
-    ///   is then lost to the copy, and the 401 goes back to the caller (the refused token
-    ///   is still dropped, and the next request gets a new one).
-    /// * Past its limit ([`DEFAULT_BUFFER_LIMIT`], or [`with_limit`](Self::with_limit)),
-    ///   it stops keeping bytes and frees those it kept; the request is then sent once.
-    /// * The data comes out as [`Bytes`] (a `Bytes` chunk is kept without copying its
-    ///   bytes) and errors as a [`BoxError`] holding the inner body's error.
+    /// * The request is replayed only if the client had taken the **whole** body out of
+    ///   it when the 401 arrived: it polled it to its end, got its trailers, or learnt
+    ///   from it (`is_end_stream`, or an exact remaining size of 0) that it had ended. A
+    ///   server that answers before it has read the body can leave part of it unsent; the
+    ///   401 then goes back to the caller (the refused token is still dropped, and the next
+    ///   request gets a new one). So does a body whose length only the request's
+    ///   `Content-Length` header gives (not the body's own size hint), over HTTP/1.1: the
+    ///   client stops at that length without asking the body whether it ended.
+    /// * It copies what it sends into one buffer (so the memory it holds is what it
+    ///   counts); past its limit ([`DEFAULT_BUFFER_LIMIT`], or
+    ///   [`with_limit`](Self::with_limit)) it stops, frees the buffer, and the request is
+    ///   sent once. A failed body is not replayed either.
+    /// * The copy sends the data as one frame, then the trailers. With trailers, its size
+    ///   is not given exactly, so that an HTTP/1.1 client sends it chunked, trailers
+    ///   included, as it did the first time.
+    /// * The data comes out as [`Bytes`], and errors as a [`BoxError`] holding the inner
+    ///   body's error. Its `Debug` shows how much it keeps, never the bytes.
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -68,22 +77,20 @@ pin_project! {
         #[pin]
         inner: Option<B>,
         record: Arc<Mutex<Record>>,
-        // A copy's next recorded frame.
-        next: usize,
+        // A copy's progress: 0, nothing sent; 1, the data sent; 2, the trailers too.
+        sent: u8,
     }
 }
 
 /// What the body sent, kept for its copies.
 struct Record {
-    frames: Vec<Kept>,
-    bytes: usize,
+    /// The data so far, while the body is being sent.
+    sending: BytesMut,
+    /// All of the data, once it was sent in full.
+    data: Bytes,
+    trailers: Option<HeaderMap>,
     limit: usize,
     state: State,
-}
-
-enum Kept {
-    Data(Bytes),
-    Trailers(HeaderMap),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,16 +111,31 @@ impl Record {
             return;
         }
         if let Some(data) = frame.data_ref() {
-            if self.bytes + data.len() > self.limit {
+            if self.sending.len() + data.len() > self.limit {
                 self.state = State::OverLimit;
-                self.frames = Vec::new();
-                self.bytes = 0;
+                self.sending = BytesMut::new();
                 return;
             }
-            self.bytes += data.len();
-            self.frames.push(Kept::Data(data.clone()));
+            self.sending.extend_from_slice(data);
         } else if let Some(trailers) = frame.trailers_ref() {
-            self.frames.push(Kept::Trailers(trailers.clone()));
+            self.trailers = Some(trailers.clone());
+            // Trailers are a body's last frame.
+            self.finish();
+        }
+    }
+
+    /// The body ended: what was kept is all of it.
+    fn finish(&mut self) {
+        if self.state == State::Sending {
+            self.data = std::mem::take(&mut self.sending).freeze();
+            self.state = State::Sent;
+        }
+    }
+
+    fn fail(&mut self) {
+        if self.state == State::Sending {
+            self.state = State::Failed;
+            self.sending = BytesMut::new();
         }
     }
 }
@@ -151,12 +173,13 @@ impl<B> BufferedBody<B> {
         Self {
             inner: Some(body),
             record: Arc::new(Mutex::new(Record {
-                frames: Vec::new(),
-                bytes: 0,
+                sending: BytesMut::new(),
+                data: Bytes::new(),
+                trailers: None,
                 limit,
                 state: State::Sending,
             })),
-            next: 0,
+            sent: 0,
         }
     }
 }
@@ -174,43 +197,51 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
-            // A copy: the frames the body sent, once it sent them all.
+        let Some(mut inner) = this.inner.as_pin_mut() else {
+            // A copy: the data the body sent, then its trailers, once it sent them all.
             let record = lock(this.record);
             if record.state != State::Sent {
                 return Poll::Ready(Some(Err(
                     "BufferedBody copy polled, but the body was not sent in full".into(),
                 )));
             }
-            let frame = match record.frames.get(*this.next) {
-                Some(Kept::Data(data)) => Frame::data(data.clone()),
-                Some(Kept::Trailers(trailers)) => Frame::trailers(trailers.clone()),
-                None => return Poll::Ready(None),
-            };
-            *this.next += 1;
-            return Poll::Ready(Some(Ok(frame)));
+            if *this.sent == 0 {
+                *this.sent = 1;
+                if !record.data.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(record.data.clone()))));
+                }
+            }
+            if *this.sent == 1 {
+                *this.sent = 2;
+                if let Some(trailers) = &record.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
+                }
+            }
+            return Poll::Ready(None);
         };
-        let mut inner = inner;
+        if lock(this.record).state == State::Sent {
+            // It said it ended: the inner body is not asked again.
+            return Poll::Ready(None);
+        }
         match ready!(inner.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => {
                 let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
+                // A client may stop here, without the final poll for `None`, when the body
+                // says it ended or has no byte left.
+                let ended = inner.is_end_stream() || inner.size_hint().exact() == Some(0);
                 let mut record = lock(this.record);
                 record.keep(&frame);
-                // A client may stop at the last frame, without the final poll for `None`.
-                if inner.is_end_stream() && record.state == State::Sending {
-                    record.state = State::Sent;
+                if ended {
+                    record.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(error)) => {
-                lock(this.record).state = State::Failed;
+                lock(this.record).fail();
                 Poll::Ready(Some(Err(error.into())))
             }
             None => {
-                let mut record = lock(this.record);
-                if record.state == State::Sending {
-                    record.state = State::Sent;
-                }
+                lock(this.record).finish();
                 Poll::Ready(None)
             }
         }
@@ -222,14 +253,16 @@ where
                 // A client that learns here that the body ended polls it no more.
                 let end = inner.is_end_stream();
                 let mut record = lock(&self.record);
-                if end && record.state == State::Sending {
-                    record.state = State::Sent;
+                if end {
+                    record.finish();
                 }
-                end
+                end || record.state == State::Sent
             }
             None => {
                 let record = lock(&self.record);
-                record.state == State::Sent && self.next >= record.frames.len()
+                record.state == State::Sent
+                    && (self.sent >= 2
+                        || (self.sent == 1 || record.data.is_empty()) && record.trailers.is_none())
             }
         }
     }
@@ -242,14 +275,19 @@ where
                 if record.state != State::Sent {
                     return SizeHint::default();
                 }
-                let left = record.frames[self.next.min(record.frames.len())..]
-                    .iter()
-                    .map(|kept| match kept {
-                        Kept::Data(data) => data.len() as u64,
-                        Kept::Trailers(_) => 0,
-                    })
-                    .sum();
-                SizeHint::with_exact(left)
+                let left = if self.sent == 0 {
+                    record.data.len() as u64
+                } else {
+                    0
+                };
+                if record.trailers.is_some() {
+                    // Not exact: an HTTP/1.1 client then sends it chunked, with the trailers.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(left);
+                    hint
+                } else {
+                    SizeHint::with_exact(left)
+                }
             }
         }
     }
@@ -265,7 +303,7 @@ impl<B> ReplayableBody for BufferedBody<B> {
         Some(Self {
             inner: None,
             record: self.record.clone(),
-            next: 0,
+            sent: 0,
         })
     }
 
@@ -281,7 +319,8 @@ impl<B> fmt::Debug for BufferedBody<B> {
         f.debug_struct("BufferedBody")
             .field("copy", &self.inner.is_none())
             .field("state", &record.state)
-            .field("kept_bytes", &record.bytes)
+            .field("kept_bytes", &(record.sending.len() + record.data.len()))
+            .field("trailers", &record.trailers.is_some())
             .field("limit", &record.limit)
             .finish()
     }
@@ -298,6 +337,7 @@ mod tests {
 
     use super::*;
     use crate::test_support::{auth, Counter};
+    use crate::GenesysAuth;
 
     type Stream = Channel<Bytes, std::io::Error>;
 
@@ -321,16 +361,120 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_copy_replays_the_frames_and_trailers_that_were_sent() {
+    async fn a_copy_replays_the_data_and_trailers_that_were_sent() {
         let body = BufferedBody::new(streamed(&["{\"a\":", "1}"], Some(trailers())));
         let copy = body.try_clone_body().unwrap();
         let sent = body.collect().await.unwrap();
         assert!(copy.can_replay());
-        assert_eq!(copy.size_hint().exact(), Some(7));
+        assert_eq!(copy.size_hint().lower(), 7);
+        assert_eq!(
+            copy.size_hint().exact(),
+            None,
+            "with trailers, not exact: HTTP/1.1 then sends it chunked, trailers included"
+        );
         let replayed = copy.collect().await.unwrap();
         assert_eq!(replayed.trailers(), Some(&trailers()));
         assert_eq!(sent.trailers(), Some(&trailers()));
         assert_eq!(replayed.to_bytes(), sent.to_bytes());
+
+        // Without trailers, the copy's size is exact.
+        let body = BufferedBody::new(streamed(&["ab", "c"], None));
+        let copy = body.try_clone_body().unwrap();
+        body.collect().await.unwrap();
+        assert_eq!(copy.size_hint().exact(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn trailers_end_the_body_without_a_poll_for_its_end() {
+        // hyper stops at the trailers: they are a body's last frame.
+        let (mut tx, stream) = Stream::new(4);
+        tx.try_send(Frame::data(Bytes::from_static(b"abc")))
+            .unwrap();
+        tx.try_send(Frame::trailers(trailers())).unwrap();
+        let mut body = BufferedBody::new(stream);
+        let copy = body.try_clone_body().unwrap();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(!copy.can_replay());
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        assert!(copy.can_replay(), "sent in full at its trailers");
+        assert!(body.is_end_stream());
+        drop(tx);
+    }
+
+    /// One data frame after another; says it ended (or has 0 bytes left) after the last,
+    /// by `is_end_stream` or by its size hint only; yields `late` if polled past its end.
+    struct Pieces {
+        left: std::collections::VecDeque<Bytes>,
+        by_size_only: bool,
+        late: Option<Bytes>,
+    }
+
+    impl Body for Pieces {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            let next = self.left.pop_front().or_else(|| self.late.take());
+            Poll::Ready(next.map(|data| Ok(Frame::data(data))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            !self.by_size_only && self.left.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.left.iter().map(|b| b.len() as u64).sum())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_says_it_ended_is_sent_in_full_and_not_polled_again() {
+        for by_size_only in [false, true] {
+            let mut body = BufferedBody::new(Pieces {
+                left: [Bytes::from("ab"), Bytes::from("cd")].into(),
+                by_size_only,
+                late: Some(Bytes::from("LATE")),
+            });
+            let copy = body.try_clone_body().unwrap();
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "ab"
+            );
+            assert!(!copy.can_replay(), "by_size_only={by_size_only}");
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "cd"
+            );
+            assert!(
+                copy.can_replay(),
+                "by_size_only={by_size_only}: nothing left"
+            );
+            assert!(
+                body.frame().await.is_none(),
+                "the inner body is not asked again"
+            );
+            assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
+        }
+    }
+
+    #[tokio::test]
+    async fn either_asks_its_side_whether_it_can_replay() {
+        type Side = http_body_util::Either<BufferedBody<Stream>, http_body_util::Full<Bytes>>;
+        let (mut tx, stream) = Stream::new(2);
+        tx.try_send(Frame::data(Bytes::from_static(b"part")))
+            .unwrap();
+        let mut body: Side = http_body_util::Either::Left(BufferedBody::new(stream));
+        let copy = body.try_clone_body().unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert!(!copy.can_replay(), "the streamed side was not sent in full");
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        assert!(copy.can_replay());
+        let full: Side = http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()));
+        assert!(full.try_clone_body().unwrap().can_replay());
     }
 
     #[tokio::test]
@@ -380,11 +524,7 @@ mod tests {
         assert!(!copy.can_replay());
         assert!(copy.try_clone_body().is_none());
         let record = lock(&shared);
-        assert_eq!(
-            (record.frames.len(), record.bytes),
-            (0, 0),
-            "what it kept is freed"
-        );
+        assert_eq!(record.sending.capacity(), 0, "what it kept is freed");
         assert_eq!(record.state, State::OverLimit);
     }
 
@@ -409,7 +549,7 @@ mod tests {
 
     /// The stack `name` (`fused`: `auth.layers()`, `tower`: tower's `Retry` over
     /// `auth.layer()`) of a new auth, over `inner`.
-    fn stack<S>(name: &str, inner: S) -> Boxed
+    fn stack<S>(name: &str, inner: S) -> (GenesysAuth, Boxed)
     where
         S: Service<Request<BufferedBody<Stream>>, Response = Response<()>, Error = Infallible>
             + Clone
@@ -418,7 +558,7 @@ mod tests {
         S::Future: Send + 'static,
     {
         let auth = auth(Counter::default());
-        match name {
+        let client = match name {
             "fused" => Boxed::new(ServiceBuilder::new().layer(auth.layers()).service(inner)),
             _ => Boxed::new(
                 ServiceBuilder::new()
@@ -426,7 +566,8 @@ mod tests {
                     .layer(auth.layer())
                     .service(inner),
             ),
-        }
+        };
+        (auth, client)
     }
 
     type Boxed =
@@ -478,7 +619,7 @@ mod tests {
     async fn a_streamed_body_sent_in_full_is_replayed_by_both_stacks() {
         for name in ["fused", "tower"] {
             let seen = Seen::default();
-            let client = stack(name, api(seen.clone(), true));
+            let (_, client) = stack(name, api(seen.clone(), true));
             let response = client
                 .oneshot(post(streamed(&["{\"n\":", "[1,2]}"], None)))
                 .await
@@ -500,13 +641,26 @@ mod tests {
     async fn a_401_before_the_body_was_read_goes_back_to_the_caller() {
         for name in ["fused", "tower"] {
             let seen = Seen::default();
-            let client = stack(name, api(seen.clone(), false));
+            let (auth, client) = stack(name, api(seen.clone(), false));
             let response = client
+                .clone()
                 .oneshot(post(streamed(&["never read"], None)))
                 .await
                 .unwrap();
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{name}");
             assert_eq!(seen.lock().unwrap().len(), 1, "{name}: sent once");
+            let stats = auth.stats();
+            assert_eq!(
+                (stats.unauthorized_answers, stats.unauthorized_reported),
+                (1, 0),
+                "{name}: the 401 went back to the caller"
+            );
+            // The refused token was still dropped: the next request carries a new one.
+            client
+                .oneshot(post(streamed(&["next"], None)))
+                .await
+                .unwrap();
+            assert_eq!(seen.lock().unwrap()[1].0, "Bearer token-2", "{name}");
         }
     }
 }

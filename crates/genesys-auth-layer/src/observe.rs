@@ -109,8 +109,9 @@ pub struct CacheStats {
     /// Every 401 answer from the API to a request an [`AuthService`](crate::AuthService)
     /// attached a token to, replays included. A first 401 drops the refused token at once,
     /// replayed or not; this minus [`unauthorized_reported`](Self::unauthorized_reported)
-    /// counts the 401s that reached the caller (a body that cannot be copied, no replay in
-    /// the stack ([`AuthLayer`](crate::AuthLayer) alone), or a replay refused again).
+    /// counts the 401s that reached the caller (a body that cannot be copied, a
+    /// [`BufferedBody`](crate::BufferedBody) not sent in full or over its limit, no replay
+    /// in the stack ([`AuthLayer`](crate::AuthLayer) alone), or a replay refused again).
     /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) called
     /// directly adds to `unauthorized_reported` only, so take the difference with
     /// `saturating_sub` when the cache is used that way too.

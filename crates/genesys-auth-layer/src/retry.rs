@@ -16,7 +16,8 @@ use crate::token::TokenGeneration;
 /// A request body that may be copyable, so that a request can be replayed.
 ///
 /// Implemented for the bodies that hold their bytes (`Full`, `Empty`, `String`, `Bytes`,
-/// `Vec<u8>`, `&'static str`, `()`) and, returning `None`, for streaming bodies (hyper's
+/// `Vec<u8>`, `&'static str`, `()`), for [`BufferedBody`](crate::BufferedBody), for
+/// `Either` of two such bodies, and, returning `None`, for streaming bodies (hyper's
 /// `Incoming`, the boxed bodies of `http-body-util`). A request whose body returns `None`
 /// is sent once; if it meets a 401, the 401 goes back to the caller. Wrap a streaming body
 /// in a [`BufferedBody`](crate::BufferedBody) to have it replayed when it was sent in full.
@@ -35,7 +36,8 @@ pub trait ReplayableBody: Sized {
 
     /// Whether this copy can be sent now, asked of the copy when the API answered 401.
     /// Always, for a body copied whole; a [`BufferedBody`](crate::BufferedBody)'s copy only
-    /// once the body it copies was sent in full.
+    /// once the body it copies was sent in full. A body that wraps another must forward
+    /// this to it (as `Either` does).
     ///
     /// ```
     /// use genesys_auth_layer::ReplayableBody;
@@ -88,6 +90,13 @@ impl<L: ReplayableBody, R: ReplayableBody> ReplayableBody for http_body_util::Ei
         match self {
             Self::Left(body) => body.try_clone_body().map(Self::Left),
             Self::Right(body) => body.try_clone_body().map(Self::Right),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            Self::Left(body) => body.can_replay(),
+            Self::Right(body) => body.can_replay(),
         }
     }
 }
@@ -251,7 +260,7 @@ pub(crate) fn refused_stamp<R, B: ReplayableBody>(
             generation = stamp.generation.0,
             method = %request.method(),
             path = request.uri().path(),
-            reason = "body was not sent in full",
+            reason = "body not kept in full (not sent in full, over its limit, or failed)",
             "401 not replayed"
         );
         return None;
