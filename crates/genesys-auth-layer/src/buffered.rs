@@ -29,7 +29,7 @@ pin_project! {
     /// A streaming body (hyper's `Incoming`, a boxed body, a channel) cannot be copied
     /// before it is sent, so the replay stacks send it once and give a 401 back to the
     /// caller. Wrapped in a `BufferedBody`, it is copied as it is sent: its copy (the one
-    /// the replay stacks keep) replays the same frames, data and trailers.
+    /// the replay stacks keep) replays the same data and trailers.
     ///
     /// * The request is replayed only if the client had taken the **whole** body out of
     ///   it when the 401 arrived: it polled it to its end, got its trailers, or learnt
