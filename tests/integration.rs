@@ -458,66 +458,64 @@ async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
         .flat_map(|h| [(h, true), (h, false)])
         .flat_map(|(h, f)| [(h, f, false), (h, f, true)])
     {
-        {
-            let case = format!("http2={http2} fused={fused} trailers={with_trailers}");
-            let fake = FakeGenesys::start().await.unwrap();
-            let auth = auth_for(&fake, CacheConfig::default());
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder.http2_only(http2);
-            let api = builder.build_http::<BufferedBody<Stream>>();
-            let client: Api = if fused {
-                BoxCloneService::new(ServiceBuilder::new().layer(auth.layers()).service(api))
-            } else {
-                BoxCloneService::new(
-                    ServiceBuilder::new()
-                        .layer(auth.retry_layer())
-                        .layer(auth.layer())
-                        .service(api),
-                )
-            };
-            auth.token().await.unwrap();
-            fake.revoke_all_tokens();
-            fake.clear_recorded();
+        let case = format!("http2={http2} fused={fused} trailers={with_trailers}");
+        let fake = FakeGenesys::start().await.unwrap();
+        let auth = auth_for(&fake, CacheConfig::default());
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.http2_only(http2);
+        let api = builder.build_http::<BufferedBody<Stream>>();
+        let client: Api = if fused {
+            BoxCloneService::new(ServiceBuilder::new().layer(auth.layers()).service(api))
+        } else {
+            BoxCloneService::new(
+                ServiceBuilder::new()
+                    .layer(auth.retry_layer())
+                    .layer(auth.layer())
+                    .service(api),
+            )
+        };
+        auth.token().await.unwrap();
+        fake.revoke_all_tokens();
+        fake.clear_recorded();
 
-            let (mut tx, stream) = Stream::new(2);
-            tokio::spawn(async move {
-                for chunk in json.as_bytes().chunks(7) {
-                    tx.send_data(Bytes::copy_from_slice(chunk)).await.unwrap();
-                }
-                if with_trailers {
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("x-checksum", "abc".parse().unwrap());
-                    tx.send_trailers(trailers).await.unwrap();
-                }
-            });
-            let mut request = Request::post(format!("{}api/v2/echo", fake.api_uri()))
-                .header("content-type", "application/json")
-                .body(BufferedBody::new(stream))
-                .unwrap();
+        let (mut tx, stream) = Stream::new(2);
+        tokio::spawn(async move {
+            for chunk in json.as_bytes().chunks(7) {
+                tx.send_data(Bytes::copy_from_slice(chunk)).await.unwrap();
+            }
             if with_trailers {
-                // HTTP/1.1 sends trailers only when the request announces them.
-                request
-                    .headers_mut()
-                    .insert("trailer", "x-checksum".parse().unwrap());
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-checksum", "abc".parse().unwrap());
+                tx.send_trailers(trailers).await.unwrap();
             }
-            let response = client.oneshot(request).await.unwrap();
-            assert_eq!(response.status(), 200, "{case}");
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, json.as_bytes(), "{case}");
-
-            let recorded = fake.recorded_api_requests();
-            assert_eq!(recorded.len(), 2, "{case}: sent, refused, replayed once");
-            assert_eq!(
-                (recorded[0].status, recorded[1].status),
-                (401, 200),
-                "{case}"
-            );
-            for r in &recorded {
-                assert_eq!(r.body, json.as_bytes(), "{case}");
-                assert_eq!(r.headers["content-type"], "application/json", "{case}");
-            }
-            assert_eq!(fake.token_requests(), 2, "{case}");
-            fake.shutdown().await;
+        });
+        let mut request = Request::post(format!("{}api/v2/echo", fake.api_uri()))
+            .header("content-type", "application/json")
+            .body(BufferedBody::new(stream))
+            .unwrap();
+        if with_trailers {
+            // HTTP/1.1 sends trailers only when the request announces them.
+            request
+                .headers_mut()
+                .insert("trailer", "x-checksum".parse().unwrap());
         }
+        let response = client.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{case}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, json.as_bytes(), "{case}");
+
+        let recorded = fake.recorded_api_requests();
+        assert_eq!(recorded.len(), 2, "{case}: sent, refused, replayed once");
+        assert_eq!(
+            (recorded[0].status, recorded[1].status),
+            (401, 200),
+            "{case}"
+        );
+        for r in &recorded {
+            assert_eq!(r.body, json.as_bytes(), "{case}");
+            assert_eq!(r.headers["content-type"], "application/json", "{case}");
+        }
+        assert_eq!(fake.token_requests(), 2, "{case}");
+        fake.shutdown().await;
     }
 }
