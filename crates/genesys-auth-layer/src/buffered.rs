@@ -333,11 +333,10 @@ mod tests {
 
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Channel};
-    use tower::{Service, ServiceBuilder, ServiceExt};
+    use tower::{Service, ServiceExt};
 
     use super::*;
-    use crate::test_support::{auth, Counter};
-    use crate::GenesysAuth;
+    use crate::test_support::{auth, over, Counter, Kind};
 
     type Stream = Channel<Bytes, std::io::Error>;
 
@@ -547,32 +546,6 @@ mod tests {
         );
     }
 
-    /// The stack `name` (`fused`: `auth.layers()`, `tower`: tower's `Retry` over
-    /// `auth.layer()`) of a new auth, over `inner`.
-    fn stack<S>(name: &str, inner: S) -> (GenesysAuth, Boxed)
-    where
-        S: Service<Request<BufferedBody<Stream>>, Response = Response<()>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let auth = auth(Counter::default());
-        let client = match name {
-            "fused" => Boxed::new(ServiceBuilder::new().layer(auth.layers()).service(inner)),
-            _ => Boxed::new(
-                ServiceBuilder::new()
-                    .layer(auth.retry_layer())
-                    .layer(auth.layer())
-                    .service(inner),
-            ),
-        };
-        (auth, client)
-    }
-
-    type Boxed =
-        tower::util::BoxCloneService<Request<BufferedBody<Stream>>, Response<()>, BoxError>;
-
     type Seen = Arc<StdMutex<Vec<(String, Bytes)>>>;
 
     /// An API that accepts only `token-2`; it reads the whole body first if `reads`.
@@ -617,14 +590,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_body_sent_in_full_is_replayed_by_both_stacks() {
-        for name in ["fused", "tower"] {
+        for kind in Kind::BOTH {
             let seen = Seen::default();
-            let (_, client) = stack(name, api(seen.clone(), true));
+            let client = over(&auth(Counter::default()), kind, api(seen.clone(), true));
             let response = client
                 .oneshot(post(streamed(&["{\"n\":", "[1,2]}"], None)))
                 .await
                 .unwrap();
-            assert_eq!(response.status(), StatusCode::OK, "{name}");
+            assert_eq!(response.status(), StatusCode::OK, "{kind:?}");
             let body = Bytes::from_static(b"{\"n\":[1,2]}");
             assert_eq!(
                 *seen.lock().unwrap(),
@@ -632,35 +605,36 @@ mod tests {
                     ("Bearer token-1".to_owned(), body.clone()),
                     ("Bearer token-2".to_owned(), body)
                 ],
-                "{name}"
+                "{kind:?}"
             );
         }
     }
 
     #[tokio::test]
     async fn a_401_before_the_body_was_read_goes_back_to_the_caller() {
-        for name in ["fused", "tower"] {
+        for kind in Kind::BOTH {
             let seen = Seen::default();
-            let (auth, client) = stack(name, api(seen.clone(), false));
+            let auth = auth(Counter::default());
+            let client = over(&auth, kind, api(seen.clone(), false));
             let response = client
                 .clone()
                 .oneshot(post(streamed(&["never read"], None)))
                 .await
                 .unwrap();
-            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{name}");
-            assert_eq!(seen.lock().unwrap().len(), 1, "{name}: sent once");
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{kind:?}");
+            assert_eq!(seen.lock().unwrap().len(), 1, "{kind:?}: sent once");
             let stats = auth.stats();
             assert_eq!(
                 (stats.unauthorized_answers, stats.unauthorized_reported),
                 (1, 0),
-                "{name}: the 401 went back to the caller"
+                "{kind:?}: the 401 went back to the caller"
             );
             // The refused token was still dropped: the next request carries a new one.
             client
                 .oneshot(post(streamed(&["next"], None)))
                 .await
                 .unwrap();
-            assert_eq!(seen.lock().unwrap()[1].0, "Bearer token-2", "{name}");
+            assert_eq!(seen.lock().unwrap()[1].0, "Bearer token-2", "{kind:?}");
         }
     }
 }

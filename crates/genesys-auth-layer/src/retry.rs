@@ -301,7 +301,7 @@ pub(crate) fn replayable_copy<B: ReplayableBody>(request: &Request<B>) -> Option
 mod tests {
     use super::*;
     use crate::source::BoxFuture;
-    use crate::test_support::{auth, Counter};
+    use crate::test_support::{auth, over, Counter, Kind};
     use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, Scope};
     use http::header::AUTHORIZATION;
     use http::Uri;
@@ -371,37 +371,7 @@ mod tests {
         }
     }
 
-    /// The two ways to stack auth and replay.
-    #[derive(Clone, Copy, Debug)]
-    enum Kind {
-        /// `auth.layers()`: the fused [`AuthReplayLayer`](crate::AuthReplayLayer).
-        Fused,
-        /// tower's `Retry` with this policy (`auth.retry_layer()`) over `auth.layer()`.
-        Tower,
-    }
-
-    type Boxed<B> = tower::util::BoxCloneService<Request<B>, Response<String>, BoxError>;
-
-    /// `auth`'s stack of `kind` over `inner`.
-    fn over<S, B>(auth: &GenesysAuth, kind: Kind, inner: S) -> Boxed<B>
-    where
-        S: Service<Request<B>, Response = Response<String>, Error = BoxError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: ReplayableBody + Send + 'static,
-    {
-        match kind {
-            Kind::Fused => Boxed::new(ServiceBuilder::new().layer(auth.layers()).service(inner)),
-            Kind::Tower => Boxed::new(
-                ServiceBuilder::new()
-                    .layer(auth.retry_layer())
-                    .layer(auth.layer())
-                    .service(inner),
-            ),
-        }
-    }
+    type Boxed<B> = crate::test_support::Boxed<B, String>;
 
     /// Runs `check` on each [`Kind`] of stack, as two tests: `check::fused`, `check::tower`.
     macro_rules! on_both_stacks {
@@ -562,7 +532,7 @@ mod tests {
     on_both_stacks!(nested_stacks_replay_only_their_own_401s);
     async fn nested_stacks_replay_only_their_own_401s(outer: Kind) {
         // Over either kind of inner stack.
-        for inner in [Kind::Fused, Kind::Tower] {
+        for inner in Kind::BOTH {
             let (source_a, source_b) = (Counter::default(), Counter::default());
             let scoped = |uri| Scope::new([Uri::from_static(uri)]).unwrap();
             let a = GenesysAuth::from_source(

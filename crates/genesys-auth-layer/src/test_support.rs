@@ -4,10 +4,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Uri;
+use http::{Request, Response, Uri};
+use tower::util::BoxCloneService;
+use tower::{BoxError, Service, ServiceBuilder};
 
 use crate::source::BoxFuture;
-use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, Scope, TokenSource};
+use crate::{AuthError, CacheConfig, GenesysAuth, IssuedToken, ReplayableBody, Scope, TokenSource};
 
 /// Issues `token-1`, `token-2`, … (valid an hour) 10 ms after being asked, and counts them.
 #[derive(Clone, Default)]
@@ -34,4 +36,41 @@ impl TokenSource for Counter {
 pub(crate) fn auth(source: Counter) -> GenesysAuth {
     let scope = Scope::new([Uri::from_static("https://api.example.test")]).unwrap();
     GenesysAuth::from_source(source, CacheConfig::default(), scope)
+}
+
+/// The two ways to stack auth and replay.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    /// `auth.layers()`: the fused [`AuthReplayLayer`](crate::AuthReplayLayer).
+    Fused,
+    /// tower's `Retry` with `RefreshOn401` (`auth.retry_layer()`) over `auth.layer()`.
+    Tower,
+}
+
+impl Kind {
+    /// Both kinds.
+    pub(crate) const BOTH: [Kind; 2] = [Kind::Fused, Kind::Tower];
+}
+
+/// A stack, boxed so that both kinds have one type.
+pub(crate) type Boxed<B, R> = BoxCloneService<Request<B>, Response<R>, BoxError>;
+
+/// `auth`'s stack of `kind` over `inner`.
+pub(crate) fn over<S, B, R>(auth: &GenesysAuth, kind: Kind, inner: S) -> Boxed<B, R>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: ReplayableBody + Send + 'static,
+    R: Send + 'static,
+{
+    match kind {
+        Kind::Fused => Boxed::new(ServiceBuilder::new().layer(auth.layers()).service(inner)),
+        Kind::Tower => Boxed::new(
+            ServiceBuilder::new()
+                .layer(auth.retry_layer())
+                .layer(auth.layer())
+                .service(inner),
+        ),
+    }
 }

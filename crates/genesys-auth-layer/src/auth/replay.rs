@@ -373,7 +373,7 @@ mod tests {
     use tower::{ServiceBuilder, ServiceExt};
 
     use super::*;
-    use crate::test_support::{auth, Counter};
+    use crate::test_support::{auth, over, Counter, Kind};
     use crate::GenesysAuth;
 
     const URI: &str = "https://api.example.test/x";
@@ -602,44 +602,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_replay_is_sent_only_once_its_service_is_ready() {
-        let (source, _auth, api, gating, service) = gated(Gating {
-            pending: 3,
-            ..Gating::default()
-        })
-        .await;
-        let response = service.oneshot(get(URI)).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            gating.lock().unwrap().log,
-            ["ready", "call", "pending", "pending", "pending", "ready", "call"]
-        );
-        assert_eq!(api.seen(), [bearer(1), bearer(2)]);
-        assert_eq!(source.issued(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_two_layer_stack_readies_its_replay_the_same_way() {
-        let (source, auth, api, gating, _) = gated(Gating {
-            pending: 3,
-            ..Gating::default()
-        })
-        .await;
-        let service = ServiceBuilder::new()
-            .layer(auth.retry_layer())
-            .layer(auth.layer())
-            .service(Gate {
+        // On this service, and on the two-layer stack, which readies its replay alike.
+        for kind in Kind::BOTH {
+            let (source, auth, api, gating, _) = gated(Gating {
+                pending: 3,
+                ..Gating::default()
+            })
+            .await;
+            let gate = Gate {
                 api: api.clone(),
                 gating: gating.clone(),
                 ready: false,
-            });
-        let response = service.oneshot(get(URI)).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            gating.lock().unwrap().log,
-            ["ready", "call", "pending", "pending", "pending", "ready", "call"]
-        );
-        assert_eq!(api.seen(), [bearer(1), bearer(2)]);
-        assert_eq!(source.issued(), 2);
+            };
+            let response = over(&auth, kind, gate).oneshot(get(URI)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{kind:?}");
+            assert_eq!(
+                gating.lock().unwrap().log,
+                ["ready", "call", "pending", "pending", "pending", "ready", "call"],
+                "{kind:?}"
+            );
+            assert_eq!(api.seen(), [bearer(1), bearer(2)], "{kind:?}");
+            assert_eq!(source.issued(), 2, "{kind:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
