@@ -439,8 +439,11 @@ async fn tower_http_layers_compose_around_the_stack() {
 
 /// A streamed body (a channel) wrapped in `BufferedBody` is replayed byte for byte after a
 /// revocation, over HTTP/1.1 and HTTP/2, through both stacks, with and without trailers
-/// (hyper stops at the trailers without polling for the body's end). The fake reads a
-/// request's whole body before it answers 401, so the body was always sent in full by then.
+/// (hyper stops at the trailers without polling for the body's end), and the fake receives
+/// the trailers on the first send and on the replay. Over HTTP/2 also with a known length,
+/// as a proxied HTTP/2 request with a `Content-Length` has: its last data frame leaves 0
+/// bytes but the trailers still to come. The fake reads a request's whole body before it
+/// answers 401, so the body was always sent in full by then.
 #[tokio::test]
 async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
     use genesys_auth_layer::BufferedBody;
@@ -448,22 +451,53 @@ async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
     use hyper_util::rt::TokioExecutor;
     use tower::util::BoxCloneService;
 
-    type Stream = http_body_util::Channel<Bytes, std::io::Error>;
     type Api =
-        BoxCloneService<Request<BufferedBody<Stream>>, Response<hyper::body::Incoming>, BoxError>;
+        BoxCloneService<Request<BufferedBody<Upload>>, Response<hyper::body::Incoming>, BoxError>;
     let json = r#"{"name":"streamed in pieces","list":[1,2,3],"more":"0123456789abcdef"}"#;
 
-    for (http2, fused, with_trailers) in [false, true]
+    // A channel, with its exact length (the data bytes left) if `known`.
+    struct Upload {
+        channel: http_body_util::Channel<Bytes, std::io::Error>,
+        left: Option<u64>,
+    }
+
+    impl http_body::Body for Upload {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+            let polled = std::pin::Pin::new(&mut self.channel).poll_frame(cx);
+            if let (std::task::Poll::Ready(Some(Ok(frame))), Some(left)) = (&polled, &mut self.left)
+            {
+                *left -= frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            polled
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.left
+                .map_or_else(Default::default, http_body::SizeHint::with_exact)
+        }
+    }
+
+    // A known length only over HTTP/2: over HTTP/1.1 it becomes a `Content-Length`, which
+    // carries no trailers.
+    for (http2, fused, with_trailers, known) in [false, true]
         .into_iter()
         .flat_map(|h| [(h, true), (h, false)])
         .flat_map(|(h, f)| [(h, f, false), (h, f, true)])
+        .flat_map(|(h, f, t)| [(h, f, t, false), (h, f, t, true)])
+        .filter(|&(h, _, _, known)| h || !known)
     {
-        let case = format!("http2={http2} fused={fused} trailers={with_trailers}");
+        let case = format!("http2={http2} fused={fused} trailers={with_trailers} known={known}");
         let fake = FakeGenesys::start().await.unwrap();
         let auth = auth_for(&fake, CacheConfig::default());
         let mut builder = Client::builder(TokioExecutor::new());
         builder.http2_only(http2);
-        let api = builder.build_http::<BufferedBody<Stream>>();
+        let api = builder.build_http::<BufferedBody<Upload>>();
         let client: Api = if fused {
             BoxCloneService::new(ServiceBuilder::new().layer(auth.layers()).service(api))
         } else {
@@ -478,17 +512,22 @@ async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
         fake.revoke_all_tokens();
         fake.clear_recorded();
 
-        let (mut tx, stream) = Stream::new(2);
+        let (mut tx, channel) = http_body_util::Channel::new(2);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let sent_trailers = with_trailers.then(|| trailers.clone());
         tokio::spawn(async move {
             for chunk in json.as_bytes().chunks(7) {
                 tx.send_data(Bytes::copy_from_slice(chunk)).await.unwrap();
             }
-            if with_trailers {
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("x-checksum", "abc".parse().unwrap());
+            if let Some(trailers) = sent_trailers {
                 tx.send_trailers(trailers).await.unwrap();
             }
         });
+        let stream = Upload {
+            channel,
+            left: known.then_some(json.len() as u64),
+        };
         let mut request = Request::post(format!("{}api/v2/echo", fake.api_uri()))
             .header("content-type", "application/json")
             .body(BufferedBody::new(stream))
@@ -515,6 +554,17 @@ async fn a_streamed_post_in_a_buffered_body_is_replayed_over_h1_and_h2() {
             assert_eq!(r.body, json.as_bytes(), "{case}");
             assert_eq!(r.headers["content-type"], "application/json", "{case}");
         }
+        let expected = with_trailers.then_some(&trailers);
+        assert_eq!(
+            recorded[0].trailers.as_ref(),
+            expected,
+            "{case}: the first send"
+        );
+        assert_eq!(
+            recorded[1].trailers.as_ref(),
+            expected,
+            "{case}: the replay"
+        );
         assert_eq!(fake.token_requests(), 2, "{case}");
         fake.shutdown().await;
     }

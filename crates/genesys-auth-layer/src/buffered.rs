@@ -33,12 +33,16 @@ pin_project! {
     ///
     /// * The request is replayed only if the client had taken the **whole** body out of
     ///   it when the 401 arrived: it polled it to its end, got its trailers, or learnt
-    ///   from it (`is_end_stream`, or an exact remaining size of 0) that it had ended. A
-    ///   server that answers before it has read the body can leave part of it unsent; the
-    ///   401 then goes back to the caller (the refused token is still dropped, and the next
-    ///   request gets a new one). So does a body whose length only the request's
-    ///   `Content-Length` header gives (not the body's own size hint), over HTTP/1.1: the
-    ///   client stops at that length without asking the body whether it ended.
+    ///   from it (`is_end_stream`) that it had ended. An exact remaining size of 0 is not
+    ///   the end, since trailers may follow (as on an HTTP/2 request with a
+    ///   `Content-Length` and trailers), so the body is polled on and its trailers are
+    ///   sent. A server that answers before it has read the body can leave part of it
+    ///   unsent; the 401 then goes back to the caller (the refused token is still dropped,
+    ///   and the next request gets a new one). So does, over HTTP/1.1, a body sent with a
+    ///   `Content-Length` (its exact size, or the request's header) that does not say
+    ///   `is_end_stream` once its last byte is out: the client stops at that length
+    ///   without polling the body to its end. hyper's `Incoming`, `Full` and `Empty` say
+    ///   it.
     /// * It copies what it sends into one buffer (so the memory it holds is what it
     ///   counts); past its limit ([`DEFAULT_BUFFER_LIMIT`], or
     ///   [`with_limit`](Self::with_limit)) it stops, frees the buffer, and the request is
@@ -227,8 +231,8 @@ where
             Some(Ok(frame)) => {
                 let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
                 // A client may stop here, without the final poll for `None`, when the body
-                // says it ended or has no byte left.
-                let ended = inner.is_end_stream() || inner.size_hint().exact() == Some(0);
+                // says it ended. No byte left is not the end: trailers may follow.
+                let ended = inner.is_end_stream();
                 let mut record = lock(this.record);
                 record.keep(&frame);
                 if ended {
@@ -400,12 +404,26 @@ mod tests {
         drop(tx);
     }
 
-    /// One data frame after another; says it ended (or has 0 bytes left) after the last,
-    /// by `is_end_stream` or by its size hint only; yields `late` if polled past its end.
+    /// Its frames one after another, with an exact size hint (the data bytes left), like
+    /// hyper's `Incoming` for a request with a `Content-Length`; says it ended once its
+    /// frames are out, if `says_end`; yields `late` if polled past its end.
     struct Pieces {
-        left: std::collections::VecDeque<Bytes>,
-        by_size_only: bool,
+        frames: std::collections::VecDeque<Frame<Bytes>>,
+        says_end: bool,
         late: Option<Bytes>,
+    }
+
+    impl Pieces {
+        fn new(chunks: &[&'static str], trailers: Option<HeaderMap>, says_end: bool) -> Self {
+            let data = chunks
+                .iter()
+                .map(|c| Frame::data(Bytes::from_static(c.as_bytes())));
+            Pieces {
+                frames: data.chain(trailers.map(Frame::trailers)).collect(),
+                says_end,
+                late: None,
+            }
+        }
     }
 
     impl Body for Pieces {
@@ -416,47 +434,89 @@ mod tests {
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            let next = self.left.pop_front().or_else(|| self.late.take());
-            Poll::Ready(next.map(|data| Ok(Frame::data(data))))
+            let next = self
+                .frames
+                .pop_front()
+                .or_else(|| self.late.take().map(Frame::data));
+            Poll::Ready(next.map(Ok))
         }
 
         fn is_end_stream(&self) -> bool {
-            !self.by_size_only && self.left.is_empty()
+            self.says_end && self.frames.is_empty()
         }
 
         fn size_hint(&self) -> SizeHint {
-            SizeHint::with_exact(self.left.iter().map(|b| b.len() as u64).sum())
+            let data = self.frames.iter().filter_map(Frame::data_ref);
+            SizeHint::with_exact(data.map(|d| d.len() as u64).sum())
         }
     }
 
     #[tokio::test]
     async fn a_body_that_says_it_ended_is_sent_in_full_and_not_polled_again() {
-        for by_size_only in [false, true] {
-            let mut body = BufferedBody::new(Pieces {
-                left: [Bytes::from("ab"), Bytes::from("cd")].into(),
-                by_size_only,
-                late: Some(Bytes::from("LATE")),
-            });
-            let copy = body.try_clone_body().unwrap();
-            assert_eq!(
-                body.frame().await.unwrap().unwrap().into_data().unwrap(),
-                "ab"
-            );
-            assert!(!copy.can_replay(), "by_size_only={by_size_only}");
-            assert_eq!(
-                body.frame().await.unwrap().unwrap().into_data().unwrap(),
-                "cd"
-            );
-            assert!(
-                copy.can_replay(),
-                "by_size_only={by_size_only}: nothing left"
-            );
-            assert!(
-                body.frame().await.is_none(),
-                "the inner body is not asked again"
-            );
-            assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
-        }
+        let mut body = BufferedBody::new(Pieces {
+            late: Some(Bytes::from("LATE")),
+            ..Pieces::new(&["ab", "cd"], None, true)
+        });
+        let copy = body.try_clone_body().unwrap();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert!(!copy.can_replay());
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "cd"
+        );
+        assert!(copy.can_replay(), "it said it ended");
+        assert!(
+            body.frame().await.is_none(),
+            "the inner body is not asked again"
+        );
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn trailers_arrive_on_the_first_send_and_on_the_replay() {
+        // As hyper's `Incoming` for an HTTP/2 request with a `Content-Length` and trailers:
+        // after the last data frame, 0 bytes are left but the trailers are still to come.
+        let mut body = BufferedBody::new(Pieces::new(&["ab", "cd"], Some(trailers()), true));
+        let copy = body.try_clone_body().unwrap();
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert!(
+            !body.is_end_stream(),
+            "0 bytes left is not the end: over HTTP/2 the stream would end before the trailers"
+        );
+        assert!(!copy.can_replay(), "the trailers are not sent yet");
+        let last = body.frame().await.unwrap().unwrap();
+        assert_eq!(last.into_trailers().unwrap(), trailers(), "the first send");
+        assert!(body.is_end_stream());
+        assert!(copy.can_replay());
+        let replayed = copy.collect().await.unwrap();
+        assert_eq!(replayed.trailers(), Some(&trailers()), "the replay");
+        assert_eq!(replayed.to_bytes(), "abcd");
+
+        // The same body collected, as an HTTP/2 client sends it.
+        let body = BufferedBody::new(Pieces::new(&["ab", "cd"], Some(trailers()), true));
+        let copy = body.try_clone_body().unwrap();
+        let sent = body.collect().await.unwrap();
+        assert_eq!(sent.trailers(), Some(&trailers()), "the first send");
+        let replayed = copy.collect().await.unwrap();
+        assert_eq!(replayed.trailers(), Some(&trailers()), "the replay");
+    }
+
+    #[tokio::test]
+    async fn a_body_with_0_bytes_left_that_does_not_say_it_ended_is_polled_to_its_end() {
+        let mut body = BufferedBody::new(Pieces::new(&["ab", "cd"], None, false));
+        let copy = body.try_clone_body().unwrap();
+        body.frame().await.unwrap().unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert!(!body.is_end_stream());
+        assert!(!copy.can_replay(), "trailers could still come");
+        assert!(body.frame().await.is_none());
+        assert!(copy.can_replay(), "sent in full at its end");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
     }
 
     #[tokio::test]

@@ -320,10 +320,14 @@ where
     sleep_if(Inner::duration(&inner.api_latency)).await;
 
     let (parts, body) = req.into_parts();
-    let (bytes, read_error) = match Limited::new(body, API_BODY_CAP).collect().await {
-        Ok(c) => (c.to_bytes(), None),
+    let (bytes, trailers, read_error) = match Limited::new(body, API_BODY_CAP).collect().await {
+        Ok(c) => {
+            let trailers = c.trailers().cloned();
+            (c.to_bytes(), trailers, None)
+        }
         Err(e) if e.is::<LengthLimitError>() => (
             Bytes::new(),
+            None,
             Some(genesys_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload.too.large",
@@ -332,6 +336,7 @@ where
         ),
         Err(_) => (
             Bytes::new(),
+            None,
             Some(genesys_error(
                 StatusCode::BAD_REQUEST,
                 "bad.request",
@@ -361,6 +366,7 @@ where
             .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         headers: parts.headers,
         body: bytes,
+        trailers,
         status: res.status().as_u16(),
     });
     res

@@ -28,6 +28,8 @@ pub struct RecordedRequest {
     pub headers: http::HeaderMap,
     /// The full request body (empty if it was over the 16 MiB cap or could not be read).
     pub body: Bytes,
+    /// The request's trailers, if it sent any (HTTP/2, or HTTP/1.1 chunked).
+    pub trailers: Option<http::HeaderMap>,
     /// The status the fake answered with.
     pub status: u16,
 }
