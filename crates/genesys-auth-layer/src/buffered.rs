@@ -16,10 +16,6 @@ use crate::retry::ReplayableBody;
 
 /// How many bytes a [`BufferedBody`] keeps by default (64 KiB): more than any JSON body the
 /// Genesys Cloud API takes, far less than a file upload.
-///
-/// ```
-/// assert_eq!(genesys_auth_layer::DEFAULT_BUFFER_LIMIT, 64 * 1024);
-/// ```
 pub const DEFAULT_BUFFER_LIMIT: usize = 64 * 1024;
 
 pin_project! {
@@ -150,11 +146,6 @@ fn lock(record: &Mutex<Record>) -> MutexGuard<'_, Record> {
 
 impl<B> BufferedBody<B> {
     /// `body`, keeping up to [`DEFAULT_BUFFER_LIMIT`] bytes of it.
-    ///
-    /// ```
-    /// use genesys_auth_layer::BufferedBody;
-    /// let body = BufferedBody::new(http_body_util::Full::new(bytes::Bytes::from("{}")));
-    /// ```
     pub fn new(body: B) -> Self {
         Self::with_limit(body, DEFAULT_BUFFER_LIMIT)
     }

@@ -12,37 +12,17 @@ use zeroize::Zeroizing;
 
 use crate::error::ConfigError;
 
-/// The environment variable holding the client id.
-///
-/// ```
-/// assert_eq!(genesys_auth_layer::ENV_CLIENT_ID, "GENESYSCLOUD_OAUTHCLIENT_ID");
-/// ```
+/// The environment variable holding the client id, read by [`Credentials::from_env`].
 pub const ENV_CLIENT_ID: &str = "GENESYSCLOUD_OAUTHCLIENT_ID";
-/// The environment variable holding the client secret.
-///
-/// ```
-/// assert_eq!(genesys_auth_layer::ENV_CLIENT_SECRET, "GENESYSCLOUD_OAUTHCLIENT_SECRET");
-/// ```
+/// The environment variable holding the client secret, read by [`Credentials::from_env`].
 pub const ENV_CLIENT_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECRET";
-/// The environment variable holding an optional secondary client secret.
-///
-/// ```
-/// use genesys_auth_layer::ENV_SECONDARY_SECRET;
-///
-/// assert_eq!(ENV_SECONDARY_SECRET, "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET");
-/// ```
+/// The environment variable holding an optional secondary client secret, read by
+/// [`Credentials::from_env`].
 pub const ENV_SECONDARY_SECRET: &str = "GENESYSCLOUD_OAUTHCLIENT_SECONDARY_SECRET";
 
-/// Which of a client's two secrets.
-///
-/// ```
-/// use genesys_auth_layer::{CredentialStore, Credentials, SecretSlot};
-///
-/// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
-/// // New credentials are tried with the primary secret first.
-/// assert_eq!(store.preferred_slot(), SecretSlot::Primary);
-/// # Ok::<(), genesys_auth_layer::ConfigError>(())
-/// ```
+/// Which of a client's two secrets. New or rotated credentials are tried with the primary
+/// one first; [`CredentialStore::preferred_slot`](crate::CredentialStore::preferred_slot)
+/// says which one a token request tries first now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SecretSlot {
@@ -54,13 +34,6 @@ pub enum SecretSlot {
 
 impl SecretSlot {
     /// The other slot.
-    ///
-    /// ```
-    /// use genesys_auth_layer::SecretSlot;
-    ///
-    /// assert_eq!(SecretSlot::Primary.other(), SecretSlot::Secondary);
-    /// assert_eq!(SecretSlot::Secondary.other(), SecretSlot::Primary);
-    /// ```
     pub fn other(self) -> Self {
         match self {
             Self::Primary => Self::Secondary,
@@ -68,13 +41,7 @@ impl SecretSlot {
         }
     }
 
-    /// `"primary"` or `"secondary"`.
-    ///
-    /// ```
-    /// use genesys_auth_layer::SecretSlot;
-    ///
-    /// assert_eq!(SecretSlot::Secondary.as_str(), "secondary");
-    /// ```
+    /// `"primary"` or `"secondary"`, as the `secret fallback used` event names the slots.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Primary => "primary",
@@ -84,39 +51,16 @@ impl SecretSlot {
 }
 
 /// An OAuth client id. Not a secret: it is shown in `Debug` to help tell clients apart.
-///
-/// ```
-/// use genesys_auth_layer::ClientId;
-/// let id = ClientId::new("6d2f5b1a-client");
-/// assert_eq!(id.as_str(), "6d2f5b1a-client");
-/// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClientId(String);
 
 impl ClientId {
-    /// Wraps a client id.
-    ///
-    /// ```
-    /// use genesys_auth_layer::ClientId;
-    ///
-    /// let id = ClientId::new(String::from("6d2f5b1a-client"));
-    /// assert_eq!(id, ClientId::from("6d2f5b1a-client"));
-    /// // Not a secret: `Debug` shows it.
-    /// assert_eq!(format!("{id:?}"), r#"ClientId("6d2f5b1a-client")"#);
-    /// ```
+    /// Wraps a client id (as do `From<&str>` and `From<String>`).
     pub fn new(id: impl Into<String>) -> Self {
         Self(id.into())
     }
 
     /// The id.
-    ///
-    /// ```
-    /// use genesys_auth_layer::Credentials;
-    ///
-    /// let creds = Credentials::new("6d2f5b1a-client", "my-secret")?;
-    /// assert_eq!(creds.id().as_str(), "6d2f5b1a-client");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -153,27 +97,12 @@ impl From<String> for ClientId {
 pub struct ClientSecret(Zeroizing<String>);
 
 impl ClientSecret {
-    /// Wraps a secret.
-    ///
-    /// ```
-    /// use genesys_auth_layer::ClientSecret;
-    ///
-    /// let secret = ClientSecret::new(String::from("s3cr3t-from-vault"));
-    /// assert!(!format!("{secret:?}").contains("s3cr3t"));
-    /// ```
+    /// Wraps a secret (as do `From<&str>` and `From<String>`).
     pub fn new(secret: impl Into<String>) -> Self {
         Self(Zeroizing::new(secret.into()))
     }
 
     /// The secret itself. Call it only to send it to the token endpoint.
-    ///
-    /// ```
-    /// use genesys_auth_layer::ClientSecret;
-    ///
-    /// let secret = ClientSecret::new("s3cr3t");
-    /// // Check it without showing it.
-    /// assert_eq!(secret.expose_secret().len(), 6);
-    /// ```
     pub fn expose_secret(&self) -> &str {
         &self.0
     }
@@ -312,44 +241,16 @@ impl Credentials {
     }
 
     /// The client id.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{ClientId, Credentials};
-    ///
-    /// let creds = Credentials::new("my-client", "my-secret")?;
-    /// assert_eq!(creds.id(), &ClientId::new("my-client"));
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn id(&self) -> &ClientId {
         &self.id
     }
 
-    /// The (primary) client secret.
-    ///
-    /// ```
-    /// use genesys_auth_layer::Credentials;
-    ///
-    /// let creds = Credentials::new("my-client", "my-secret")?;
-    /// // Redacted in `Debug`, alone or inside the credentials.
-    /// assert_eq!(format!("{:?}", creds.secret()), "ClientSecret([redacted])");
-    /// assert!(!format!("{creds:?}").contains("my-secret"));
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// The (primary) client secret, redacted in `Debug`.
     pub fn secret(&self) -> &ClientSecret {
         &self.secret
     }
 
     /// The secondary secret, if any.
-    ///
-    /// ```
-    /// use genesys_auth_layer::Credentials;
-    ///
-    /// let creds = Credentials::new("my-client", "my-secret")?;
-    /// assert!(creds.secondary_secret().is_none());
-    /// let creds = creds.with_secondary("my-next-secret")?;
-    /// assert!(creds.secondary_secret().is_some());
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn secondary_secret(&self) -> Option<&ClientSecret> {
         self.secondary.as_ref()
     }

@@ -65,14 +65,7 @@ impl OAuthErrorCode {
         }
     }
 
-    /// The code as the server spells it.
-    ///
-    /// ```
-    /// use genesys_auth_layer::OAuthErrorCode;
-    ///
-    /// assert_eq!(OAuthErrorCode::InvalidGrant.as_str(), "invalid_grant");
-    /// assert_eq!(OAuthErrorCode::InvalidGrant.to_string(), "invalid_grant"); // `Display` too
-    /// ```
+    /// The code as the server spells it; its `Display` prints the same.
     pub fn as_str(&self) -> &str {
         match self {
             Self::InvalidRequest => "invalid_request",
@@ -86,14 +79,9 @@ impl OAuthErrorCode {
     }
 
     /// Whether asking again with the same credentials cannot succeed: the configuration
-    /// (client, secret, grant, scope) has to change first.
-    ///
-    /// ```
-    /// use genesys_auth_layer::OAuthErrorCode;
-    ///
-    /// assert!(OAuthErrorCode::UnauthorizedClient.is_fatal());
-    /// assert!(!OAuthErrorCode::InvalidRequest.is_fatal());
-    /// ```
+    /// (client, secret, grant, scope) has to change first. True for `invalid_client`,
+    /// `unauthorized_client`, `invalid_scope` and `unsupported_grant_type`; false for
+    /// `invalid_request`, `invalid_grant` and codes outside the RFC.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -256,24 +244,6 @@ impl AuthError {
     /// The OAuth error code, looking through [`AuthError::BackingOff`] and
     /// [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
     /// primary's: one of them may have been a 401 without an OAuth body).
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::{AuthError, OAuthErrorCode};
-    /// use http::StatusCode;
-    ///
-    /// let refused = AuthError::OAuth {
-    ///     status: StatusCode::BAD_REQUEST,
-    ///     code: OAuthErrorCode::InvalidScope,
-    ///     description: None,
-    /// };
-    /// // Seen through the backoff that followed it:
-    /// let retry_in = Duration::from_secs(1);
-    /// let later = AuthError::BackingOff { retry_in, last: Arc::new(refused) };
-    /// assert_eq!(later.oauth_code(), Some(&OAuthErrorCode::InvalidScope));
-    /// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).oauth_code(), None);
-    /// ```
     pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
         match self {
             Self::OAuth { code, .. } => Some(code),
@@ -288,14 +258,6 @@ impl AuthError {
     /// A stable, low-cardinality name for the kind of failure, for logs and metrics:
     /// `oauth_error`, `rate_limited`, `http_status`, `transport`, `timeout`, `too_large`,
     /// `invalid_response`, `secrets_rejected`, `backing_off`, `aborted` or `no_runtime`.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::AuthError;
-    ///
-    /// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).cause(), "timeout");
-    /// assert_eq!(AuthError::RateLimited { retry_after: None }.cause(), "rate_limited");
-    /// ```
     pub fn cause(&self) -> &'static str {
         match self {
             Self::OAuth { .. } => "oauth_error",
@@ -312,16 +274,9 @@ impl AuthError {
         }
     }
 
-    /// The HTTP status the token endpoint answered, if the failure came with one.
-    ///
-    /// ```
-    /// use genesys_auth_layer::AuthError;
-    /// use http::StatusCode;
-    ///
-    /// let limited = AuthError::RateLimited { retry_after: None };
-    /// assert_eq!(limited.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
-    /// assert_eq!(AuthError::NoRuntime.http_status(), None);
-    /// ```
+    /// The HTTP status the token endpoint answered, if the failure came with one (429 for
+    /// [`AuthError::RateLimited`]), looking through [`AuthError::BackingOff`] and, for
+    /// [`AuthError::BothSecretsRejected`], to the secondary secret's answer.
     pub fn http_status(&self) -> Option<StatusCode> {
         match self {
             Self::OAuth { status, .. } | Self::UnexpectedStatus { status } => Some(*status),
@@ -336,20 +291,6 @@ impl AuthError {
     /// (see [`OAuthErrorCode::is_fatal`]) or refused credentials (see
     /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`] and
     /// [`AuthError::BothSecretsRejected`].
-    ///
-    /// ```
-    /// use genesys_auth_layer::{AuthError, OAuthErrorCode};
-    /// use http::StatusCode;
-    ///
-    /// let bad_scope = AuthError::OAuth {
-    ///     status: StatusCode::BAD_REQUEST,
-    ///     code: OAuthErrorCode::InvalidScope,
-    ///     description: None,
-    /// };
-    /// assert!(bad_scope.is_fatal());
-    /// let unavailable = AuthError::UnexpectedStatus { status: StatusCode::SERVICE_UNAVAILABLE };
-    /// assert!(!unavailable.is_fatal());
-    /// ```
     pub fn is_fatal(&self) -> bool {
         self.oauth_code().is_some_and(OAuthErrorCode::is_fatal) || self.is_client_rejected()
     }
@@ -363,31 +304,13 @@ impl AuthError {
     ///
     /// A token request refused this way is tried once with the secondary secret, when
     /// there is one.
-    ///
-    /// ```
-    /// use genesys_auth_layer::AuthError;
-    /// use http::StatusCode;
-    ///
-    /// let bare_401 = AuthError::UnexpectedStatus { status: StatusCode::UNAUTHORIZED };
-    /// assert!(bare_401.is_client_rejected() && bare_401.is_fatal());
-    /// let bad_gateway = AuthError::UnexpectedStatus { status: StatusCode::BAD_GATEWAY };
-    /// assert!(!bad_gateway.is_client_rejected() && !bad_gateway.is_fatal());
-    /// ```
     pub fn is_client_rejected(&self) -> bool {
         self.oauth_code() == Some(&OAuthErrorCode::InvalidClient)
             || self.http_status() == Some(StatusCode::UNAUTHORIZED)
     }
 
-    /// The delay a 429 answer asked for, if any.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::AuthError;
-    ///
-    /// let limited = AuthError::RateLimited { retry_after: Some(Duration::from_secs(30)) };
-    /// assert_eq!(limited.retry_after(), Some(Duration::from_secs(30)));
-    /// assert_eq!(AuthError::RateLimited { retry_after: None }.retry_after(), None);
-    /// ```
+    /// The delay a 429 answer asked for in `Retry-After`, if any, looking through
+    /// [`AuthError::BackingOff`].
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after } => *retry_after,
@@ -640,6 +563,38 @@ mod tests {
             "https://api.example.com/a@b"
         );
         assert_eq!(truncate("a\r\nb\x1b[31m", 100), "a  b [31m");
+    }
+
+    #[test]
+    fn accessors_name_the_failure_and_look_through_backing_off() {
+        assert_eq!(OAuthErrorCode::InvalidGrant.as_str(), "invalid_grant");
+        assert_eq!(OAuthErrorCode::InvalidGrant.to_string(), "invalid_grant");
+        assert!(OAuthErrorCode::UnauthorizedClient.is_fatal());
+        assert!(!OAuthErrorCode::InvalidRequest.is_fatal());
+        let limited = AuthError::RateLimited {
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(limited.cause(), "rate_limited");
+        assert_eq!(limited.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        let later = AuthError::BackingOff {
+            retry_in: Duration::from_secs(1),
+            last: Arc::new(limited),
+        };
+        assert_eq!(later.retry_after(), Some(Duration::from_secs(30)));
+        assert_eq!(later.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(
+            AuthError::Timeout(Duration::from_secs(10)).cause(),
+            "timeout"
+        );
+        assert_eq!(AuthError::NoRuntime.http_status(), None);
+        let bare_401 = AuthError::UnexpectedStatus {
+            status: StatusCode::UNAUTHORIZED,
+        };
+        assert!(bare_401.is_client_rejected() && bare_401.is_fatal());
+        let bad_gateway = AuthError::UnexpectedStatus {
+            status: StatusCode::BAD_GATEWAY,
+        };
+        assert!(!bad_gateway.is_client_rejected() && !bad_gateway.is_fatal());
     }
 
     #[test]

@@ -24,13 +24,6 @@ use crate::error::ConfigError;
 
 /// How often a watched credentials file is re-read by default. Mounted Kubernetes secrets
 /// change within about a minute of an update; ten seconds adds little to that.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::DEFAULT_WATCH_INTERVAL;
-///
-/// assert_eq!(DEFAULT_WATCH_INTERVAL, Duration::from_secs(10));
-/// ```
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The credentials used for token requests, shared and replaceable at run time.
@@ -81,17 +74,7 @@ impl Entry {
 }
 
 impl CredentialStore {
-    /// A store holding `credentials`.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CredentialStore, Credentials};
-    ///
-    /// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
-    /// let shared = store.clone();
-    /// store.rotate(Credentials::new("my-client", "next-secret")?.with_secondary("my-secret")?);
-    /// assert!(shared.current().secondary_secret().is_some()); // clones share the credentials
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// A store holding `credentials` (as does `From<Credentials>`).
     pub fn new(credentials: Credentials) -> Self {
         Self {
             inner: Arc::new(StoreInner {
@@ -100,18 +83,8 @@ impl CredentialStore {
         }
     }
 
-    /// The credentials now.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CredentialStore, Credentials};
-    ///
-    /// let store = CredentialStore::new(Credentials::new("my-client", "my-secret")?);
-    /// let before = store.current();
-    /// store.rotate(Credentials::new("other-client", "other-secret")?);
-    /// assert_eq!(before.id().as_str(), "my-client"); // a snapshot: unchanged
-    /// assert_eq!(store.current().id().as_str(), "other-client");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// The credentials now: a snapshot, which a later [`rotate`](Self::rotate) leaves as it
+    /// is.
     pub fn current(&self) -> Arc<Credentials> {
         self.inner.current.load().credentials.clone()
     }
@@ -146,32 +119,8 @@ impl CredentialStore {
         self.inner.current.store(Arc::new(Entry::new(credentials)));
     }
 
-    /// The secret to try first.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{GenesysAuth, SecretSlot};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     use http_body_util::Full;
-    /// #     tower::service_fn(|req: http::Request<Full<bytes::Bytes>>| async move {
-    /// #         // Accepts only client "id" with secret "new" (`Basic base64("id:new")`).
-    /// #         let (status, body) = if req.headers()["authorization"] == "Basic aWQ6bmV3" {
-    /// #             (200, r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#)
-    /// #         } else {
-    /// #             (401, r#"{"error":"invalid_client"}"#)
-    /// #         };
-    /// #         http::Response::builder().status(status).body(body.to_owned())
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("id", "old")
-    ///     .secondary_secret("new")
-    ///     .build(http_client())?; // a token endpoint that refuses "old"
-    /// auth.token().await?;
-    /// // The secondary secret worked: later token requests try it first.
-    /// let store = auth.credentials().expect("client credentials");
-    /// assert_eq!(store.preferred_slot(), SecretSlot::Secondary);
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// The secret to try first: the primary one for new or rotated credentials, the
+    /// secondary one once it was accepted where the primary one was refused.
     pub fn preferred_slot(&self) -> SecretSlot {
         self.inner.current.load().preferred_slot()
     }

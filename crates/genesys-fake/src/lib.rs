@@ -275,13 +275,6 @@ impl FakeGenesys {
     }
 
     /// Starts a fake with the defaults; same as `FakeGenesys::builder().start()`.
-    ///
-    /// ```
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let fake = genesys_fake::FakeGenesys::start().await.unwrap();
-    /// assert!(fake.api_uri().port_u16().is_some());
-    /// # });
-    /// ```
     pub async fn start() -> std::io::Result<FakeGenesys> {
         Self::builder().start().await
     }

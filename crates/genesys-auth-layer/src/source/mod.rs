@@ -25,29 +25,8 @@ use crate::token::IssuedToken;
 
 pub mod parse;
 
-/// A boxed, `Send` future, as [`TokenSource::fetch`] returns.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-/// # mod fake {
-/// #     use std::time::Duration;
-/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-/// #     pub struct Fixed;
-/// #     impl TokenSource for Fixed {
-/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-/// #         }
-/// #     }
-/// # }
-/// # use fake::Fixed;
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let future: BoxFuture<'_, Result<IssuedToken, AuthError>> = Fixed.fetch();
-/// let issued = future.await?;
-/// assert_eq!(issued.lifetime(), Duration::from_secs(3600));
-/// # Ok::<(), tower::BoxError>(()) }).unwrap();
-/// ```
+/// A boxed, `Send` future, as [`TokenSource::fetch`] returns (the trait's docs show one
+/// built with `Box::pin(async { … })`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Something that can obtain a fresh token: one request to a token endpoint per call.
@@ -127,12 +106,6 @@ where
 /// The largest token response read by default. A Genesys token response is a few hundred
 /// bytes; 64 KiB leaves room for any gateway's decorations and stops a hostile server from
 /// making us buffer megabytes.
-///
-/// ```
-/// use genesys_auth_layer::DEFAULT_MAX_RESPONSE_BYTES;
-///
-/// assert_eq!(DEFAULT_MAX_RESPONSE_BYTES, 64 * 1024);
-/// ```
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The OAuth client-credentials grant over any tower HTTP service.
@@ -233,44 +206,13 @@ impl<S> ClientCredentials<S> {
     }
 
     /// The token endpoint.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let creds = Credentials::new("my-client-id", "my-client-secret")?;
-    /// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?;
-    /// assert_eq!(source.token_url().host(), Some("login.mypurecloud.ie"));
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn token_url(&self) -> &Uri {
         &self.token_url
     }
 
-    /// The credentials sent, replaceable at run time.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{ClientCredentials, Credentials, Region};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let creds = Credentials::new("my-client-id", "old-secret")?;
-    /// let source = ClientCredentials::new(http_client(), Region::EuWest1.token_url(), creds)?;
-    /// // A new secret, the old one kept as a fallback while it is being replaced:
-    /// let next = Credentials::new("my-client-id", "new-secret")?.with_secondary("old-secret")?;
-    /// source.credentials().rotate(next);
-    /// assert!(source.credentials().current().secondary_secret().is_some());
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// The credentials sent, read anew at each fetch, so that a
+    /// [`rotate`](CredentialStore::rotate) on this store takes effect at the next token
+    /// request.
     pub fn credentials(&self) -> &CredentialStore {
         &self.credentials
     }

@@ -151,17 +151,8 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     Some(delay.min(MAX_RETRY_AFTER))
 }
 
-/// The longest `Retry-After` [`parse_retry_after`] returns: one day. (The cache honours at
-/// most its backoff cap, one minute by default.)
-///
-/// ```
-/// use std::time::SystemTime;
-/// use http::HeaderValue;
-/// use genesys_auth_layer::parse::{parse_retry_after, MAX_RETRY_AFTER};
-///
-/// let a_year = HeaderValue::from_static("31536000");
-/// assert_eq!(parse_retry_after(&a_year, SystemTime::now()), Some(MAX_RETRY_AFTER));
-/// ```
+/// The longest `Retry-After` [`parse_retry_after`] returns: one day; a longer one is cut to
+/// it. (The cache honours at most its backoff cap, one minute by default.)
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[cfg(test)]
