@@ -117,13 +117,15 @@ async fn late_401s_after_the_refresh_cost_no_more_token_requests(make: MakeStack
     let client = make(&auth, h2_client());
     fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
 
-    // Every API answer takes 200 ms. Waves of requests leave every 25 ms: the early waves
-    // carry the revoked token and see their 401 after the refresh already finished (late
-    // 401s for an old generation); later waves leave after it and never see a 401.
-    fake.set_api_latency(Duration::from_millis(200));
+    // Every API answer takes 1 s. Eight waves of requests leave 25 ms apart with the revoked
+    // token, all long before the first 401 comes back, however busy the machine: that 401
+    // refreshes, and the early waves' other 401s arrive after the refresh already finished
+    // (late 401s for an old generation). Once the refresh has started, eight more waves
+    // leave; they get the new token and never see a 401.
+    fake.set_api_latency(Duration::from_secs(1));
     fake.revoke_all_tokens();
     let mut tasks = Vec::new();
-    for _wave in 0..16 {
+    let wave = |tasks: &mut Vec<_>| {
         for _ in 0..625 {
             let client = client.clone();
             let request = get(&fake, "/api/v2/ping");
@@ -131,6 +133,19 @@ async fn late_401s_after_the_refresh_cost_no_more_token_requests(make: MakeStack
                 fire(&client, request).await.map(|r| r.status())
             }));
         }
+    };
+    for _ in 0..8 {
+        wave(&mut tasks);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let refreshed = common::eventually(Duration::from_secs(60), || async {
+        fake.token_requests() == 2
+    })
+    .await;
+    assert!(refreshed, "the first 401 starts a refresh");
+    fake.set_api_latency(Duration::ZERO);
+    for _ in 0..8 {
+        wave(&mut tasks);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     for task in tasks {
@@ -332,8 +347,10 @@ async fn a_request_to_another_host_carries_no_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
+    // The token answer takes 2 s: far longer than the steps below take before the starter
+    // is dropped, even on a busy machine.
     let fake = FakeGenesys::builder()
-        .token_latency(Duration::from_millis(300))
+        .token_latency(Duration::from_secs(2))
         .start()
         .await
         .unwrap();
@@ -345,7 +362,12 @@ async fn dropping_the_request_that_started_a_refresh_does_not_cancel_it() {
         let request = get(&fake, "/api/v2/ping");
         async move { fire(&client, request).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The starter's refresh is in flight once the fake has its token request.
+    let in_flight = common::eventually(Duration::from_secs(60), || async {
+        fake.token_requests() == 1
+    })
+    .await;
+    assert!(in_flight, "the starter's token request reached the fake");
     let waiters: Vec<_> = (0..100)
         .map(|_| {
             let client = client.clone();
@@ -371,7 +393,9 @@ async fn invalid_client_reaches_every_waiter_once_and_the_backoff_holds() {
         .await
         .unwrap();
     fake.delete_client();
-    let config = CacheConfig::default().backoff(Duration::from_millis(400), Duration::from_secs(5));
+    // A backoff of 1.5-3 s (equal jitter): the 200 callers and the call after them fall
+    // inside it, however busy the machine.
+    let config = CacheConfig::default().backoff(Duration::from_secs(3), Duration::from_secs(5));
     let auth = auth_for(&fake, config);
     let client = stack(&auth, h2_client());
 
@@ -407,9 +431,13 @@ async fn invalid_client_reaches_every_waiter_once_and_the_backoff_holds() {
     assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidClient));
     assert_eq!(fake.token_requests(), 1);
 
-    // The client is fixed; after the backoff (at most 400 ms) the next call recovers.
+    // The client is fixed; after the backoff the next call recovers.
     fake.restore_client();
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    let backoff_over = common::eventually(Duration::from_secs(60), || async {
+        auth.health().backoff_remaining.is_none()
+    })
+    .await;
+    assert!(backoff_over, "the backoff ends");
     let response = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(fake.token_requests(), 2);

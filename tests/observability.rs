@@ -103,7 +103,11 @@ async fn documented_events_counters_and_health() {
 
     // 4. The client is restored: after the backoff the next call recovers.
     fake.restore_client();
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    let backoff_over = common::eventually(Duration::from_secs(60), || async {
+        auth.health().backoff_remaining.is_none()
+    })
+    .await;
+    assert!(backoff_over, "the backoff ends");
     assert_eq!(client.clone().oneshot(ping()).await.unwrap().status(), 200);
     let left = captured.events("backoff left");
     assert_eq!(left.len(), 1);

@@ -20,12 +20,38 @@ fn endpoints(fake: &FakeGenesys) -> Endpoints {
     Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string()).unwrap()
 }
 
-/// Runs `workers` loops of GET /api/v2/ping until `stop`; returns (ok, failed).
+/// Requests answered so far by [`load`]: succeeded and failed.
+#[derive(Clone, Default)]
+struct Progress {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have been answered: each step of a rotation happens
+    /// under load however slowly a busy machine runs it.
+    async fn more(&self, n: u64) {
+        let target = self.answered() + n;
+        let reached = common::eventually(PATIENCE, || async { self.answered() >= target }).await;
+        assert!(reached, "the load stalled: {} answered", self.answered());
+    }
+}
+
+/// How long a wait for something that must happen may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Runs `workers` loops of GET /api/v2/ping until `stop`, counting answers in `progress`;
+/// returns (ok, failed).
 async fn load<S, B>(
     client: S,
     fake: &FakeGenesys,
     workers: usize,
     stop: Arc<AtomicBool>,
+    progress: Progress,
 ) -> (u64, u64)
 where
     S: Service<Request<Full<Bytes>>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -35,8 +61,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let Progress { ok, failed } = progress;
     let uri = format!("{}api/v2/ping", fake.api_uri());
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
@@ -90,20 +115,29 @@ async fn a_full_rotation_under_load_fails_no_request() {
         .service(h2_client());
 
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Progress::default();
     let running = tokio::spawn({
         let (client, fake, stop) = (client.clone(), fake.clone(), stop.clone());
-        async move { load(client, &fake, 32, stop).await }
+        let progress = progress.clone();
+        async move { load(client, &fake, 32, stop, progress).await }
     });
-    let step = Duration::from_millis(150);
-    tokio::time::sleep(step).await;
+    // Each step after the load has answered some more requests.
+    let step = 50;
+    progress.more(step).await;
     fake.add_secondary_secret("secret-B"); // 1. the operator adds the new secret
-    tokio::time::sleep(step).await;
+    progress.more(step).await;
     fake.promote_secondary_secret(); // 2. switches to it
-    tokio::time::sleep(step).await;
+    progress.more(step).await;
     fake.remove_secondary_secret(); // 3. deletes the old one
-    tokio::time::sleep(step).await;
+    progress.more(step).await;
     fake.revoke_all_tokens(); // 4. and revokes every token issued with it
-    tokio::time::sleep(step * 2).await;
+                              // The revocation is felt and the refresh done (A refused, B accepted); load goes on.
+    let refreshed = common::eventually(PATIENCE, || async {
+        fake.api_unauthorized() > 0 && fake.tokens_issued() >= 2
+    })
+    .await;
+    assert!(refreshed, "no refresh after the revocation");
+    progress.more(2 * step).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = running.await.unwrap();
 
@@ -149,11 +183,13 @@ async fn a_secrets_file_update_rotates_without_a_restart() {
         .service(h2_client());
 
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Progress::default();
     let running = tokio::spawn({
         let (client, fake, stop) = (client.clone(), fake.clone(), stop.clone());
-        async move { load(client, &fake, 16, stop).await }
+        let progress = progress.clone();
+        async move { load(client, &fake, 16, stop, progress).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    progress.more(50).await;
     // The vault agent writes the new secret; the fake starts accepting it; later the old
     // one goes away and its tokens are revoked.
     fake.add_secondary_secret("second");
@@ -162,12 +198,10 @@ async fn a_secrets_file_update_rotates_without_a_restart() {
         "GENESYSCLOUD_OAUTHCLIENT_ID=file-client\nGENESYSCLOUD_OAUTHCLIENT_SECRET=second\n",
     )
     .unwrap();
-    for _ in 0..200 {
-        if store.current().secret().expose_secret() == "second" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(PATIENCE, || async {
+        store.current().secret().expose_secret() == "second"
+    })
+    .await;
     assert_eq!(
         store.current().secret().expose_secret(),
         "second",
@@ -176,7 +210,10 @@ async fn a_secrets_file_update_rotates_without_a_restart() {
     fake.promote_secondary_secret();
     fake.remove_secondary_secret();
     fake.revoke_all_tokens();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The revocation is felt and the refresh done; load goes on with the new token.
+    let refreshed = common::eventually(PATIENCE, || async { fake.token_requests() >= 2 }).await;
+    assert!(refreshed, "no refresh after the revocation");
+    progress.more(50).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = running.await.unwrap();
     assert_eq!(failed, 0, "{ok} succeeded");

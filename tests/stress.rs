@@ -42,6 +42,10 @@ struct Probe {
     max_in_flight: AtomicUsize,
     fail_next: AtomicBool,
     started: tokio::sync::Notify,
+    /// Callers of the current round that have started.
+    callers_started: AtomicUsize,
+    /// Set for each round: the next fetch holds until this many callers have started.
+    hold_for_callers: AtomicUsize,
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -64,7 +68,17 @@ impl TokenSource for ProbeSource {
             let _guard = InFlight(&probe.in_flight);
             probe.max_in_flight.fetch_max(now, Ordering::SeqCst);
             probe.started.notify_waiters();
-            // Long enough for thousands of callers to pile up on this one fetch.
+            // The round's first fetch holds until its callers have started: each joins this
+            // fetch in its first poll, so thousands pile up on it however slowly a busy
+            // machine spawns them (a fixed sleep let the fetch, and in failing rounds its
+            // short backoff, end before any caller came).
+            let hold = probe.hold_for_callers.swap(0, Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while probe.callers_started.load(Ordering::SeqCst) < hold
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             tokio::time::sleep(Duration::from_millis(2 + n % 3)).await;
             if probe.fail_next.swap(false, Ordering::SeqCst) {
                 return Err(AuthError::UnexpectedStatus {
@@ -94,7 +108,8 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
     let cache = TokenCache::new(
         source,
         CacheConfig::default()
-            .fetch_timeout(Duration::from_secs(5))
+            // Generous: the first fetch of each round holds until its callers have started.
+            .fetch_timeout(Duration::from_secs(30))
             .backoff(Duration::from_millis(2), Duration::from_millis(4)),
     );
     let mut previous = cache.token().await.expect("first token").generation();
@@ -110,6 +125,10 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
         let failing = round % 5 == 4;
         probe.fail_next.store(failing, Ordering::SeqCst);
         let fetches_before = probe.fetches.load(Ordering::SeqCst);
+        // Every caller but the cancelled ones (which may not start at all) starts.
+        probe.callers_started.store(0, Ordering::SeqCst);
+        let starting = (0..tasks).filter(|i| i % 10 != 9).count();
+        probe.hold_for_callers.store(starting, Ordering::SeqCst);
 
         // The caller that starts the refresh is cancelled as soon as the fetch runs
         // (invariant 7): everyone else must still get its outcome from that one fetch.
@@ -131,7 +150,9 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
                     _ => Role::Cancelled,
                 };
                 let older = previous;
+                let probe = probe.clone();
                 let handle = tokio::spawn(async move {
+                    probe.callers_started.fetch_add(1, Ordering::SeqCst);
                     let result = match i % 10 {
                         0..=3 | 9 => cache.refresh_after_401(current).await,
                         4 | 5 => cache.refresh_after_401(older).await,
@@ -150,7 +171,7 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
 
         let mut failures = 0;
         for (role, handle) in handles {
-            let joined = tokio::time::timeout(Duration::from_secs(10), handle)
+            let joined = tokio::time::timeout(Duration::from_secs(60), handle)
                 .await
                 .unwrap_or_else(|_| panic!("round {round}: a caller hangs"));
             let result = match joined {

@@ -32,10 +32,17 @@ pub fn h1_client() -> HttpClient {
 
 /// One HTTP/2 connection (prior knowledge): a thousand concurrent API requests use one
 /// socket.
+///
+/// No cap on streams the client resets itself: a replayed 401's stream is cancelled, and h2
+/// forgets a cancelled stream after a second, so on a busy machine the fake's late frames
+/// for thousands of them each count as a local error reset. Past h2's default cap (1,024)
+/// the client would end the connection with `GOAWAY(ENHANCE_YOUR_CALM)` and fail every
+/// request on it. The cap guards against a hostile server; this one is the fake.
 pub fn h2_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .http2_max_concurrent_reset_streams(100_000)
+        .http2_max_local_error_reset_streams(None)
         .build_http()
 }
 

@@ -574,11 +574,18 @@ async fn token_latency_delays_answers() {
     let started = Instant::now();
     get_token(&fake, &c).await;
     assert!(started.elapsed() >= Duration::from_millis(150));
+    // Both latencies change at run time and apply to their own host only. The contrasts are
+    // an hour against a bound that holds on a busy machine, not milliseconds against
+    // milliseconds.
+    fake.set_token_latency(Duration::from_secs(3600));
+    let held = tokio::time::timeout(Duration::from_millis(200), get_token(&fake, &c)).await;
+    assert!(held.is_err(), "an hour of token latency answered at once");
     fake.set_token_latency(Duration::ZERO);
+    fake.set_api_latency(Duration::from_secs(3600));
+    let t = tokio::time::timeout(Duration::from_secs(30), get_token(&fake, &c))
+        .await
+        .expect("a token request waited for the old token latency or the API latency");
     fake.set_api_latency(Duration::from_millis(100));
-    let started = Instant::now();
-    let t = get_token(&fake, &c).await;
-    assert!(started.elapsed() < Duration::from_millis(100));
     let started = Instant::now();
     send(&c, api_req(&fake, Method::GET, "/api/v2/ping", Some(&t))).await;
     assert!(started.elapsed() >= Duration::from_millis(100));
@@ -668,7 +675,11 @@ async fn shutdown_and_drop_stop_the_listeners() {
     let fake = FakeGenesys::start().await.unwrap();
     let addr = fake.login_addr().unwrap();
     drop(fake);
-    tokio::task::yield_now().await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The listener task stops when the runtime next runs it: poll, with a bound that holds
+    // on a busy machine, rather than sleep a fixed 20 ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
