@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{AuthError, CacheConfig, Endpoints, GenesysAuth, OAuthErrorCode};
+use genesys_auth_layer::{
+    AuthError, CacheConfig, Credentials, Endpoints, GenesysAuth, OAuthErrorCode,
+};
 use genesys_fake::FakeGenesys;
 use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
@@ -393,9 +395,9 @@ async fn invalid_client_reaches_every_waiter_once_and_the_backoff_holds() {
         .await
         .unwrap();
     fake.delete_client();
-    // A backoff of 1.5-3 s (equal jitter): the 200 callers and the call after them fall
-    // inside it, however busy the machine.
-    let config = CacheConfig::default().backoff(Duration::from_secs(3), Duration::from_secs(5));
+    // `invalid_client` is fatal: the wait is the longest backoff (60 s), so the 200 callers
+    // and the calls after them fall inside it, however busy the machine.
+    let config = CacheConfig::default().backoff(Duration::from_secs(3), Duration::from_secs(60));
     let auth = auth_for(&fake, config);
     let client = stack(&auth, h2_client());
 
@@ -431,13 +433,19 @@ async fn invalid_client_reaches_every_waiter_once_and_the_backoff_holds() {
     assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidClient));
     assert_eq!(fake.token_requests(), 1);
 
-    // The client is fixed; after the backoff the next call recovers.
+    // The client is fixed. A fatal answer waits the longest backoff (60 s here), not the
+    // first one: no token request goes out before it ...
     fake.restore_client();
-    let backoff_over = common::eventually(Duration::from_secs(60), || async {
-        auth.health().backoff_remaining.is_none()
-    })
-    .await;
-    assert!(backoff_over, "the backoff ends");
+    let err = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap_err();
+    assert!(
+        matches!(auth_error(&err), AuthError::BackingOff { .. }),
+        "{err}"
+    );
+    assert_eq!(fake.token_requests(), 1);
+    // ... unless the credentials are rotated (here: the same ones, re-read from a vault or a
+    // mounted secret), which ends it at once: the next call recovers.
+    let credentials = auth.credentials().unwrap().current();
+    auth.rotate_credentials(Credentials::clone(&credentials));
     let response = fire(&client, get(&fake, "/api/v2/ping")).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(fake.token_requests(), 2);

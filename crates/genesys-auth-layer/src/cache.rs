@@ -1,149 +1,82 @@
 //! The token cell.
 //!
 //! This module owns [`TokenCache`]: the current token in an `arc-swap` cell that requests
-//! read without a lock (beside it, one atomic word naming the fresh token's generation, which
-//! services check the header they kept against), and the slow path that replaces it:
-//! single-flight refresh with a shared outcome, refresh ahead of expiry, generation-scoped
-//! invalidation after a 401, and backoff after failures. It must never hold a lock across an
-//! `.await`, never let two token requests be in flight at once, and never let a caller wait
-//! without a bound.
+//! read without a lock, and the slow path that replaces it: single-flight refresh with a
+//! shared outcome, refresh ahead of expiry, generation-scoped invalidation after a 401, and
+//! backoff after failures. It must never hold its lock across an `.await` or while a token
+//! source runs, never let two token requests be in flight at once, and never let a caller
+//! wait without a bound.
+//!
+//! # Why it is correct
+//!
+//! * **A request decides alone.** It loads the current token and reads the clock once:
+//!   before the token's refresh instant it is sent; between refresh and expiry it is sent
+//!   and a refresh ahead is started unless one runs or a backoff forbids it; past expiry,
+//!   or with no token, the request waits for a refresh. No timer, kept copy or flag takes
+//!   part in that decision.
+//! * **One lock for the slow path.** Which refresh is in flight, the backoff, and the token
+//!   the API refused change only under `state`'s mutex, held for a few instructions.
+//! * **A refresh is one shared future**, kept in `state` while it runs. A task spawned on
+//!   the runtime that started it drives it, and so does every caller waiting for it
+//!   (`futures_util`'s `Shared`): a refresh never depends on one runtime still running, and
+//!   dropping one waiter cancels nothing. It ends at the fetch timeout; each waiter also
+//!   bounds its own wait (in case the timer's runtime has stopped), and the first to give
+//!   up records the failure.
+//! * **Its outcome is decided once**, in `complete`, under the lock: a success becomes the
+//!   next generation; a failure starts the backoff and, if a 401 had withdrawn a token that
+//!   is still within its lifetime, puts that token back (due for refresh) so requests keep
+//!   using it.
 
 use std::collections::hash_map::RandomState;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::future::{FutureExt, Shared};
 use http::HeaderValue;
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::{AuthError, InvalidTokenResponse};
 use crate::observe::{CacheStats, Counters, Health};
-use crate::source::TokenSource;
-use crate::token::{Phase, Token, TokenGeneration, MAX_TOKEN_LIFETIME};
+use crate::source::{BoxFuture, TokenSource};
+use crate::token::{IssuedToken, Token, TokenGeneration, MAX_TOKEN_LIFETIME};
 
 /// Refresh at least this long before expiry. Genesys tokens live for hours; a minute
 /// covers a slow token endpoint, a retry or two, and clock drift between hosts.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION};
-///
-/// assert_eq!(DEFAULT_REFRESH_AHEAD, Duration::from_secs(60));
-/// let config = CacheConfig::default()
-///     .refresh_ahead(DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_AHEAD_FRACTION);
-/// assert_eq!(config, CacheConfig::default());
-/// ```
 pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(60);
 /// ... or this share of the token's lifetime, if larger (10 %: 2.4 h of a 24 h token).
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::DEFAULT_REFRESH_AHEAD_FRACTION;
-///
-/// assert_eq!(DEFAULT_REFRESH_AHEAD_FRACTION, 0.10);
-/// let day = Duration::from_secs(24 * 60 * 60);
-/// assert_eq!(day.mul_f64(DEFAULT_REFRESH_AHEAD_FRACTION), Duration::from_secs(8640)); // 2.4 h
-/// ```
 pub const DEFAULT_REFRESH_AHEAD_FRACTION: f64 = 0.10;
 /// Up to this share of the refresh window is added at random, so that a fleet started
 /// together does not refresh in lock-step.
-///
-/// ```
-/// use genesys_auth_layer::{CacheConfig, DEFAULT_REFRESH_JITTER};
-///
-/// assert_eq!(DEFAULT_REFRESH_JITTER, 0.25);
-/// let config = CacheConfig::default().refresh_jitter(DEFAULT_REFRESH_JITTER);
-/// assert_eq!(config, CacheConfig::default());
-/// ```
 pub const DEFAULT_REFRESH_JITTER: f64 = 0.25;
 /// How long one token request may take, body included. Every caller waiting on a refresh
-/// gets an answer within this bound.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, DEFAULT_FETCH_TIMEOUT};
-///
-/// assert_eq!(DEFAULT_FETCH_TIMEOUT, Duration::from_secs(10));
-/// assert_eq!(CacheConfig::default().fetch_timeout_value(), DEFAULT_FETCH_TIMEOUT);
-/// ```
+/// gets an answer within this bound and a second.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// First wait after a failed token request; doubled per consecutive failure.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
-///
-/// assert_eq!(DEFAULT_BACKOFF_INITIAL, Duration::from_secs(1));
-/// let config = CacheConfig::default().backoff(DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX);
-/// assert_eq!(config, CacheConfig::default());
-/// ```
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
-/// Longest wait between failed token requests, also the cap on an honoured `Retry-After`:
-/// a misconfigured client is retried once a minute, not in a loop, yet recovers without a
-/// restart once it is fixed.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX};
-///
-/// assert_eq!(DEFAULT_BACKOFF_MAX, Duration::from_secs(60));
-/// // A longer cap, with the default first wait:
-/// let config = CacheConfig::default().backoff(DEFAULT_BACKOFF_INITIAL, Duration::from_secs(300));
-/// assert_ne!(config, CacheConfig::default());
-/// ```
+/// Longest wait between failed token requests, and the wait after a fatal answer
+/// (`invalid_client`, …): a deleted or misconfigured client costs about one token request a
+/// minute, never a loop, yet recovers without a restart once it is fixed.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
-
 /// The shortest backoff after a failure: a floor so that no configuration turns a failing
 /// token endpoint into a loop of requests.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, MIN_BACKOFF};
-///
-/// assert_eq!(MIN_BACKOFF, Duration::from_millis(10));
-/// // No wait at all is not accepted: the floor is used instead.
-/// let none = CacheConfig::default().backoff(Duration::ZERO, Duration::from_secs(5));
-/// let floor = CacheConfig::default().backoff(MIN_BACKOFF, Duration::from_secs(5));
-/// assert_eq!(none, floor);
-/// ```
 pub const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// The shortest refresh window (see [`CacheConfig::refresh_ahead`]).
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{CacheConfig, TokenCache, MIN_REFRESH_WINDOW};
-/// # mod fake {
-/// #     use std::time::Duration;
-/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-/// #     pub struct Fixed;
-/// #     impl TokenSource for Fixed {
-/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-/// #         }
-/// #     }
-/// # }
-/// # use fake::Fixed;
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// // Asked for no window at all, a one-hour token still gets the shortest one.
-/// let config = CacheConfig::default().refresh_ahead(Duration::ZERO, 0.0).refresh_jitter(0.0);
-/// let cache = TokenCache::new(Fixed, config);
-/// let token = cache.token().await?;
-/// assert_eq!(token.expires_at() - token.refresh_at(), MIN_REFRESH_WINDOW);
-/// # Ok::<(), tower::BoxError>(()) }).unwrap();
-/// ```
 pub const MIN_REFRESH_WINDOW: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` (of a 429 or a 503 from the token endpoint) that is honoured
+/// as it is; a longer one waits this long. Genesys asks for seconds; ten minutes bounds a
+/// mistaken or hostile header while still letting the server spread a fleet's retries over
+/// several minutes.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(10 * 60);
 /// The longest backoff accepted.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 60 * 60);
 /// How much longer than the fetch timeout a caller waits for a refresh before giving up on
-/// it: the refresh task's own timeout normally answers first.
+/// it: the task driving the refresh normally gives up first.
 const WAIT_GRACE: Duration = Duration::from_secs(1);
 
 /// How a [`TokenCache`] refreshes and backs off. Every field has a documented default.
@@ -155,7 +88,8 @@ const WAIT_GRACE: Duration = Duration::from_secs(1);
 /// let config = CacheConfig::default()
 ///     .refresh_ahead(Duration::from_secs(120), 0.2)
 ///     .fetch_timeout(Duration::from_secs(5))
-///     .backoff(Duration::from_millis(500), Duration::from_secs(30));
+///     .backoff(Duration::from_millis(500), Duration::from_secs(30))
+///     .name("org-emea");
 /// assert_eq!(config.fetch_timeout_value(), Duration::from_secs(5));
 /// ```
 #[derive(Clone, Debug, PartialEq)]
@@ -168,7 +102,6 @@ pub struct CacheConfig {
     backoff_max: Duration,
     name: Option<Arc<str>>,
     refresh_while_idle: bool,
-    check_clock: bool,
 }
 
 impl Default for CacheConfig {
@@ -182,7 +115,6 @@ impl Default for CacheConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             name: None,
             refresh_while_idle: false,
-            check_clock: false,
         }
     }
 }
@@ -192,8 +124,7 @@ impl CacheConfig {
     /// never earlier than half-way through the lifetime. `fraction` is clamped to `0..=0.5`.
     ///
     /// The window is never shorter than [`MIN_REFRESH_WINDOW`] (or a tenth of the lifetime,
-    /// if that is shorter): a token refreshed only at its expiry would be sent expired
-    /// whenever its timer runs a moment late, and never refreshed ahead.
+    /// if that is shorter), so that a token is refreshed ahead rather than at its expiry.
     ///
     /// ```
     /// use std::time::Duration;
@@ -230,18 +161,8 @@ impl CacheConfig {
         self
     }
 
-    /// The share of the refresh window added at random (`0` for none; clamped to `0..=1`).
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// // No jitter: every process refreshes at the same point of a token's life.
-    /// let exact = CacheConfig::default().refresh_jitter(0.0);
-    /// assert_ne!(exact, CacheConfig::default());
-    /// // Shares above 1 count as 1.
-    /// let most = CacheConfig::default().refresh_jitter(1.0);
-    /// assert_eq!(CacheConfig::default().refresh_jitter(5.0), most);
-    /// ```
+    /// Adds up to `share` (clamped to `0..=1`) of the refresh window at random, per token
+    /// (default [`DEFAULT_REFRESH_JITTER`]); `0.0` makes refresh times exact, for tests.
     pub fn refresh_jitter(mut self, share: f64) -> Self {
         self.refresh_jitter = if share.is_finite() {
             share.clamp(0.0, 1.0)
@@ -251,134 +172,49 @@ impl CacheConfig {
         self
     }
 
-    /// Bounds one token request, body included (kept between 1 ms and 1 hour).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// let config = CacheConfig::default().fetch_timeout(Duration::from_secs(3));
-    /// assert_eq!(config.fetch_timeout_value(), Duration::from_secs(3));
-    /// // Zero is raised to the 1 ms floor.
-    /// let zero = CacheConfig::default().fetch_timeout(Duration::ZERO);
-    /// assert_eq!(zero.fetch_timeout_value(), Duration::from_millis(1));
-    /// ```
+    /// How long one token request may take (default [`DEFAULT_FETCH_TIMEOUT`]; clamped to
+    /// 1 ms – 1 h). A caller waiting for a refresh gets an answer within this and a second.
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 
-    /// The configured fetch timeout.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, DEFAULT_FETCH_TIMEOUT};
-    ///
-    /// assert_eq!(CacheConfig::default().fetch_timeout_value(), DEFAULT_FETCH_TIMEOUT);
-    /// ```
+    /// The fetch timeout in force.
     pub fn fetch_timeout_value(&self) -> Duration {
         self.fetch_timeout
     }
 
     /// Exponential backoff between failed token requests: `initial`, doubling, capped at
-    /// `max`. A 429's `Retry-After` replaces it, kept between `initial` and `max`.
+    /// `max` (each wait between half and all of that, at random). A fatal answer
+    /// (`invalid_client`, `invalid_scope`, …, see [`AuthError::is_fatal`]) waits `max` at
+    /// once; rotating the credentials ends that wait. A `Retry-After` on a 429 or a 503
+    /// replaces the backoff, honoured from `initial` up to [`RETRY_AFTER_CAP`].
     ///
     /// `initial` is at least [`MIN_BACKOFF`] (no failure may turn into a loop of token
-    /// requests) and `max` at most one day.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// let (initial, max) = (Duration::from_secs(2), Duration::from_secs(120));
-    /// assert_ne!(CacheConfig::default().backoff(initial, max), CacheConfig::default());
-    /// // `max` is never below `initial`.
-    /// let five = Duration::from_secs(5);
-    /// let inverted = CacheConfig::default().backoff(five, Duration::from_secs(1));
-    /// assert_eq!(inverted, CacheConfig::default().backoff(five, five));
-    /// ```
+    /// requests), `max` at most one day and never below `initial`.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial.clamp(MIN_BACKOFF, MAX_BACKOFF);
         self.backoff_max = max.clamp(self.backoff_initial, MAX_BACKOFF);
         self
     }
 
-    /// Whether the token's own timer starts the refresh when its refresh window opens,
-    /// even if no request comes (default: `false`, a request in the window starts it).
+    /// Whether the cache refreshes ahead of expiry even when no request comes (default:
+    /// `false`, a request in the refresh window starts it).
     ///
-    /// With `true`, a client idle for longer than a token's lifetime still finds a valid
-    /// token on its next request instead of waiting for one, at the price of a token
-    /// request per lifetime while the cache exists, used or not (more while the token
-    /// endpoint fails). If the refresh fails, the timer tries again each time the backoff
-    /// allows (by default 1 s doubling to 60 s, each wait between half and all of that,
-    /// never sooner), until a new token arrives or the old one expires; then requests take
-    /// over, as without the option.
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// let config = CacheConfig::default().refresh_while_idle(true);
-    /// assert!(config.refreshes_while_idle());
-    /// ```
+    /// With `true`, one task per cache sleeps until the token's refresh instant and starts
+    /// the refresh itself, so a client idle for longer than a token's lifetime still finds
+    /// a valid token on its next request, at the price of a token request per lifetime while
+    /// the cache exists, used or not. If the refresh fails, the task tries again each time
+    /// the backoff allows, until a new token arrives or the old one expires; then requests
+    /// take over, as without the option.
     pub fn refresh_while_idle(mut self, enabled: bool) -> Self {
         self.refresh_while_idle = enabled;
         self
     }
 
     /// Whether [`refresh_while_idle`](Self::refresh_while_idle) is on.
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// assert!(!CacheConfig::default().refreshes_while_idle());
-    /// assert!(CacheConfig::default().refresh_while_idle(true).refreshes_while_idle());
-    /// ```
     pub fn refreshes_while_idle(&self) -> bool {
         self.refresh_while_idle
-    }
-
-    /// Whether every request compares the clock with the token's refresh time (default:
-    /// `false`).
-    ///
-    /// By default a token's phase (fresh, due for refresh, expired) is moved on by a timer
-    /// task on the runtime, so a request with a fresh token reads no clock. Where that timer
-    /// may not run on time, turn this on:
-    ///
-    /// * a runtime driven only while a request runs (`block_on` per call behind a
-    ///   synchronous facade): the timer's runtime sleeps between calls, and a call is
-    ///   polled before the timers that fell due meanwhile;
-    /// * a process frozen between requests (serverless platforms that throttle the CPU
-    ///   outside requests, a paused VM).
-    ///
-    /// Without it, after such a gap the first requests can carry a token past its refresh
-    /// time, or past its expiry, until the timer runs; the API answers 401 and the full
-    /// stack ([`AuthReplayLayer`](crate::AuthReplayLayer), or
-    /// [`RefreshOn401`](crate::RefreshOn401) with tower's `Retry`) replays them (with
-    /// [`AuthLayer`](crate::AuthLayer) alone, the caller gets the 401). With it, each request costs one clock read (about
-    /// 20–25 ns), never carries a token past its expiry, and past its refresh time asks
-    /// for the refresh ahead (which starts unless one runs, a backoff forbids it, or another
-    /// thread holds the cache's lock at that instant; the next request asks again).
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// let config = CacheConfig::default().check_clock_per_request(true);
-    /// assert!(config.checks_clock_per_request());
-    /// ```
-    pub fn check_clock_per_request(mut self, enabled: bool) -> Self {
-        self.check_clock = enabled;
-        self
-    }
-
-    /// Whether [`check_clock_per_request`](Self::check_clock_per_request) is on.
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// assert!(!CacheConfig::default().checks_clock_per_request());
-    /// assert!(CacheConfig::default().check_clock_per_request(true).checks_clock_per_request());
-    /// ```
-    pub fn checks_clock_per_request(&self) -> bool {
-        self.check_clock
     }
 
     /// Names this cache in what operators see: the `cache` label of every `metrics` series
@@ -387,26 +223,12 @@ impl CacheConfig {
     /// organisations, say) add to the same series; name them to tell them apart.
     ///
     /// A name is shown in telemetry: never put a secret in it.
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// let config = CacheConfig::default().name("org-emea");
-    /// assert_eq!(config.name_value(), Some("org-emea"));
-    /// ```
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(Arc::from(name.into()));
         self
     }
 
     /// The name given with [`name`](Self::name), if any.
-    ///
-    /// ```
-    /// use genesys_auth_layer::CacheConfig;
-    ///
-    /// assert_eq!(CacheConfig::default().name_value(), None);
-    /// assert_eq!(CacheConfig::default().name("org-apac").name_value(), Some("org-apac"));
-    /// ```
     pub fn name_value(&self) -> Option<&str> {
         self.name.as_deref()
     }
@@ -422,25 +244,28 @@ impl CacheConfig {
             .min(lifetime / 2)
     }
 
-    /// How long to wait after the `consecutive`-th failure in a row.
+    /// How long to wait after the `consecutive`-th failure in a row, `error`.
     fn backoff_after(&self, consecutive: u32, error: &AuthError) -> Duration {
+        if error.is_fatal() {
+            // Retrying sooner cannot help: only a changed configuration can.
+            return self.backoff_max;
+        }
         if let Some(asked) = error.retry_after() {
-            // Honour the server, within bounds: `Retry-After: 0` must not turn every
-            // caller into a token request, nor a huge value stop refreshing for hours.
-            return asked.clamp(self.backoff_initial, self.backoff_max);
+            // The server knows best, within reason (a 429's or a 503's `Retry-After`).
+            return asked.max(self.backoff_initial).min(RETRY_AFTER_CAP);
         }
         let doubled = self
             .backoff_initial
             .saturating_mul(1u32 << consecutive.saturating_sub(1).min(20));
         let capped = doubled.min(self.backoff_max);
-        // "Equal jitter": between half and all of the exponential value, never under the
-        // floor.
+        // "Equal jitter": between half and all of the capped wait, so that a fleet that
+        // failed together spreads its retries, yet never retries sooner than half of it.
         (capped / 2 + (capped / 2).mul_f64(random_fraction())).max(MIN_BACKOFF)
     }
 }
 
-/// A uniform number in `[0, 1)`, from the standard library's randomly keyed hasher: jitter
-/// needs spread, not cryptographic quality, and this keeps `rand` out of the build.
+/// A number in `[0, 1)` that differs from call to call: enough randomness to spread a
+/// fleet's refreshes, with no dependency for it.
 fn random_fraction() -> f64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
@@ -448,35 +273,20 @@ fn random_fraction() -> f64 {
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Why a token was requested; recorded in tracing events (the `token_fetch` span, and the
-/// fetched and failed events), not in counters.
-///
-/// ```
-/// use genesys_auth_layer::RefreshReason;
-///
-/// let reasons = [RefreshReason::Initial, RefreshReason::AheadOfExpiry, RefreshReason::After401];
-/// let names = reasons.map(RefreshReason::as_str);
-/// assert_eq!(names, ["initial", "ahead-of-expiry", "after-401"]);
-/// ```
+/// Why a token request was made, as recorded in `tracing` (the `reason` field).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RefreshReason {
-    /// No token was cached, or it had expired: the caller waits.
+    /// No valid token was cached.
     Initial,
-    /// The token entered its refresh window; requests keep using it meanwhile.
+    /// The token entered its refresh window.
     AheadOfExpiry,
-    /// The API answered 401 for the current token.
+    /// The API refused the token (401).
     After401,
 }
 
 impl RefreshReason {
-    /// A stable name for logs and metrics.
-    ///
-    /// ```
-    /// use genesys_auth_layer::RefreshReason;
-    ///
-    /// assert_eq!(RefreshReason::After401.as_str(), "after-401");
-    /// ```
+    /// The name used in `tracing` fields.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Initial => "initial",
@@ -487,116 +297,73 @@ impl RefreshReason {
 }
 
 type Outcome = Result<Arc<Token>, AuthError>;
-type Channel = watch::Receiver<Option<Outcome>>;
+/// A refresh in flight: one token request whose outcome every poller shares.
+type Refresh = Shared<BoxFuture<'static, Outcome>>;
 
-/// The slow-path state, behind a mutex that is only ever held for a few instructions and
-/// never across an `.await`.
-struct RefreshState {
-    /// The refresh in flight, if any; its receivers see its outcome.
-    in_flight: Option<Channel>,
-    /// Its task, so that a refresh given up on is stopped rather than left to run late.
-    in_flight_task: Option<AbortHandle>,
-    /// Failures since the last success; `retry_at` is when the next attempt is allowed.
+/// Which cache a stamp or a policy refers to; ids are never reused in a process.
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
+
+struct Inner {
+    id: u64,
+    /// The token requests use; `None` before the first, after a 401 withdrew it, or never
+    /// (an expired token stays until replaced: requests check its expiry).
+    current: ArcSwapOption<Token>,
+    state: Mutex<State>,
+    source: Arc<dyn TokenSource>,
+    config: CacheConfig,
+    counters: Counters,
+}
+
+/// The slow path's state, changed only under `Inner::state`'s lock.
+struct State {
+    in_flight: Option<InFlight>,
     failure: Option<Failure>,
+    /// The token a 401 withdrew from `current`, put back if its refresh fails while it is
+    /// still within its lifetime.
+    refused: Option<Arc<Token>>,
+    refreshes_started: u64,
     last_generation: u64,
     last_success: Option<Instant>,
     last_error: Option<(Instant, Arc<AuthError>)>,
+    /// The `refresh_while_idle` task, once started (it ends when no valid token is left,
+    /// or with its runtime; the next token starts another).
+    idle_task: Option<tokio::task::AbortHandle>,
 }
 
-impl RefreshState {
-    /// Whether `channel` is the refresh in flight (and not one given up on or finished).
-    fn is_in_flight(&self, channel: &Channel) -> bool {
-        self.in_flight
-            .as_ref()
-            .is_some_and(|r| r.same_channel(channel))
-    }
-
-    /// Whether a backoff after a failure forbids a new token request at `now`.
-    fn backing_off(&self, now: Instant) -> bool {
-        self.failure.as_ref().is_some_and(|f| now < f.retry_at)
-    }
+struct InFlight {
+    id: u64,
+    outcome: Refresh,
 }
 
-/// Failures since the last success.
+/// The last failures in a row, and when the next token request may go out.
 struct Failure {
     error: Arc<AuthError>,
     consecutive: u32,
     since: Instant,
     retry_at: Instant,
+    /// For a fatal error, the source's credentials version when it happened: a rotation
+    /// since then ends the wait.
+    credentials: Option<u64>,
 }
 
-struct Inner {
-    /// Unique among the caches of this process: names the cache in 401 stamps, so a retry
-    /// policy acts only on 401s to its own tokens.
-    id: u64,
-    current: ArcSwapOption<Token>,
-    /// The generation of the current token while it is fresh (before its refresh window),
-    /// else 0. `AuthService`s keep the header of the fresh token they last used and check it
-    /// against this one load, instead of loading `current`.
-    fresh: FreshGeneration,
-    state: Mutex<RefreshState>,
-    /// A lock-free mirror of `state` for requests in a token's refresh window: nanoseconds
-    /// after `epoch` before which no refresh ahead may start (`u64::MAX` while one is in
-    /// flight, the end of the backoff after a failure, 0 when idle).
-    refresh_blocked_until: AtomicU64,
-    epoch: Instant,
-    source: Box<dyn TokenSource>,
-    config: CacheConfig,
-    counters: Counters,
+/// A refresh just marked in flight, whose driving task is spawned once the lock is free.
+struct Started {
+    outcome: Refresh,
+    runtime: tokio::runtime::Handle,
 }
 
-/// The next [`TokenCache`]'s identity.
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Every live cache, by id. A response future carries only its cache's id (an `Arc` per
-/// request would cost the hot path a reference-count round trip); a 401 it sees reaches
-/// the cache through this list, on the cold path. A cache leaves it when dropped.
-static CACHES: Mutex<BTreeMap<u64, std::sync::Weak<Inner>>> = Mutex::new(BTreeMap::new());
-
-fn caches() -> MutexGuard<'static, BTreeMap<u64, std::sync::Weak<Inner>>> {
-    CACHES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        caches().remove(&self.id);
-    }
-}
-
-/// The API answered 401 to a token of the cache `id` (a response's stamp); `replay` says
-/// whether the request was [`RefreshOn401`](crate::RefreshOn401)'s replay. Counted either
-/// way. A first 401's token, if still current, is dropped at once and one refresh starts,
-/// without waiting for it. This holds whether or not the request is replayed: a request
-/// whose body cannot be copied is not, and the refused token must not be sent again until
-/// it expires. A replay's 401 is only counted: its own refresh just ran, and a second one
-/// per request would double the token requests of an API that refuses every token.
-pub(crate) fn report_401(id: u64, generation: TokenGeneration, replay: bool) {
-    // The list's lock is released before the cache is used (or dropped: its `Drop` takes it).
-    let inner = caches().get(&id).and_then(std::sync::Weak::upgrade);
-    if let Some(inner) = inner {
-        inner.counters.unauthorized_answer();
-        if !replay {
-            TokenCache { inner }.refused(generation);
-        }
-    }
-}
-
-/// The shared token cell behind an [`AuthLayer`](crate::AuthLayer).
+/// The current token, refreshed ahead of expiry and after a 401, shared by every clone.
 ///
-/// Cloning is cheap and every clone shares the same token. An [`AuthService`](crate::AuthService)
-/// reads a valid token with no lock and no clock read: an `ArcSwap` load and the token's
-/// phase (fresh, due for refresh, expired), which a timer moves forward.
-/// [`token`](Self::token) takes no lock either, and reads the clock once. An [`AuthService`](crate::AuthService) does even
-/// less while the token is fresh: it keeps the header it last sent and checks one atomic
-/// word holding the fresh token's generation. When a token is missing or expired, one request
-/// goes to the token endpoint and every caller awaits its outcome; once a token enters its
-/// refresh window, the next request starts a background refresh and goes on with the
-/// still-valid token.
+/// Requests read it without a lock: one `ArcSwap` load and one clock read, compared with
+/// the token's refresh and expiry instants. When a token is missing or expired, one
+/// request goes to the token endpoint and every caller awaits its outcome; once a token
+/// enters its refresh window, the next request starts a background refresh and goes on
+/// with the still-valid token.
 ///
-/// Refreshes run on their own Tokio task (so dropping a waiting request cannot cancel one)
-/// and need a runtime with its time driver enabled.
+/// A refresh is driven by a task on the runtime that started it *and* by every caller that
+/// waits for it, so a caller never waits on a runtime that has stopped (a `block_on` per
+/// call behind a synchronous facade, a runtime shut down after start-up). Token requests
+/// need a Tokio runtime with its time driver enabled.
 ///
 /// ```
 /// use std::time::Duration;
@@ -611,10 +378,11 @@ pub(crate) fn report_401(id: u64, generation: TokenGeneration, replay: bool) {
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-/// let token = cache.token().await?;
-/// assert_eq!(token.generation().0, 1);
-/// assert_eq!(cache.stats().token_requests, 1);
-/// cache.token().await?; // cached: no second request
+/// // Two callers at once share one token request ...
+/// let (a, b) = tokio::join!(cache.token(), cache.token());
+/// assert_eq!(a?.generation(), b?.generation());
+/// // ... and the cached token serves the next ones.
+/// cache.token().await?;
 /// assert_eq!(cache.stats().token_requests, 1);
 /// # Ok::<(), AuthError>(()) }).unwrap();
 /// ```
@@ -624,125 +392,53 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    /// A cache that obtains its tokens from `source`.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default().name("org-emea"));
-    /// // Nothing is fetched until a token is needed.
-    /// assert!(cache.current().is_none());
-    /// assert_eq!(cache.stats().token_requests, 0);
-    /// ```
+    /// A cache that obtains its tokens from `source`. Nothing is fetched until a token is
+    /// needed.
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
         let counters = Counters::new(config.name_value());
-        let cache = Self {
+        Self {
             inner: Arc::new(Inner {
                 id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
                 current: ArcSwapOption::empty(),
-                state: Mutex::new(RefreshState {
+                state: Mutex::new(State {
                     in_flight: None,
-                    in_flight_task: None,
                     failure: None,
+                    refused: None,
+                    refreshes_started: 0,
                     last_generation: 0,
                     last_success: None,
                     last_error: None,
+                    idle_task: None,
                 }),
-                fresh: FreshGeneration::default(),
-                refresh_blocked_until: AtomicU64::new(0),
-                epoch: Instant::now(),
-                source: Box::new(source),
+                source: Arc::new(source),
                 config,
                 counters,
             }),
-        };
-        caches().insert(cache.inner.id, Arc::downgrade(&cache.inner));
-        cache
+        }
     }
 
-    /// The hot path: the header and generation of a token valid now, if there is one.
-    ///
-    /// Takes no lock, reads no clock while the token is fresh, and allocates nothing (a
-    /// `HeaderValue` clone is a reference-count increment). Inside the refresh window it
-    /// reads the clock and, unless a refresh runs or the backoff forbids it (both known from
-    /// one atomic load), starts a background refresh.
-    #[inline]
-    pub(crate) fn fresh_header(&self) -> Option<(HeaderValue, TokenGeneration, Instant)> {
+    /// The header to attach to a request now, and its generation; `None`: no valid token,
+    /// the request must wait for one. The hot path: no lock, one clock read.
+    pub(crate) fn header(&self) -> Option<(HeaderValue, TokenGeneration)> {
         let guard = self.inner.current.load();
         let token = guard.as_deref()?;
-        match self.phase_of(token) {
-            Phase::Fresh => {}
-            Phase::Due => {
-                let now = Instant::now();
-                if !token.is_valid_at(now) {
-                    return None;
-                }
-                self.refresh_ahead(now);
+        let now = Instant::now();
+        if now >= token.refresh_at() {
+            if !token.is_valid_at(now) {
+                return None;
             }
-            Phase::Expired => return None,
+            self.refresh_ahead(now);
         }
         self.inner.counters.request_authorized();
-        Some((
-            token.header().clone(),
-            token.generation(),
-            token.refresh_at(),
-        ))
+        Some((token.header().clone(), token.generation()))
     }
 
-    /// The token's phase; with [`CacheConfig::check_clock_per_request`], checked against
-    /// the clock too, doing the work of a timer that runs late (the token is marked due and
-    /// withdrawn from the services' kept headers).
-    #[inline]
-    fn phase_of(&self, token: &Token) -> Phase {
-        let phase = token.phase();
-        if phase == Phase::Fresh && self.inner.config.check_clock {
-            self.phase_by_clock(token)
-        } else {
-            phase
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn phase_by_clock(&self, token: &Token) -> Phase {
-        if Instant::now() < token.refresh_at() {
-            return Phase::Fresh;
-        }
-        self.inner.mark_due(token);
-        token.phase()
-    }
-
-    /// Whether every request checks the clock (see [`CacheConfig::check_clock_per_request`]).
-    pub(crate) fn checks_clock(&self) -> bool {
-        self.inner.config.check_clock
-    }
-
-    /// This cache's identity, unique in the process.
+    /// Which cache this is, for the stamps on responses.
     pub(crate) fn id(&self) -> u64 {
         self.inner.id
     }
 
-    /// The generation of the current token while it is fresh, else 0: a service that
-    /// kept the header of that generation may send it without loading the token.
-    #[inline]
-    pub(crate) fn fresh_generation(&self) -> u64 {
-        self.inner.fresh.0.load(Ordering::Acquire)
-    }
-
-    /// Counts a request authorized with a header the service kept, or after waiting for a
-    /// token.
-    #[inline]
+    /// Counts a request authorized after waiting for its token.
     pub(crate) fn count_authorized(&self) {
         self.inner.counters.request_authorized();
     }
@@ -753,29 +449,6 @@ impl TokenCache {
     /// Fails with the refresh's error (shared by all its waiters) or, while a backoff after
     /// a failure runs, at once with [`AuthError::BackingOff`]. Never waits longer than the
     /// fetch timeout and a second.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// // Two callers at once share one token request.
-    /// let (a, b) = tokio::join!(cache.token(), cache.token());
-    /// assert_eq!(a?.generation(), b?.generation());
-    /// assert_eq!(cache.stats().token_requests, 1);
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         let now = Instant::now();
         if let Some(token) = self.inner.current.load_full() {
@@ -792,11 +465,12 @@ impl TokenCache {
     /// Reports that the API answered 401 for a token of `generation`, and returns a token
     /// newer than it.
     ///
-    /// If `generation` is still current, it is dropped and one refresh starts; a 401 for an
-    /// older generation (it arrived after a refresh) causes no token request at all, and
+    /// If `generation` is still current, it is withdrawn and one refresh starts; a 401 for
+    /// an older generation (it arrived after a refresh) causes no token request at all, and
     /// neither does one for a generation this cache never issued (the current token is
     /// returned). Any number of concurrent calls for the same generation cause at most one
-    /// token request.
+    /// token request. While a backoff runs, the refused token stays in use (it may have
+    /// been refused by mistake) and this fails with [`AuthError::BackingOff`].
     ///
     /// ```
     /// use genesys_auth_layer::{CacheConfig, TokenCache};
@@ -828,62 +502,17 @@ impl TokenCache {
         generation: TokenGeneration,
     ) -> Result<Arc<Token>, AuthError> {
         self.inner.counters.unauthorized_reported();
+        self.refused(generation);
         self.wait_for_token(RefreshReason::After401, Some(generation))
             .await
     }
 
     /// The cached token, valid or not, without side effects.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// assert!(cache.current().is_none());
-    /// let token = cache.token().await?;
-    /// assert_eq!(cache.current().map(|t| t.generation()), Some(token.generation()));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn current(&self) -> Option<Arc<Token>> {
         self.inner.current.load_full()
     }
 
-    /// The counters so far.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// let token = cache.token().await?;
-    /// cache.refresh_after_401(token.generation()).await?;
-    /// let stats = cache.stats();
-    /// assert_eq!((stats.token_requests, stats.tokens_fetched, stats.fetch_failures), (2, 2, 0));
-    /// assert_eq!(stats.unauthorized_reported, 1);
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// The counters so far: a cheap snapshot.
     pub fn stats(&self) -> CacheStats {
         self.inner.counters.snapshot()
     }
@@ -912,7 +541,7 @@ impl TokenCache {
     /// assert_eq!(health.consecutive_failures, 1);
     /// assert_eq!(health.last_error.as_ref().map(|e| e.cause()), Some("http_status"));
     /// assert!(health.can_obtain_tokens()); // one 503 is routine
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
+    /// # });
     /// ```
     pub fn health(&self) -> Health {
         let now = Instant::now();
@@ -930,308 +559,283 @@ impl TokenCache {
             last_error: state.last_error.as_ref().map(|(_, e)| AuthError::clone(e)),
             since_last_error: state.last_error.as_ref().map(|(at, _)| now - *at),
             consecutive_failures: state.failure.as_ref().map_or(0, |f| f.consecutive),
-            backoff_remaining: state
-                .failure
-                .as_ref()
-                .filter(|f| now < f.retry_at)
-                .map(|f| f.retry_at - now),
+            backoff_remaining: self.backing_off(&state, now).map(|f| f.retry_at - now),
         }
     }
 
-    /// The API refused the current token: nobody may use it any more, kept headers
-    /// included. Called with the state lock held.
-    fn withdraw_current(&self) {
-        self.inner.current.store(None);
-        self.inner.fresh.clear();
+    /// The API answered 401 to a token of `generation` that this cache attached; `replay`:
+    /// to a replay, whose refresh already ran (only counted: a second refresh per request
+    /// would double the token requests of an API that refuses every token). Returns whether
+    /// the request can be replayed with another token.
+    pub(crate) fn answered_401(&self, generation: TokenGeneration, replay: bool) -> bool {
+        self.inner.counters.unauthorized_answer();
+        !replay && self.refused(generation)
     }
 
-    /// Drops the token of `generation` if it is still current, and starts one refresh
-    /// (unless one runs or the backoff forbids it) without waiting for it.
-    fn refused(&self, generation: TokenGeneration) {
-        let launch = {
+    /// The API answered 401 to a token of `generation` that this cache issued. Returns
+    /// whether a replay is worth trying: `false` only when that token stays in use.
+    ///
+    /// If `generation` is current it is withdrawn and a refresh starts, unless a backoff
+    /// runs: then the token stays in use (the 401 may have been a mistake, and there is no
+    /// other token to send) and the 401 goes back to the caller.
+    pub(crate) fn refused(&self, generation: TokenGeneration) -> bool {
+        let (kept, started) = {
             let mut state = self.lock_state();
-            let current = self.inner.current.load().as_deref().map(Token::generation);
-            if current != Some(generation) {
-                return;
-            }
-            self.withdraw_current();
-            let now = Instant::now();
-            if state.backing_off(now) || self.joinable_refresh(&mut state).is_some() {
-                return;
-            }
-            match self.begin_refresh(&mut state, RefreshReason::After401, false) {
-                Ok((_, launch)) => launch,
-                // Without a runtime, the next request starts it.
-                Err(_) => return,
+            let current = self.inner.current.load_full();
+            match current.filter(|t| t.generation() == generation) {
+                None => (false, None),
+                Some(_) if self.backing_off(&state, Instant::now()).is_some() => (true, None),
+                Some(token) => {
+                    self.inner.current.store(None);
+                    state.refused = Some(token);
+                    let started = match state.in_flight {
+                        Some(_) => None,
+                        None => self.begin(&mut state, RefreshReason::After401).ok(),
+                    };
+                    (false, started)
+                }
             }
         };
-        launch.spawn();
+        if let Some(started) = started {
+            self.drive(started);
+        }
+        !kept
     }
 
-    /// The slow path, shared by a missing/expired token and a 401.
+    /// Waits for a valid token other than `rejected`: the current one, or the outcome of the
+    /// refresh in flight (started here if none runs and no backoff forbids it).
     async fn wait_for_token(
         &self,
         reason: RefreshReason,
         rejected: Option<TokenGeneration>,
     ) -> Result<Arc<Token>, AuthError> {
-        let (mut receiver, launch) = {
+        let usable = |token: &Arc<Token>| {
+            token.is_valid_at(Instant::now()) && Some(token.generation()) != rejected
+        };
+        let (id, refresh, started) = {
             let mut state = self.lock_state();
-            let now = Instant::now();
-            if let Some(token) = self.inner.current.load_full() {
-                // Any generation but the current one is no reason to drop it: an older one
-                // was refused before a refresh, and a newer one cannot be this cache's
-                // (another cache's generation passed by mistake must not cost a refresh).
-                let not_refused = rejected.is_none_or(|g| token.generation() != g);
-                if not_refused && token.is_valid_at(now) {
-                    return Ok(token);
-                }
-                if rejected == Some(token.generation()) {
-                    self.withdraw_current();
-                }
+            if let Some(token) = self.inner.current.load_full().filter(usable) {
+                return Ok(token);
             }
             if reason == RefreshReason::Initial {
                 self.inner.counters.waited_for_token();
             }
-            match self.joinable_refresh(&mut state) {
-                Some(receiver) => (receiver, None),
+            match &state.in_flight {
+                Some(in_flight) => (in_flight.id, in_flight.outcome.clone(), None),
                 None => {
-                    if let Some(failure) = &state.failure {
-                        if now < failure.retry_at {
-                            return Err(AuthError::BackingOff {
-                                retry_in: failure.retry_at - now,
-                                last: failure.error.clone(),
-                            });
-                        }
+                    let now = Instant::now();
+                    if let Some(failure) = self.backing_off(&state, now) {
+                        return Err(AuthError::BackingOff {
+                            retry_in: failure.retry_at - now,
+                            last: failure.error.clone(),
+                        });
                     }
-                    let (receiver, launch) = self.begin_refresh(&mut state, reason, true)?;
-                    (receiver, Some(launch))
+                    let started = self.begin(&mut state, reason)?;
+                    let id = state.refreshes_started;
+                    (id, started.outcome.clone(), Some(started))
                 }
             }
         };
-        // Spawned with the lock released: a runtime that is shutting down drops the task
-        // at once, and its guard must be able to take the lock to record that.
-        if let Some(launch) = launch {
-            launch.spawn();
+        if let Some(started) = started {
+            self.drive(started);
         }
-        // Already decided (for instance a task that could not start published its failure
-        // at once): no need to wait, nor to touch a timer.
-        let decided = receiver.borrow().clone();
-        if let Some(outcome) = decided {
-            return outcome;
-        }
-        // The refresh task bounds itself with the fetch timeout; this bound also holds if
-        // that task cannot run (its runtime is blocked or gone).
-        let patience = self.inner.config.fetch_timeout + WAIT_GRACE;
-        let refresh = receiver.clone();
-        let outcome = match tokio::time::timeout(patience, receiver.wait_for(Option::is_some)).await
-        {
-            Ok(Ok(outcome)) => outcome.clone(),
-            Ok(Err(_)) => None,
+        // This caller polls the refresh too: it makes progress even if the task driving it
+        // sits on a runtime that is no longer running.
+        let timeout = self.inner.config.fetch_timeout;
+        let outcome = match tokio::time::timeout(timeout + WAIT_GRACE, refresh).await {
+            Ok(outcome) => outcome,
             Err(_) => {
-                let error = AuthError::Timeout(self.inner.config.fetch_timeout);
-                self.abandon(&refresh, &error);
-                return Err(error);
+                let error = AuthError::Timeout(timeout);
+                self.abandon(id, &error);
+                Err(error)
             }
         };
-        outcome.unwrap_or(Err(AuthError::RefreshAborted))
+        match outcome {
+            // The refused token was put back (its refresh failed): use it while it lasts.
+            Err(error) => self.inner.current.load_full().filter(usable).ok_or(error),
+            Ok(token) => Ok(token),
+        }
     }
 
-    /// Starts a background refresh for a token inside its refresh window, unless one runs,
-    /// the backoff forbids it (both known without a lock), or another thread is deciding.
+    /// Starts a refresh ahead of expiry if the current token is due, none runs, and no
+    /// backoff forbids it. Never waits for the lock: if another thread holds it, that
+    /// thread is deciding the same thing, or the next request will.
     fn refresh_ahead(&self, now: Instant) {
-        if self.nanos(now) < self.inner.refresh_blocked_until.load(Ordering::Relaxed) {
-            return;
-        }
-        let state = match self.inner.state.try_lock() {
+        let mut state = match self.inner.state.try_lock() {
             Ok(state) => state,
-            // Like `lock_state`: a panic elsewhere must not stop refreshing for good.
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return,
+            Err(TryLockError::WouldBlock) => return,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
         };
-        self.refresh_ahead_locked(state, now);
-    }
-
-    /// [`refresh_ahead`](Self::refresh_ahead) for the token's timer, which is the only one
-    /// to ask when no request comes: it waits for the lock (never held across an await)
-    /// instead of leaving the decision to a caller that may never come, and decides from
-    /// the state under the lock rather than from the lock-free hint.
-    fn refresh_ahead_from_timer(&self, now: Instant) {
-        let state = self.lock_state();
-        self.refresh_ahead_locked(state, now);
-    }
-
-    /// When the timer of an idle cache looks again after asking for a refresh at `now`: once
-    /// the refresh in flight has ended (or had its time), or at the end of the backoff after
-    /// a failure.
-    fn next_idle_attempt(&self, now: Instant) -> IdleWait {
-        let deadline = now + self.inner.config.fetch_timeout + WAIT_GRACE;
-        let mut state = self.lock_state();
-        if let Some(refresh) = self.joinable_refresh(&mut state) {
-            return IdleWait::Refresh(refresh, deadline);
-        }
-        match &state.failure {
-            Some(failure) if failure.retry_at > now => IdleWait::Until(failure.retry_at),
-            // Neither running nor backing off: the refresh already published a newer token
-            // (or the current one is not due), so there is nothing left to do.
-            _ => IdleWait::Done,
+        let started = self.start_ahead(&mut state, now);
+        drop(state);
+        if let Some(started) = started {
+            self.drive(started);
         }
     }
 
-    fn refresh_ahead_locked(&self, mut state: MutexGuard<'_, RefreshState>, now: Instant) {
-        let still_due = self
+    fn start_ahead(&self, state: &mut State, now: Instant) -> Option<Started> {
+        let due = self
             .inner
             .current
             .load()
             .as_deref()
             .is_some_and(|t| now >= t.refresh_at() && t.is_valid_at(now));
-        let backing_off = state.backing_off(now);
-        if still_due && !backing_off && self.joinable_refresh(&mut state).is_none() {
-            // Without a runtime the request goes on with the still-valid token.
-            if let Ok((_, launch)) =
-                self.begin_refresh(&mut state, RefreshReason::AheadOfExpiry, false)
-            {
-                drop(state);
-                launch.spawn();
-            }
+        if !due || state.in_flight.is_some() || self.backing_off(state, now).is_some() {
+            return None;
         }
+        self.begin(state, RefreshReason::AheadOfExpiry).ok()
     }
 
-    /// The refresh in flight, if its task is still alive.
-    fn joinable_refresh(&self, state: &mut RefreshState) -> Option<Channel> {
-        match &state.in_flight {
-            // `has_changed` fails once the sender is gone: the task died without reporting.
-            Some(receiver) if receiver.has_changed().is_ok() => Some(receiver.clone()),
-            Some(_) => {
-                state.in_flight = None;
-                self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
-                None
-            }
-            None => None,
-        }
+    /// The failure whose backoff forbids a token request at `now`, if any.
+    fn backing_off<'s>(&self, state: &'s State, now: Instant) -> Option<&'s Failure> {
+        let rotated = |version| version != self.inner.source.credentials_version();
+        state
+            .failure
+            .as_ref()
+            .filter(|f| now < f.retry_at && !f.credentials.is_some_and(rotated))
     }
 
-    /// Marks a refresh as in flight (under the lock) and returns what spawns it, to be
-    /// called once the lock is released. The task runs to completion even if every caller
-    /// that waits on it goes away, so dropping a request never cancels a refresh others need.
-    /// `awaited`: a caller waits for this refresh from its start.
-    fn begin_refresh(
-        &self,
-        state: &mut RefreshState,
-        reason: RefreshReason,
-        awaited: bool,
-    ) -> Result<(Channel, RefreshLaunch), AuthError> {
+    /// Marks a refresh in flight. Its future asks the source for a token and decides the
+    /// outcome; [`drive`](Self::drive) spawns the task that polls it.
+    fn begin(&self, state: &mut State, reason: RefreshReason) -> Result<Started, AuthError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AuthError::NoRuntime)?;
-        let (sender, receiver) = watch::channel(None);
-        state.in_flight = Some(receiver.clone());
-        state.in_flight_task = None;
-        self.inner
-            .refresh_blocked_until
-            .store(u64::MAX, Ordering::Relaxed);
-        self.inner.counters.token_request();
-        let launch = RefreshLaunch {
-            runtime,
-            guard: RefreshGuard {
-                cache: self.clone(),
-                channel: receiver.clone(),
-                sender: Some(sender),
-                reason,
-            },
-            // With a caller waiting, counted from now, not from when the task first runs: a
-            // task that starts late must not send a request its waiters have already given
-            // up on. A refresh nobody waits for yet (ahead of expiry, or after a 401 seen
-            // in a response) is counted from its first run, since its runtime may not run
-            // it before the next call (`block_on` per call), which would otherwise find it
-            // timed out without having asked.
-            deadline: awaited.then(|| Instant::now() + self.inner.config.fetch_timeout),
+        state.refreshes_started += 1;
+        let id = state.refreshes_started;
+        let source = self.inner.source.clone();
+        // Weak: a refresh nobody polls any more must not keep its cache alive.
+        let cache = Arc::downgrade(&self.inner);
+        let span = tracing::info_span!(
+            target: "genesys_auth_layer::token",
+            "token_fetch",
+            reason = reason.as_str(),
+            cache = self.inner.config.name_value()
+        );
+        let timeout = self.inner.config.fetch_timeout;
+        let fetch = async move {
+            let requested_at = Instant::now();
+            let fetch = tokio::time::timeout(timeout, source.fetch());
+            // A panicking source is a failed refresh, not a panic in every caller polling
+            // it; so is a timer whose runtime has shut down.
+            let result = match AssertUnwindSafe(fetch).catch_unwind().await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(AuthError::Timeout(timeout)),
+                Err(_) => Err(AuthError::RefreshAborted),
+            };
+            match cache.upgrade() {
+                Some(inner) => TokenCache { inner }.complete(id, result, requested_at, reason),
+                None => Err(AuthError::RefreshAborted),
+            }
         };
-        Ok((receiver, launch))
+        let fetch: BoxFuture<'static, Outcome> = Box::pin(fetch.instrument(span));
+        let outcome = fetch.shared();
+        state.in_flight = Some(InFlight {
+            id,
+            outcome: outcome.clone(),
+        });
+        self.inner.counters.token_request();
+        Ok(Started { outcome, runtime })
     }
 
-    /// Records a refresh's result: the new token, or the failure and its backoff. Events
-    /// are emitted after the lock is released.
-    ///
-    /// `channel` identifies the refresh: if a waiter gave up on it and another refresh
-    /// started meanwhile, this late result must not clear that one's in-flight marker.
+    /// Spawns the task that drives a refresh to its end even if no caller waits for it (a
+    /// refresh ahead, or every waiter gone).
+    fn drive(&self, started: Started) {
+        drop(started.runtime.spawn(started.outcome));
+    }
+
+    /// Decides refresh `id`'s outcome: runs once, inside the refresh's shared future.
     fn complete(
         &self,
-        channel: &Channel,
-        result: Result<crate::IssuedToken, AuthError>,
+        id: u64,
+        result: Result<IssuedToken, AuthError>,
         requested_at: Instant,
         reason: RefreshReason,
     ) -> Outcome {
         let now = Instant::now();
         let mut state = self.lock_state();
-        let own = state.is_in_flight(channel);
-        if own {
-            state.in_flight = None;
-            state.in_flight_task = None;
-        }
-        let idle = state.in_flight.is_none();
-        let result = result.and_then(|issued| {
-            let lifetime = issued.lifetime();
-            let window = self.inner.config.refresh_window(lifetime);
-            let generation = TokenGeneration(state.last_generation + 1);
-            let token = Token::new(issued, generation, requested_at, window);
-            // A token with almost no life left would cost a refresh per round trip.
-            let least = (lifetime / 10).min(Duration::from_secs(1));
-            if token.is_valid_at(now + least) {
-                Ok((Arc::new(token), lifetime, window))
-            } else {
-                Err(InvalidTokenResponse::ExpiredOnArrival.into())
-            }
-        });
-        match result {
-            Ok((token, lifetime, window)) => {
-                state.last_generation = token.generation().0;
-                state.last_success = Some(now);
-                let recovered = if idle { state.failure.take() } else { None };
-                self.inner.current.store(Some(token.clone()));
-                self.inner.fresh.publish(&token);
-                // Armed once the token is current: a token that arrives already due has a
-                // timer that may run at once on another thread, and its idle refresh gives
-                // up on a token that is not current.
-                self.arm_timers(&token);
-                if idle {
-                    self.inner.refresh_blocked_until.store(0, Ordering::Relaxed);
-                }
-                drop(state);
-
-                self.inner.counters.token_fetched();
-                tracing::info!(
-                    target: "genesys_auth_layer::token",
-                    generation = token.generation().0,
-                    lifetime_secs = lifetime.as_secs(),
-                    refresh_in_secs = (lifetime - window).as_secs(),
-                    duration_ms = (now - requested_at).as_millis() as u64,
-                    reason = reason.as_str(),
-                    "token fetched"
-                );
-                if let Some(failure) = recovered {
+        let own = state.in_flight.as_ref().is_some_and(|f| f.id == id);
+        // Dropped once the lock is released, like every refresh taken out of the state.
+        let finished = if own { state.in_flight.take() } else { None };
+        let generation = TokenGeneration(state.last_generation + 1);
+        let outcome =
+            match result.and_then(|issued| self.new_token(issued, generation, requested_at, now)) {
+                Ok(token) => {
+                    state.last_generation = generation.0;
+                    state.last_success = Some(now);
+                    state.refused = None;
+                    // A refresh given up on (timed out) that succeeds late still stores its
+                    // token, but only the refresh in flight ends the backoff.
+                    let recovered = if own { state.failure.take() } else { None };
+                    self.inner.current.store(Some(token.clone()));
+                    self.keep_idle_task(&mut state);
+                    drop(state);
+                    self.inner.counters.token_fetched();
                     tracing::info!(
                         target: "genesys_auth_layer::token",
-                        failed_attempts = failure.consecutive,
-                        outage_ms = (now - failure.since).as_millis() as u64,
-                        "backoff left"
+                        generation = generation.0,
+                        lifetime_secs = (token.expires_at() - token.requested_at()).as_secs(),
+                        refresh_in_secs = (token.refresh_at() - token.requested_at()).as_secs(),
+                        duration_ms = (now - requested_at).as_millis() as u64,
+                        reason = reason.as_str(),
+                        "token fetched"
                     );
+                    if let Some(failure) = recovered {
+                        tracing::info!(
+                            target: "genesys_auth_layer::token",
+                            failed_attempts = failure.consecutive,
+                            outage_ms = (now - failure.since).as_millis() as u64,
+                            "backoff left"
+                        );
+                    }
+                    Ok(token)
                 }
-                Ok(token)
-            }
-            Err(error) => {
-                if own {
-                    state.in_flight_task = None;
-                    self.record_failure(state, &error, now, reason);
+                Err(error) if own => {
+                    self.fail(state, &error, now, reason);
+                    Err(error)
                 }
-                // Otherwise a waiter gave up on this refresh and recorded that already, or
-                // a newer refresh is in flight and its outcome decides what happens next.
-                Err(error)
-            }
+                // A refresh given up on already counted as failed.
+                Err(error) => Err(error),
+            };
+        drop(finished);
+        outcome
+    }
+
+    /// A token for `issued`, or an error if it would expire before it could be used.
+    fn new_token(
+        &self,
+        issued: IssuedToken,
+        generation: TokenGeneration,
+        requested_at: Instant,
+        now: Instant,
+    ) -> Result<Arc<Token>, AuthError> {
+        let lifetime = issued.lifetime();
+        let window = self.inner.config.refresh_window(lifetime);
+        let token = Token::new(issued, generation, requested_at, window);
+        // It must outlive the round trip that brought it by a margin, or it is useless.
+        let least = (lifetime / 10).min(Duration::from_secs(1));
+        if token.is_valid_at(now + least) {
+            Ok(Arc::new(token))
+        } else {
+            Err(InvalidTokenResponse::ExpiredOnArrival.into())
         }
     }
 
-    /// Records a failure and its backoff, and releases the lock before logging.
-    fn record_failure(
+    /// Gives up on refresh `id` (it outlasted the fetch timeout) if it is still the one in
+    /// flight. Whoever still polls it may see it succeed later; its token is then kept.
+    fn abandon(&self, id: u64, error: &AuthError) {
+        let mut state = self.lock_state();
+        if state.in_flight.as_ref().is_none_or(|f| f.id != id) {
+            return;
+        }
+        let abandoned = state.in_flight.take();
+        self.fail(state, error, Instant::now(), RefreshReason::Initial);
+        drop(abandoned);
+    }
+
+    /// Records the failure of the refresh in flight: the backoff, and the refused token put
+    /// back while it is valid. Releases the lock, then logs.
+    fn fail(
         &self,
-        mut state: MutexGuard<'_, RefreshState>,
+        mut state: MutexGuard<'_, State>,
         error: &AuthError,
         now: Instant,
         reason: RefreshReason,
@@ -1242,18 +846,30 @@ impl TokenCache {
             .map_or(0, |f| f.consecutive)
             .saturating_add(1);
         let wait = self.inner.config.backoff_after(consecutive, error);
-        let retry_at = now + wait;
         let shared = Arc::new(error.clone());
         state.last_error = Some((now, shared.clone()));
         state.failure = Some(Failure {
             error: shared,
             consecutive,
             since: previous.map_or(now, |f| f.since),
-            retry_at,
+            retry_at: now + wait,
+            credentials: error
+                .is_fatal()
+                .then(|| self.inner.source.credentials_version()),
         });
-        self.inner
-            .refresh_blocked_until
-            .store(self.nanos(retry_at), Ordering::Relaxed);
+        // A fatal answer says the credentials are refused: their tokens are not put back.
+        let restore = state
+            .refused
+            .take()
+            .filter(|t| t.is_valid_at(now) && !error.is_fatal());
+        if let Some(refused) = restore {
+            if self.inner.current.load().is_none() {
+                // Due at once: the first request after the backoff refreshes it.
+                self.inner
+                    .current
+                    .store(Some(Arc::new(refused.due_at(now))));
+            }
+        }
         drop(state);
 
         self.inner.counters.fetch_failed(error);
@@ -1277,54 +893,68 @@ impl TokenCache {
         }
     }
 
-    /// A caller gave up waiting on `channel`: if it is still the refresh in flight, forget
-    /// it and record the failure, so the next caller starts afresh after the backoff.
-    fn abandon(&self, channel: &Channel, error: &AuthError) {
-        let mut state = self.lock_state();
-        if state.is_in_flight(channel) {
-            state.in_flight = None;
-            if let Some(task) = state.in_flight_task.take() {
-                task.abort();
-            }
-            self.record_failure(state, error, Instant::now(), RefreshReason::Initial);
+    /// With [`CacheConfig::refresh_while_idle`], starts the cache's idle task unless it
+    /// runs: one task that refreshes ahead while no request comes. It holds the cache only
+    /// while deciding, never while it sleeps, and ends when no valid token is left or the
+    /// cache is dropped.
+    fn keep_idle_task(&self, state: &mut State) {
+        let running = state.idle_task.as_ref().is_some_and(|t| !t.is_finished());
+        if !self.inner.config.refresh_while_idle || running {
+            return;
         }
-    }
-
-    /// Spawns the timer that moves a new token's phase to "due" at its refresh time and to
-    /// "expired" at its expiry; it stops when the token is dropped.
-    fn arm_timers(&self, token: &Arc<Token>) {
-        let (refresh_at, expires_at) = (token.refresh_at(), token.expires_at());
-        let mut guard = PhaseTimerGuard {
-            token: Arc::downgrade(token),
-            cache: Arc::downgrade(&self.inner),
-            finished: false,
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
         };
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep_until(refresh_at).await;
-            let Some(token) = guard.token.upgrade() else {
-                return guard.finish();
-            };
-            guard.mark_due(&token);
-            let generation = token.generation();
-            drop(token);
-            guard.refresh_while_idle(generation, expires_at).await;
-            tokio::time::sleep_until(expires_at).await;
-            if let Some(token) = guard.token.upgrade() {
-                token.advance_phase(Phase::Expired);
+        let cache = Arc::downgrade(&self.inner);
+        let task = runtime.spawn(async move {
+            loop {
+                let next = match cache.upgrade() {
+                    Some(inner) => TokenCache { inner }.idle_step(Instant::now()),
+                    None => return,
+                };
+                match next {
+                    IdleStep::Join(refresh, deadline) => {
+                        let _ = tokio::time::timeout_at(deadline, refresh).await;
+                    }
+                    IdleStep::Sleep(until) => tokio::time::sleep_until(until).await,
+                    IdleStep::Stop => return,
+                }
             }
-            guard.finish();
         });
-        token.set_timer(timer.abort_handle());
+        state.idle_task = Some(task.abort_handle());
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.inner.epoch).as_nanos();
-        u64::try_from(since)
-            .unwrap_or(u64::MAX - 1)
-            .min(u64::MAX - 1)
+    /// What the idle task does next: start the refresh if it is due, then wait for it, for
+    /// the backoff, or for the refresh instant.
+    fn idle_step(&self, now: Instant) -> IdleStep {
+        let mut state = self.lock_state();
+        let Some(token) = self
+            .inner
+            .current
+            .load_full()
+            .filter(|t| t.is_valid_at(now))
+        else {
+            return IdleStep::Stop;
+        };
+        let started = self.start_ahead(&mut state, now);
+        let step = if let Some(in_flight) = &state.in_flight {
+            let deadline = now + self.inner.config.fetch_timeout + WAIT_GRACE;
+            IdleStep::Join(in_flight.outcome.clone(), deadline)
+        } else if let Some(failure) = self.backing_off(&state, now) {
+            IdleStep::Sleep(failure.retry_at.min(token.expires_at()))
+        } else if now < token.refresh_at() {
+            IdleStep::Sleep(token.refresh_at())
+        } else {
+            IdleStep::Stop
+        };
+        drop(state);
+        if let Some(started) = started {
+            self.drive(started);
+        }
+        step
     }
 
-    fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
         // The lock guards plain data that every writer leaves consistent; if a panic ever
         // poisoned it, carry on rather than turn one panic into many.
         self.inner
@@ -1334,217 +964,14 @@ impl TokenCache {
     }
 }
 
-/// A refresh marked in flight, to be spawned once the state lock is released.
-struct RefreshLaunch {
-    runtime: tokio::runtime::Handle,
-    guard: RefreshGuard,
-    /// When the fetch is given up; `None`: the fetch timeout from the task's first run.
-    deadline: Option<Instant>,
-}
-
-impl RefreshLaunch {
-    fn spawn(self) {
-        let Self {
-            runtime,
-            mut guard,
-            deadline,
-        } = self;
-        let cache = guard.cache.clone();
-        let channel = guard.channel.clone();
-        let reason = guard.reason;
-        let span = tracing::info_span!(
-            target: "genesys_auth_layer::token",
-            "token_fetch",
-            reason = reason.as_str(),
-            cache = guard.cache.inner.config.name_value()
-        );
-        let task = runtime.spawn(
-            async move {
-                let requested_at = Instant::now();
-                let timeout = guard.cache.inner.config.fetch_timeout;
-                let deadline = deadline.unwrap_or(requested_at + timeout);
-                let result = if requested_at >= deadline {
-                    Err(AuthError::Timeout(timeout))
-                } else {
-                    let fetch = guard.cache.inner.source.fetch();
-                    match tokio::time::timeout_at(deadline, fetch).await {
-                        Ok(result) => result,
-                        Err(_) => Err(AuthError::Timeout(timeout)),
-                    }
-                };
-                let outcome = guard
-                    .cache
-                    .complete(&guard.channel, result, requested_at, reason);
-                guard.publish(outcome);
-            }
-            .instrument(span),
-        );
-        // Recorded so that a waiter giving up on this refresh can stop it.
-        let mut state = cache.lock_state();
-        if state.is_in_flight(&channel) {
-            state.in_flight_task = Some(task.abort_handle());
-        }
-    }
-}
-
-/// Lives in the refresh task and owns its result channel: if the task ends before
-/// publishing (the token source panicked, the runtime shut down, a waiter aborted it), the
-/// failure is recorded with its backoff and published, so the next caller neither reuses a
-/// dead refresh nor starts one per call.
-struct RefreshGuard {
-    cache: TokenCache,
-    channel: Channel,
-    sender: Option<watch::Sender<Option<Outcome>>>,
-    reason: RefreshReason,
-}
-
-impl RefreshGuard {
-    /// Tells every waiter the outcome. Nobody listening is fine: the token is stored
-    /// either way.
-    fn publish(&mut self, outcome: Outcome) {
-        if let Some(sender) = self.sender.take() {
-            let _ = sender.send(Some(outcome));
-        }
-    }
-}
-
-impl Drop for RefreshGuard {
-    fn drop(&mut self) {
-        if self.sender.is_some() {
-            let outcome = self.cache.complete(
-                &self.channel,
-                Err(AuthError::RefreshAborted),
-                Instant::now(),
-                self.reason,
-            );
-            self.publish(outcome);
-        }
-    }
-}
-
-impl Inner {
-    /// `token` is due for refresh: its phase first, then the fresh-generation word (the
-    /// order `FreshGeneration::publish` relies on). Done by the token's timer, or by a
-    /// request that read the clock before a late timer.
-    fn mark_due(&self, token: &Token) {
-        token.advance_phase(Phase::Due);
-        self.fresh.retire(token.generation());
-    }
-}
-
-/// What the timer of an idle cache waits for before it looks again.
-enum IdleWait {
-    /// The refresh in flight to end, at the latest by the instant given.
-    Refresh(Channel, Instant),
-    /// The end of a backoff.
-    Until(Instant),
-    /// Nothing: a newer token is current.
-    Done,
-}
-
-/// Lives in a token's phase timer: if the timer is dropped before it finished (its runtime
-/// shut down), the token is marked due, so requests read the clock again instead of
-/// trusting a phase nobody will advance.
-struct PhaseTimerGuard {
-    token: std::sync::Weak<Token>,
-    cache: std::sync::Weak<Inner>,
-    finished: bool,
-}
-
-impl PhaseTimerGuard {
-    fn finish(&mut self) {
-        self.finished = true;
-    }
-
-    /// Marks the token due, and withdraws it from the services' kept headers.
-    fn mark_due(&self, token: &Token) {
-        match self.cache.upgrade() {
-            Some(cache) => cache.mark_due(token),
-            None => token.advance_phase(Phase::Due),
-        }
-    }
-
-    /// With [`CacheConfig::refresh_while_idle`], does what requests in the window would do
-    /// while none comes: starts the refresh ahead, and after a failure starts it again once
-    /// the backoff allows, until a newer token is current or this one (`generation`)
-    /// expires. The cache is held only while deciding, never while sleeping: the refresh
-    /// task keeps it alive until its fetch ends, and a cache whose every handle is gone is
-    /// not refreshed.
-    async fn refresh_while_idle(&self, generation: TokenGeneration, expires_at: Instant) {
-        loop {
-            let next = {
-                let Some(inner) = self.cache.upgrade() else {
-                    return;
-                };
-                if !inner.config.refresh_while_idle {
-                    return;
-                }
-                let cache = TokenCache { inner };
-                let still_current = cache
-                    .inner
-                    .current
-                    .load()
-                    .as_deref()
-                    .is_some_and(|t| t.generation() == generation);
-                let now = Instant::now();
-                if !still_current || now >= expires_at {
-                    return;
-                }
-                cache.refresh_ahead_from_timer(now);
-                cache.next_idle_attempt(now)
-            };
-            match next {
-                IdleWait::Refresh(mut refresh, deadline) => {
-                    let ended = refresh.wait_for(Option::is_some);
-                    let _ = tokio::time::timeout_at(deadline.min(expires_at), ended).await;
-                }
-                IdleWait::Until(at) => tokio::time::sleep_until(at.min(expires_at)).await,
-                IdleWait::Done => return,
-            }
-        }
-    }
-}
-
-impl Drop for PhaseTimerGuard {
-    fn drop(&mut self) {
-        if !self.finished {
-            if let Some(token) = self.token.upgrade() {
-                self.mark_due(&token);
-            }
-        }
-    }
-}
-
-/// The generation of the current token while it is fresh, else 0; on a cache line of its
-/// own, since every request reads it and almost nothing writes it.
-#[repr(align(128))]
-#[derive(Default)]
-struct FreshGeneration(AtomicU64);
-
-impl FreshGeneration {
-    /// `token` was just stored as the current token. Its timer may already have marked it
-    /// due (on another thread, with a tiny lifetime): then the timer's `retire` either ran
-    /// after this store and cleared it, or ran before and this check clears it. `SeqCst` on
-    /// both sides (here and in `Token::advance_phase`) is what makes that either-or hold.
-    fn publish(&self, token: &Token) {
-        let generation = token.generation().0;
-        self.0.store(generation, Ordering::SeqCst);
-        if token.phase() != Phase::Fresh {
-            self.retire(token.generation());
-        }
-    }
-
-    /// No token is fresh (the current one was refused).
-    fn clear(&self) {
-        self.0.store(0, Ordering::SeqCst);
-    }
-
-    /// `generation` is not fresh any more (if it is still the one published).
-    fn retire(&self, generation: TokenGeneration) {
-        let _ = self
-            .0
-            .compare_exchange(generation.0, 0, Ordering::SeqCst, Ordering::SeqCst);
-    }
+/// What the idle task waits for before it looks again.
+enum IdleStep {
+    /// The refresh in flight to end, at the latest at the instant given.
+    Join(Refresh, Instant),
+    /// The end of a backoff, or the refresh instant.
+    Sleep(Instant),
+    /// Nothing: no valid token is left.
+    Stop,
 }
 
 impl fmt::Debug for TokenCache {
@@ -1556,7 +983,6 @@ impl fmt::Debug for TokenCache {
             .finish_non_exhaustive()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1574,6 +1000,8 @@ mod tests {
         delay: Duration,
         lifetime: Duration,
         hang: bool,
+        /// What `credentials_version` answers: bumped to simulate a rotation.
+        version: Arc<AtomicU64>,
     }
 
     impl Scripted {
@@ -1593,6 +1021,10 @@ mod tests {
     }
 
     impl TokenSource for Scripted {
+        fn credentials_version(&self) -> u64 {
+            self.version.load(Ordering::SeqCst)
+        }
+
         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
@@ -1621,62 +1053,6 @@ mod tests {
             code: OAuthErrorCode::InvalidClient,
             description: Some("client not found".into()),
         }
-    }
-
-    #[test]
-    fn publishing_races_with_the_timer_never_leave_a_due_token_fresh() {
-        // The timer (another thread) marks the token due while it is being published:
-        // whichever order the two land in, the word ends at 0.
-        for round in 1..=5_000u64 {
-            let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
-            let token = Arc::new(Token::new(
-                issued,
-                TokenGeneration(round),
-                Instant::now(),
-                Duration::from_secs(10),
-            ));
-            let word = Arc::new(FreshGeneration::default());
-            let timer = {
-                let (token, word) = (token.clone(), word.clone());
-                std::thread::spawn(move || {
-                    token.advance_phase(Phase::Due);
-                    word.retire(token.generation());
-                })
-            };
-            word.publish(&token);
-            timer.join().unwrap();
-            assert_eq!(word.0.load(Ordering::SeqCst), 0, "round {round}");
-        }
-    }
-
-    #[test]
-    fn the_fresh_generation_names_only_a_fresh_current_token() {
-        let token = |generation| {
-            let issued = IssuedToken::bearer("t", Duration::from_secs(100)).unwrap();
-            Token::new(
-                issued,
-                TokenGeneration(generation),
-                Instant::now(),
-                Duration::from_secs(10),
-            )
-        };
-        let word = FreshGeneration::default();
-        let first = token(1);
-        word.publish(&first);
-        assert_eq!(word.0.load(Ordering::SeqCst), 1);
-        // An older token's timer cannot withdraw a newer one.
-        let second = token(2);
-        word.publish(&second);
-        first.advance_phase(Phase::Due);
-        word.retire(first.generation());
-        assert_eq!(word.0.load(Ordering::SeqCst), 2);
-        word.retire(second.generation());
-        assert_eq!(word.0.load(Ordering::SeqCst), 0);
-        // A token whose timer marked it due before it was published is not published.
-        let third = token(3);
-        third.advance_phase(Phase::Due);
-        word.publish(&third);
-        assert_eq!(word.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1708,7 +1084,7 @@ mod tests {
         // 10 s window a background refresh starts, and no request ever waits.
         for _ in 0..300 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            let (_, generation, _) = cache.fresh_header().expect("a valid token at every step");
+            let (_, generation) = cache.header().expect("a valid token at every step");
             assert!(generation.0 >= 1);
             tokio::task::yield_now().await;
         }
@@ -1878,12 +1254,7 @@ mod tests {
         let cache = TokenCache::new(source.clone(), config());
         cache.token().await.unwrap();
         tokio::time::advance(Duration::from_secs(101)).await;
-        // The token's timer marks it expired once the runtime runs it.
-        tokio::task::yield_now().await;
-        assert!(
-            cache.fresh_header().is_none(),
-            "an expired token is never sent"
-        );
+        assert!(cache.header().is_none(), "an expired token is never sent");
         let (a, b) = tokio::join!(cache.token(), cache.token());
         assert_eq!(a.unwrap().generation(), TokenGeneration(2));
         assert_eq!(b.unwrap().generation(), TokenGeneration(2));
@@ -1939,21 +1310,6 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_cache_leaves_the_list_401s_are_reported_through() {
-        let listed = |id| caches().contains_key(&id);
-        let cache = TokenCache::new(Scripted::default(), config());
-        let id = cache.id();
-        assert!(listed(id));
-        let clone = cache.clone();
-        drop(cache);
-        assert!(listed(id), "a clone keeps it");
-        drop(clone);
-        assert!(!listed(id));
-        // A report for a cache that is gone is ignored.
-        report_401(id, TokenGeneration(1), false);
-    }
-
-    #[test]
     fn backoff_never_goes_under_its_floor() {
         let config = CacheConfig::default().backoff(Duration::ZERO, Duration::ZERO);
         let error = AuthError::UnexpectedStatus {
@@ -1977,7 +1333,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(
-            cache.fresh_header().is_none(),
+            cache.header().is_none(),
             "the refused token must not be sent again"
         );
         assert_eq!(
@@ -2036,7 +1392,14 @@ mod tests {
         assert!(err.is_fatal());
         assert_eq!(source.calls(), 1);
 
-        // After it (1 s with equal jitter is at most 1 s): one new request, which succeeds.
+        // A fatal answer waits the longest backoff (8 s here), not the first one (2h).
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::BackingOff { .. })
+        ));
+        assert_eq!(source.calls(), 1);
+        // After it: one new request, which succeeds.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(
             cache.token().await.unwrap().generation(),
@@ -2115,9 +1478,8 @@ mod tests {
             panic!("expected backoff");
         };
         assert_eq!(
-            retry_in,
-            Duration::from_secs(8),
-            "capped at the configured maximum"
+            retry_in, RETRY_AFTER_CAP,
+            "honoured past the backoff cap, up to its own cap (2f)"
         );
     }
 
@@ -2135,7 +1497,7 @@ mod tests {
         // and token requests are spaced by the backoff, not made per request.
         tokio::time::advance(Duration::from_secs(91)).await;
         for _ in 0..80 {
-            assert!(cache.fresh_header().is_some());
+            assert!(cache.header().is_some());
             tokio::task::yield_now().await;
             tokio::time::advance(Duration::from_millis(100)).await;
         }
@@ -2218,7 +1580,12 @@ mod tests {
         let cache = TokenCache::new(Panics(calls.clone()), config());
         let (a, b) = tokio::join!(cache.token(), cache.token());
         assert!(matches!(a, Err(AuthError::RefreshAborted)), "{a:?}");
-        assert!(matches!(b, Err(AuthError::RefreshAborted)), "{b:?}");
+        // `b` asked after the refresh had failed (it can fail within `a`'s first poll).
+        assert!(
+            matches!(&b, Err(AuthError::RefreshAborted))
+                || matches!(&b, Err(AuthError::BackingOff { last, .. }) if matches!(**last, AuthError::RefreshAborted)),
+            "{b:?}"
+        );
         for _ in 0..5 {
             assert!(matches!(
                 cache.token().await,
@@ -2269,7 +1636,7 @@ mod tests {
         let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
             panic!("expected a backoff");
         };
-        assert_eq!(retry_in, MAX_BACKOFF);
+        assert_eq!(retry_in, RETRY_AFTER_CAP);
         tokio::time::advance(retry_in).await;
         let token = cache.token().await.unwrap();
         assert_eq!(
@@ -2310,9 +1677,11 @@ mod tests {
         drop(a);
     }
 
+    /// 2g: a token fetched on a runtime since shut down (a token prefetched on a temporary
+    /// runtime at start-up) is served from another runtime without the lock.
     #[test]
-    fn a_token_whose_timer_runtime_is_gone_is_checked_against_the_clock() {
-        let source = Scripted::new(Duration::from_millis(300), Duration::ZERO);
+    fn a_token_fetched_on_a_runtime_since_shut_down_is_served_lock_free() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
         let cache = TokenCache::new(source.clone(), config());
         let runtime = || {
             tokio::runtime::Builder::new_current_thread()
@@ -2320,22 +1689,19 @@ mod tests {
                 .build()
                 .unwrap()
         };
-        let a = runtime();
-        a.block_on(cache.token()).unwrap();
-        assert_eq!(cache.fresh_generation(), 1);
-        drop(a); // the token's phase timer dies with it
-                 // ... and withdraws the fresh generation, so no service keeps sending its header.
-        assert_eq!(cache.fresh_generation(), 0);
-        std::thread::sleep(Duration::from_millis(400));
+        let start_up = runtime();
+        start_up.block_on(cache.token()).unwrap();
+        drop(start_up);
         runtime().block_on(async {
-            assert!(
-                cache.fresh_header().is_none(),
-                "expired, though no timer said so"
-            );
-            let token = cache.token().await.unwrap();
-            assert_eq!(token.generation(), TokenGeneration(2));
+            // The lock is held here: a request that needed it would never return.
+            let _held = cache.inner.state.lock().unwrap();
+            for _ in 0..1000 {
+                let (header, generation) = cache.header().expect("the cached token");
+                assert_eq!(header, "Bearer token-0");
+                assert_eq!(generation, TokenGeneration(1));
+            }
         });
-        assert_eq!(source.calls(), 2);
+        assert_eq!(source.calls(), 1);
     }
 
     #[test]
@@ -2364,5 +1730,194 @@ mod tests {
             "{result:?}"
         );
         worker.join().unwrap();
+    }
+
+    /// 2a: behind a synchronous facade (a current-thread runtime per thread, driven only by
+    /// `block_on`), thread A's request starts the refresh ahead on its runtime and returns
+    /// before the runtime runs it. Thread B, after expiry, joins that refresh: it drives it
+    /// itself and gets a token at once, not a `Timeout` after the fetch timeout.
+    #[test]
+    fn a_refresh_parked_on_an_idle_runtime_is_driven_by_its_waiter() {
+        let source = Scripted::new(Duration::from_millis(1_000), Duration::ZERO);
+        let config = CacheConfig::default()
+            .refresh_ahead(Duration::from_millis(500), 0.0)
+            .refresh_jitter(0.0)
+            .fetch_timeout(Duration::from_secs(20));
+        let cache = TokenCache::new(source.clone(), config);
+        let facade = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let a = facade();
+        a.block_on(cache.token()).unwrap();
+        // In the refresh window: A's request sends the token and starts the refresh ahead,
+        // which A's runtime never runs.
+        std::thread::sleep(Duration::from_millis(600));
+        let sent = a.block_on(async { cache.header() });
+        assert_eq!(sent.map(|(_, g)| g), Some(TokenGeneration(1)));
+        assert_eq!(
+            cache.stats().token_requests,
+            2,
+            "the refresh ahead is in flight"
+        );
+        assert_eq!(source.calls(), 1, "and has not run");
+        // Past the expiry, on thread B.
+        std::thread::sleep(Duration::from_millis(500));
+        let b = std::thread::spawn({
+            let cache = cache.clone();
+            move || {
+                let started = std::time::Instant::now();
+                let token = facade().block_on(cache.token());
+                (token.map(|t| t.generation()), started.elapsed())
+            }
+        });
+        let (token, waited) = b.join().unwrap();
+        assert_eq!(token.unwrap(), TokenGeneration(2));
+        assert!(
+            waited < Duration::from_secs(10),
+            "B waited {waited:?}: it drove the refresh itself, not the fetch timeout (20 s)"
+        );
+        assert_eq!(source.calls(), 2);
+        assert_eq!(cache.stats().fetch_failures, 0);
+        drop(a);
+    }
+
+    /// 2e: a warm token, a token endpoint answering 503, one spurious 401. The token the
+    /// 401 withdrew is put back when its refresh fails, and requests keep using it for the
+    /// rest of its life; the endpoint is retried on the backoff schedule; a second 401 goes
+    /// back to the caller (no replay), and leaves the token in use.
+    #[tokio::test(start_paused = true)]
+    async fn one_401_during_a_token_endpoint_outage_keeps_the_working_token() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(10));
+        let cache = TokenCache::new(source.clone(), config());
+        let warm = cache.token().await.unwrap().generation();
+        for _ in 0..1000 {
+            source.then(Err(AuthError::UnexpectedStatus {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+            }));
+        }
+        // The spurious 401: its replay waits for the refresh, which fails.
+        let err = cache.refresh_after_401(warm).await.unwrap_err();
+        assert!(matches!(err, AuthError::UnexpectedStatus { .. }), "{err}");
+        assert_eq!(source.calls(), 2);
+        // Requests keep using the token, lock-free, for the next 30 minutes.
+        for _ in 0..(30 * 60) {
+            let (_, generation) = cache.header().expect("the working token");
+            assert_eq!(generation, warm);
+            tokio::time::advance(Duration::from_secs(1)).await;
+            tokio::task::yield_now().await;
+        }
+        // The endpoint was retried on the backoff schedule (1 s doubling to 8 s, each wait
+        // between half and all of it): about one request per 4–8 s, never per request.
+        let calls = source.calls();
+        assert!(
+            (200..=460).contains(&calls),
+            "{calls} token requests in 30 min of backoff"
+        );
+        // A second 401 while the backoff runs (not while an attempt is in flight, which a
+        // replay could wait for): no replay, the token stays in use.
+        while cache.health().backoff_remaining.is_none() {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            tokio::task::yield_now().await;
+        }
+        assert!(!cache.refused(warm), "the 401 goes back to the caller");
+        assert_eq!(cache.header().map(|(_, g)| g), Some(warm));
+        assert_eq!(cache.current().map(|t| t.generation()), Some(warm));
+    }
+
+    /// 2e, the other side: a fatal answer means the credentials are refused; the token a
+    /// 401 withdrew is not put back.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_token_is_not_put_back_after_a_fatal_answer() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(10));
+        let cache = TokenCache::new(source.clone(), config());
+        let warm = cache.token().await.unwrap().generation();
+        source.then(Err(invalid_client()));
+        let err = cache.refresh_after_401(warm).await.unwrap_err();
+        assert!(err.is_fatal(), "{err}");
+        assert!(cache.header().is_none());
+        let err = cache.token().await.unwrap_err();
+        assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
+    }
+
+    /// 2f: a `Retry-After` longer than the backoff cap is honoured (up to its own cap).
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_above_the_backoff_cap_is_honoured() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        source.then(Err(AuthError::RateLimited {
+            retry_after: Some(Duration::from_secs(300)),
+        }));
+        let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
+        assert!(cache.token().await.is_err());
+        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+            panic!("expected a backoff");
+        };
+        assert_eq!(retry_in, Duration::from_secs(300));
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::BackingOff { .. })
+        ));
+        assert_eq!(source.calls(), 1, "no second request before 300 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.token().await.is_ok());
+        assert_eq!(source.calls(), 2);
+    }
+
+    /// 2h: a fatal answer is not retried like a 500: it waits the longest backoff, so a
+    /// deleted client costs about one token request per `backoff_max`; rotating the
+    /// credentials ends that wait at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_answer_waits_the_longest_backoff_until_the_credentials_rotate() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        for _ in 0..100 {
+            source.then(Err(invalid_client()));
+        }
+        let cache = TokenCache::new(source.clone(), config()); // backoff: 1 s to 8 s
+        for _ in 0..(60 * 10) {
+            let _ = cache.token().await;
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        // 60 s: one request at 0 s, then one per 8 s.
+        assert_eq!(source.calls(), 8, "one request per backoff_max");
+        let health = cache.health();
+        assert!(health
+            .backoff_remaining
+            .is_some_and(|r| r > Duration::from_secs(1)));
+        // The credentials are rotated (and now work): the next request goes out at once.
+        source.script.lock().unwrap().clear();
+        source.version.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(
+            cache.token().await.unwrap().generation(),
+            TokenGeneration(1)
+        );
+        assert_eq!(source.calls(), 9);
+    }
+
+    /// No reference cycle through a refresh in flight: a cache whose handles are all gone is
+    /// freed even while its token request hangs.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_cache_is_freed_while_its_refresh_hangs() {
+        let source = Scripted {
+            hang: true,
+            ..Scripted::new(Duration::from_secs(60), Duration::ZERO)
+        };
+        let cache = TokenCache::new(source, config());
+        let weak = Arc::downgrade(&cache.inner);
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.token().await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(cache.stats().token_requests, 1);
+        waiter.abort();
+        let _ = waiter.await;
+        drop(cache);
+        assert!(
+            weak.upgrade().is_none(),
+            "the refresh in flight keeps no cache alive"
+        );
     }
 }

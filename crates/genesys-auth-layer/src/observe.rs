@@ -606,11 +606,11 @@ mod tests {
         tokio::time::sleep(crate::MIN_BACKOFF * 2).await;
         cache.token().await.unwrap();
         for _ in 0..5 {
-            assert!(cache.fresh_header().is_some());
+            assert!(cache.header().is_some());
         }
         // A 401 to its token, as `AuthService` reports one.
         let generation = cache.current().unwrap().generation();
-        crate::cache::report_401(cache.id(), generation, false);
+        assert!(cache.answered_401(generation, false));
         let counters = counter_values(&snapshotter);
         assert_eq!(counters[&format!("{METRIC_TOKENS_RETRIEVED}[]")], 1);
         assert_eq!(
@@ -651,9 +651,9 @@ mod tests {
         emea.token().await.unwrap();
         apac.token().await.unwrap();
         for _ in 0..3 {
-            assert!(emea.fresh_header().is_some());
+            assert!(emea.header().is_some());
         }
-        assert!(apac.fresh_header().is_some());
+        assert!(apac.header().is_some());
         let series = counter_values(&snapshotter);
         assert_eq!(
             series[&format!("{METRIC_REQUESTS_AUTHORIZED}[\"cache=emea\"]")],

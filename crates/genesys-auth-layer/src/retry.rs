@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tower::retry::Policy;
 
 use crate::token::TokenGeneration;
@@ -176,6 +176,12 @@ impl RefreshOn401 {
 pub(crate) struct Stamp {
     pub(crate) cache: u64,
     pub(crate) generation: TokenGeneration,
+    /// The request was a replay already: however the layers are stacked, it is not
+    /// replayed again.
+    pub(crate) replay: bool,
+    /// The cache has (or is getting) another token to replay it with; `false` while a
+    /// backoff keeps the refused token in use.
+    pub(crate) replayable: bool,
 }
 
 /// Put by [`RefreshOn401`] into the extensions of the request it replays: the token the API
@@ -184,27 +190,14 @@ pub(crate) struct Stamp {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Refused(pub(crate) Stamp);
 
-/// A copy of `request`'s head around `body`. An empty header map or extension set is not
-/// cloned but left as the new request's own empty one: cloning an empty `HeaderMap` still
-/// copies its (empty) tables, and every request pays for this copy before it is sent.
-#[inline]
+/// A copy of `request`'s head around `body`.
 fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
-    // The URI is copied before the new request is built, so that the copy's writes have
-    // landed before it is moved in (read back at once, it waits for them). `GET` is the
-    // new request's method already.
-    let uri = request.uri().clone();
     let mut copy = Request::new(body);
-    if request.method() != Method::GET {
-        *copy.method_mut() = request.method().clone();
-    }
-    *copy.uri_mut() = uri;
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
-    if !request.headers().is_empty() {
-        *copy.headers_mut() = request.headers().clone();
-    }
-    if !request.extensions().is_empty() {
-        *copy.extensions_mut() = request.extensions().clone();
-    }
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
     copy
 }
 
@@ -251,7 +244,18 @@ pub(crate) fn refused_stamp<R, B: ReplayableBody>(
         return None;
     }
     let stamp = *response.extensions().get::<Stamp>()?;
-    if stamp.cache != cache {
+    if stamp.cache != cache || stamp.replay {
+        return None;
+    }
+    if !stamp.replayable {
+        tracing::debug!(
+            target: "genesys_auth_layer::retry",
+            generation = stamp.generation.0,
+            method = %request.method(),
+            path = request.uri().path(),
+            reason = "no other token: the token endpoint is backing off",
+            "401 not replayed"
+        );
         return None;
     }
     if !request.body().can_replay() {
@@ -278,10 +282,8 @@ pub(crate) fn refused_stamp<R, B: ReplayableBody>(
 /// A copy of `request` to replay if the API answers 401, if it may be replayed: one with
 /// its own `Authorization` is never authorized by this crate, and a body that cannot be
 /// copied cannot be sent twice.
-#[inline]
 pub(crate) fn replayable_copy<B: ReplayableBody>(request: &Request<B>) -> Option<Request<B>> {
-    // `is_empty` inlines, `contains_key` does not; many requests carry no header at all.
-    if !request.headers().is_empty() && request.headers().contains_key(AUTHORIZATION) {
+    if request.headers().contains_key(AUTHORIZATION) {
         return None;
     }
     let Some(body) = request.body().try_clone_body() else {
@@ -598,38 +600,52 @@ mod tests {
         );
     }
 
+    /// 2d: a request is replayed at most once however the pieces are stacked: the policy
+    /// of the same auth outside `auth.layers()` (which replays by itself), or `layers()`
+    /// outside the two-layer stack.
     #[tokio::test]
-    async fn the_policy_of_the_same_auth_outside_the_fused_layer_adds_one_replay_and_no_marker() {
-        // A misconfigured stack: tower's `Retry` with this auth's policy outside
-        // `auth.layers()`, which replays by itself. The policy's replay carries its marker
-        // into the fused service, which takes it out and does not replay that replay again.
-        let source = Counter::default();
-        let auth = auth(source.clone());
-        let api = Api::default(); // accepts nothing
-        let client = ServiceBuilder::new()
-            .layer(auth.retry_layer())
-            .layer(auth.layers())
-            .service(api.service());
-        let res = client
-            .oneshot(post("https://api.example.test/x", "{}"))
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 401);
-        let sent: Vec<_> = api.seen().into_iter().map(|(auth, _)| auth).collect();
-        assert_eq!(
-            sent,
-            [
-                Some("Bearer token-1".to_owned()),
-                Some("Bearer token-2".to_owned()),
-                Some("Bearer token-3".to_owned()),
-            ],
-            "the fused layer's replay, then the policy's, each with a newer token"
-        );
-        assert_eq!(
-            api.marked.load(Ordering::SeqCst),
-            0,
-            "no marker reached the API"
-        );
+    async fn a_request_is_replayed_once_however_the_layers_are_stacked() {
+        for outer_policy in [true, false] {
+            let source = Counter::default();
+            let auth = auth(source.clone());
+            let api = Api::default(); // accepts nothing
+            let client: Boxed<Full<Bytes>> = if outer_policy {
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(auth.retry_layer())
+                        .layer(auth.layers())
+                        .service(api.service()),
+                )
+            } else {
+                Boxed::new(
+                    ServiceBuilder::new()
+                        .layer(auth.layers())
+                        .layer(auth.retry_layer())
+                        .layer(auth.layer())
+                        .service(api.service()),
+                )
+            };
+            let res = client
+                .oneshot(post("https://api.example.test/x", "{}"))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 401, "outer policy: {outer_policy}");
+            let sent: Vec<_> = api.seen().into_iter().map(|(auth, _)| auth).collect();
+            assert_eq!(
+                sent,
+                [
+                    Some("Bearer token-1".to_owned()),
+                    Some("Bearer token-2".to_owned()),
+                ],
+                "sent once, replayed once with a newer token (outer policy: {outer_policy})"
+            );
+            assert_eq!(source.issued(), 2, "outer policy: {outer_policy}");
+            assert_eq!(
+                api.marked.load(Ordering::SeqCst),
+                0,
+                "no marker reached the API"
+            );
+        }
     }
 
     on_both_stacks!(own_authorization_and_other_hosts_are_never_touched_nor_retried);

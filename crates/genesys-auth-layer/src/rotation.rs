@@ -10,7 +10,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub struct CredentialStore {
 
 struct StoreInner {
     current: ArcSwap<Entry>,
+    /// How many times the credentials were replaced: a cache waiting out a fatal error
+    /// (`invalid_client`) stops waiting when it changes.
+    rotations: AtomicU64,
 }
 
 /// One set of credentials and what was learnt about it: replaced as a whole by a rotation,
@@ -79,6 +82,7 @@ impl CredentialStore {
         Self {
             inner: Arc::new(StoreInner {
                 current: ArcSwap::from_pointee(Entry::new(credentials)),
+                rotations: AtomicU64::new(0),
             }),
         }
     }
@@ -117,6 +121,12 @@ impl CredentialStore {
         );
         // One store: the new credentials come with no preference of their own.
         self.inner.current.store(Arc::new(Entry::new(credentials)));
+        self.inner.rotations.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times [`rotate`](Self::rotate) replaced the credentials.
+    pub(crate) fn rotations(&self) -> u64 {
+        self.inner.rotations.load(Ordering::Acquire)
     }
 
     /// The secret to try first: the primary one for new or rotated credentials, the

@@ -5,12 +5,9 @@
 //! number. A token's value is never printed.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::HeaderValue;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 /// The longest lifetime a token is believed to have. Genesys documents 48 hours as the
@@ -112,18 +109,6 @@ impl fmt::Debug for IssuedToken {
     }
 }
 
-/// Where a token is in its life. Timers move it forward, so that requests learn it from one
-/// atomic load instead of reading the clock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Before `refresh_at`.
-    Fresh = 0,
-    /// In the refresh window: still sent, and a refresh ahead should run.
-    Due = 1,
-    /// Past `expires_at`: never sent again.
-    Expired = 2,
-}
-
 /// A token held by a [`TokenCache`](crate::TokenCache): the header to send, its expiry,
 /// when refreshing it ahead of expiry starts, and its generation.
 ///
@@ -156,9 +141,6 @@ pub struct Token {
     requested_at: Instant,
     refresh_at: Instant,
     expires_at: Instant,
-    phase: AtomicU8,
-    /// The task that moves `phase` forward; stopped when the token is dropped.
-    timer: OnceLock<AbortHandle>,
 }
 
 impl Token {
@@ -176,26 +158,17 @@ impl Token {
             requested_at,
             refresh_at: expires_at - refresh_ahead.min(issued.lifetime),
             expires_at,
-            phase: AtomicU8::new(Phase::Fresh as u8),
-            timer: OnceLock::new(),
         }
     }
 
-    pub(crate) fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::SeqCst) {
-            0 => Phase::Fresh,
-            1 => Phase::Due,
-            _ => Phase::Expired,
+    /// The same token, due for refresh from `now` on (a token the API refused once, put
+    /// back while its refresh fails).
+    pub(crate) fn due_at(&self, now: Instant) -> Self {
+        Self {
+            header: self.header.clone(),
+            refresh_at: self.refresh_at.min(now),
+            ..*self
         }
-    }
-
-    pub(crate) fn advance_phase(&self, phase: Phase) {
-        // SeqCst: the cache's fresh-generation word relies on it (`FreshGeneration::publish`).
-        self.phase.fetch_max(phase as u8, Ordering::SeqCst);
-    }
-
-    pub(crate) fn set_timer(&self, timer: AbortHandle) {
-        let _ = self.timer.set(timer);
     }
 
     /// The `Authorization` header value (`Bearer …`), marked sensitive so that tracing and
@@ -371,14 +344,6 @@ impl Token {
     /// ```
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at
-    }
-}
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        if let Some(timer) = self.timer.get() {
-            timer.abort();
-        }
     }
 }
 

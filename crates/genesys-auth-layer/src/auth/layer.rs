@@ -128,7 +128,7 @@ impl AuthLayer {
     /// # let _ = client; }
     /// ```
     pub fn retry_policy(&self) -> RefreshOn401 {
-        RefreshOn401::new(self.shared.cache_id)
+        RefreshOn401::new(self.shared.cache.id())
     }
 }
 

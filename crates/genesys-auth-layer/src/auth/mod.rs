@@ -26,30 +26,14 @@ pub use service::AuthService;
 use crate::cache::TokenCache;
 
 /// What every clone of a layer and service shares.
-///
-/// Aligned to a cache line pair so that, behind an `Arc`, these read-mostly fields do not
-/// share a line with the reference counts, which services cloned per request (tower's
-/// `Retry` does) change on every call from every core.
 #[derive(Debug)]
-#[repr(align(128))]
 pub(crate) struct Shared {
     pub(crate) cache: TokenCache,
     pub(crate) scope: Scope,
-    /// `cache.id()`, next to the scope that every call reads anyway.
-    pub(crate) cache_id: u64,
-    /// `cache.checks_clock()`: whether a kept header is also checked against the clock.
-    pub(crate) check_clock: bool,
 }
 
 impl Shared {
     pub(crate) fn new(cache: TokenCache, scope: Scope) -> Self {
-        let cache_id = cache.id();
-        let check_clock = cache.checks_clock();
-        Self {
-            cache,
-            scope,
-            cache_id,
-            check_clock,
-        }
+        Self { cache, scope }
     }
 }

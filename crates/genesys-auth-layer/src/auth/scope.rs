@@ -27,10 +27,6 @@ pub struct Scope {
     /// Every (scheme, authority spelling) pair of every origin, flat, so the per-request
     /// check walks one short slice.
     spellings: Vec<(bool, Box<[u8]>)>,
-    /// A copy of the first spelling (the first origin's bare host, or `host:port` on a
-    /// port other than the scheme's default), held inline: the one nearly every request
-    /// matches, one load closer. Empty, so never matched, in an empty scope.
-    first: (bool, Box<[u8]>),
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -75,30 +71,6 @@ impl Origin {
     }
 }
 
-/// Byte equality in a few word comparisons (the last word may overlap the ones before it):
-/// for the short strings compared here, cheaper than the `memcmp` call that `==` on slices
-/// becomes.
-#[inline]
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let word = |chunk: &[u8; 8]| u64::from_ne_bytes(*chunk);
-    match (a.split_first_chunk::<8>(), b.split_first_chunk::<8>()) {
-        (Some((a_first, a_rest)), Some((b_first, b_rest))) => {
-            // The first and the last word, then the whole words after the first (none under
-            // 16 bytes; at 16, the last word again).
-            word(a_first) == word(b_first)
-                && a.last_chunk::<8>().map(word) == b.last_chunk::<8>().map(word)
-                && a_rest
-                    .chunks_exact(8)
-                    .zip(b_rest.chunks_exact(8))
-                    .all(|(x, y)| x.first_chunk::<8>().map(word) == y.first_chunk::<8>().map(word))
-        }
-        _ => a.iter().zip(b).all(|(x, y)| x == y),
-    }
-}
-
 impl Scope {
     /// A scope of the given origins; only the scheme, host and port of each URI count.
     ///
@@ -126,7 +98,6 @@ impl Scope {
             Self {
                 origins: Vec::new(),
                 spellings: Vec::new(),
-                first: (false, Box::default()),
             },
             Self::with_origin,
         )
@@ -178,9 +149,6 @@ impl Scope {
                     .map(|a| (https, a.as_bytes().into())),
             );
             self.origins.push(origin);
-            if let Some(first) = self.spellings.first() {
-                self.first = first.clone();
-            }
         }
         Ok(self)
     }
@@ -198,40 +166,10 @@ impl Scope {
     /// assert!(!scope.contains(&Uri::from_static("https://user@api.mypurecloud.com/")));
     /// # Ok::<(), genesys_auth_layer::ConfigError>(())
     /// ```
-    #[inline]
     pub fn contains(&self, uri: &Uri) -> bool {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return false;
         };
-        let authority = authority.as_str().as_bytes();
-        // Parsing a URI string turns `http` and `https` in any case into the standard
-        // schemes, which print in lower case; the exact spelling is what nearly every
-        // request uses. Anything else is compared in any case, out of line.
-        let https = match scheme {
-            "https" => true,
-            "http" => false,
-            _ => return self.contains_in_any_case(scheme, authority),
-        };
-        // The first spelling (the first origin's bare host) inline: it is what nearly every
-        // request to a one-origin scope uses. The others, and other cases, out of line.
-        let (h, a) = &self.first;
-        (*h == https && same_bytes(a, authority))
-            || self.contains_elsewhere(https, scheme, authority)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn contains_elsewhere(&self, https: bool, scheme: &str, authority: &[u8]) -> bool {
-        self.spellings
-            .iter()
-            .skip(1)
-            .any(|(h, a)| *h == https && same_bytes(a, authority))
-            || self.contains_in_any_case(scheme, authority)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn contains_in_any_case(&self, scheme: &str, authority: &[u8]) -> bool {
         let https = if scheme.eq_ignore_ascii_case("https") {
             true
         } else if scheme.eq_ignore_ascii_case("http") {
@@ -239,6 +177,7 @@ impl Scope {
         } else {
             return false;
         };
+        let authority = authority.as_str().as_bytes();
         self.spellings
             .iter()
             .any(|(h, a)| *h == https && a.eq_ignore_ascii_case(authority))
@@ -301,24 +240,6 @@ mod tests {
             .build()
             .unwrap();
         assert!(scope.contains(&by_hand));
-    }
-
-    #[test]
-    fn byte_comparison_agrees_with_slice_equality() {
-        let words: Vec<Vec<u8>> = (0..40u8)
-            .map(|n| (0..n).map(|i| b'a' + i % 26).collect())
-            .collect();
-        for a in &words {
-            for b in &words {
-                assert_eq!(same_bytes(a, b), a == b);
-            }
-            // Any single differing byte is seen, wherever it is.
-            for i in 0..a.len() {
-                let mut c = a.clone();
-                c[i] ^= 0x20;
-                assert!(!same_bytes(a, &c), "{a:?} vs {c:?}");
-            }
-        }
     }
 
     #[test]

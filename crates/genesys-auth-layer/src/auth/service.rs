@@ -1,16 +1,38 @@
-use std::fmt;
+//! [`AuthService`]: attaching the token to each in-scope request.
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{Request, Response};
 use tower::{BoxError, Service};
 
+use super::future::Attached;
 use super::{ResponseFuture, Shared};
-use crate::cache::TokenCache;
-use crate::retry::{Refused, Stamp};
+use crate::retry::Refused;
 use crate::token::TokenGeneration;
 
+/// Attaches `Authorization: Bearer …` to in-scope requests.
+///
+/// * With a valid token cached, `call` takes no lock: one load of the cached token and one
+///   clock read, and the header (marked sensitive) is inserted.
+/// * With none (first call, expiry, or right after a 401), the request waits for the one
+///   refresh in flight, then for the inner service to be ready again: the capacity that
+///   `poll_ready` reserved is given back while it waits, since the token request may need
+///   it. A failed refresh comes back as an [`AuthError`](crate::AuthError) boxed in the
+///   service error. A request replayed by [`RefreshOn401`](crate::RefreshOn401) waits for a
+///   token newer than the one the API refused.
+/// * Requests outside the [`Scope`](crate::Scope), or with their own `Authorization`,
+///   pass through untouched.
+/// * A `401` answer to a request it authorized is reported to the cache (one refresh for
+///   any number of 401s to the same token) and carries the
+///   [`TokenGeneration`] it sent in its extensions.
+///
+/// Errors of the inner service are boxed into [`BoxError`] unchanged; a token that could
+/// not be obtained is an [`AuthError`](crate::AuthError) in that box. The inner service must
+/// be `Clone` (as hyper-util's client and tower's buffers are): a request that waits for a
+/// token takes a clone with it.
+///
 /// Attaches `Authorization: Bearer …` to in-scope requests.
 ///
 /// * With a valid token cached, `call` takes no lock and allocates nothing beyond the
@@ -32,182 +54,28 @@ use crate::token::TokenGeneration;
 /// be `Clone` (as hyper-util's client and tower's buffers are): a request that waits for a
 /// token takes the ready service with it.
 ///
-/// ```
-/// # async fn demo(auth: genesys_auth_layer::GenesysAuth) {
-/// use genesys_auth_layer::AuthError;
-/// use tower::{ServiceBuilder, ServiceExt};
-///
-/// let service = ServiceBuilder::new()
-///     .layer(auth.layer())
-///     .service_fn(|req: http::Request<String>| async move {
-///         // The token is there, marked sensitive.
-///         assert!(req.headers()["authorization"].is_sensitive());
-///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
-///     });
-/// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
-///     .body(String::new())
-///     .unwrap();
-/// match service.oneshot(request).await {
-///     Ok(response) => println!("{}", response.status()),
-///     Err(err) => match err.downcast_ref::<AuthError>() {
-///         Some(auth) => eprintln!("no token: {auth}"),
-///         None => eprintln!("transport: {err}"),
-///     },
-/// }
-/// # }
-/// ```
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AuthService<S> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
-    /// A private copy of the header of the fresh token this service last attached. While
-    /// the cache's fresh generation still names it, `call` sends it without loading the
-    /// cache's token: one atomic load instead of an `ArcSwap` guard.
-    kept: Option<KeptHeader>,
-    /// Whether this instance went to the cache before. A header is kept only on the second
-    /// visit: a clone made for one request and dropped (the usual `clone().oneshot(…)`)
-    /// would pay for keeping it and never use it.
-    reused: bool,
-}
-
-#[derive(Clone)]
-struct KeptHeader {
-    generation: TokenGeneration,
-    header: HeaderValue,
-    /// The token's refresh time, for [`CacheConfig::check_clock_per_request`](crate::CacheConfig::check_clock_per_request).
-    refresh_at: tokio::time::Instant,
-}
-
-impl fmt::Debug for KeptHeader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeptHeader")
-            .field("generation", &self.generation.0)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A clone starts without the kept header: tower's `Retry` clones its service for every
-/// request (to replay it), and copying the header would cost a reference-count round trip
-/// per request for a clone that is almost never called.
-impl<S: Clone> Clone for AuthService<S> {
-    fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), self.shared.clone())
-    }
 }
 
 impl<S> AuthService<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self {
-            inner,
-            shared,
-            kept: None,
-            reused: false,
-        }
+        Self { inner, shared }
     }
 
     /// A reference to the inner service.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # let layer = {
-    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
-    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
-    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
-    /// # };
-    ///
-    /// /// The inner client, with settings of its own.
-    /// #[derive(Clone)]
-    /// struct ApiClient {
-    ///     user_agent: String,
-    /// }
-    /// let service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
-    /// assert_eq!(service.get_ref().user_agent, "my-app/1.0");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// A mutable reference to the inner service.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # let layer = {
-    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
-    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
-    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
-    /// # };
-    ///
-    /// /// The inner client, with settings of its own.
-    /// #[derive(Clone)]
-    /// struct ApiClient {
-    ///     user_agent: String,
-    /// }
-    /// let mut service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
-    /// service.get_mut().user_agent = "my-app/2.0".into();
-    /// assert_eq!(service.get_ref().user_agent, "my-app/2.0");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// The inner service.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # let layer = {
-    /// #     use genesys_auth_layer::{AuthLayer, Region, Scope, TokenCache};
-    /// #     let scope = Scope::new([Region::UsEast1.api_uri()])?;
-    /// #     AuthLayer::new(TokenCache::new(Fixed, Default::default()), scope)
-    /// # };
-    ///
-    /// /// The inner client, with settings of its own.
-    /// #[derive(Clone)]
-    /// struct ApiClient {
-    ///     user_agent: String,
-    /// }
-    /// let service = layer.layer(ApiClient { user_agent: "my-app/1.0".into() });
-    /// let client: ApiClient = service.into_inner();
-    /// assert_eq!(client.user_agent, "my-app/1.0");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -226,158 +94,36 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        self.authorize_and_call(request)
-    }
-}
-
-impl<S> AuthService<S> {
-    /// [`Service::call`]'s body, inlined also into
-    /// [`AuthReplayService`](crate::AuthReplayService)'s `call`, so that the request is not
-    /// copied once more on its way in.
-    #[inline(always)]
-    pub(crate) fn authorize_and_call<B, ResBody>(
-        &mut self,
-        mut request: Request<B>,
-    ) -> ResponseFuture<S, B>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    {
-        match self.attach(&mut request) {
-            Attach::Skipped => ResponseFuture::called(self.inner.call(request), None),
-            Attach::Attached(generation) => {
-                let stamp = Stamp {
-                    cache: self.shared.cache_id,
-                    generation,
-                };
-                ResponseFuture::called(self.inner.call(request), Some(stamp))
-            }
-            Attach::MustWait => self.wait_for_token(request, None),
-            Attach::Refused(generation) => self.wait_for_token(request, Some(generation)),
-        }
-    }
-}
-
-/// A copy of `header` in an allocation of its own. A clone would share the token's
-/// reference count with every service on every core; the kept copy's count is only touched
-/// by this service and its clones (usually on one thread), so bumping it per request does
-/// not bounce a cache line between cores.
-///
-/// The buffer gets one spare byte: `bytes` turns a `Vec` with spare capacity into its
-/// shared representation at once, whose clone is a plain reference-count increment; an
-/// exactly sized one goes through a check of its representation on every clone. (Only
-/// speed depends on this; any representation is correct.)
-fn private_copy(header: &HeaderValue) -> HeaderValue {
-    let bytes = header.as_bytes();
-    let mut buffer = Vec::with_capacity(bytes.len() + 1);
-    buffer.extend_from_slice(bytes);
-    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::from(buffer))
-        .unwrap_or_else(|_| header.clone());
-    copy.set_sensitive(true);
-    copy
-}
-
-/// What [`AuthService::attach`] did to a request.
-enum Attach {
-    /// Out of scope, or the caller's own `Authorization`: sent as it is.
-    Skipped,
-    /// The token of this generation is attached.
-    Attached(TokenGeneration),
-    /// In scope, but no valid token is cached.
-    MustWait,
-    /// A replay after the API refused this generation: wait for a newer token.
-    Refused(TokenGeneration),
-}
-
-impl<S> AuthService<S> {
-    /// Attaches a valid cached token to an in-scope request without its own header.
-    #[inline]
-    fn attach<B>(&mut self, request: &mut Request<B>) -> Attach {
-        // The kept header is copied first and inserted last. Its copy comes back from the
-        // `bytes` clone written eight bytes at a time; moved into the insert at once, it
-        // was read back before those writes had landed, and the read waited for them (a
-        // failed store-to-load forward: 7 % of (3)'s time, `--paired`). The checks between
-        // give the writes time to land. A request that skips the header (out of scope, its
-        // own `Authorization`, a replay) pays for this: the fresh generation's load (and
-        // with `check_clock_per_request`, a clock read), and the copy dropped, one
-        // reference count up and down on the header this service keeps for itself.
-        let fresh = self.shared.cache.fresh_generation();
-        let kept = match &self.kept {
-            Some(kept)
-                if kept.generation.0 == fresh
-                    && (!self.shared.check_clock
-                        || tokio::time::Instant::now() < kept.refresh_at) =>
-            {
-                Some((kept.header.clone(), kept.generation))
-            }
-            _ => None,
-        };
-        // A lookup for the caller's own header, then an insert: on the small maps requests
-        // have, measured faster than one `entry` call. `is_empty` inlines (`contains_key`
-        // does not), and many requests (a GET) carry no header at all.
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let cache = &self.shared.cache;
         if !self.shared.scope.contains(request.uri())
-            || (!request.headers().is_empty() && request.headers().contains_key(AUTHORIZATION))
+            || request.headers().contains_key(AUTHORIZATION)
         {
-            return Attach::Skipped;
+            return ResponseFuture::called(self.inner.call(request), None);
         }
-        // `is_empty` inlines; most requests carry no extensions at all.
-        if !request.extensions().is_empty() {
-            if let Some(generation) = self.take_refused(request) {
-                return Attach::Refused(generation);
-            }
+        if let Some(refused) = take_refused(&mut request, cache.id()) {
+            return self.wait_for_token(request, Some(refused));
         }
-        match kept {
+        match cache.header() {
             Some((header, generation)) => {
                 request.headers_mut().insert(AUTHORIZATION, header);
-                self.shared.cache.count_authorized();
-                Attach::Attached(generation)
-            }
-            None => self.attach_from_cache(request.headers_mut(), fresh),
-        }
-    }
-
-    /// The refused generation of a request our policy replays, taken out of it. A marker of
-    /// another cache (a nested stack's) stays for that stack's service.
-    #[cold]
-    #[inline(never)]
-    fn take_refused<B>(&self, request: &mut Request<B>) -> Option<TokenGeneration> {
-        let Refused(stamp) = *request.extensions().get::<Refused>()?;
-        if stamp.cache != self.shared.cache_id {
-            return None;
-        }
-        request.extensions_mut().remove::<Refused>();
-        Some(stamp.generation)
-    }
-
-    /// The token changed since this service last attached one (or it is due for refresh,
-    /// or there is none): load it from the cache, and keep its header if it is fresh.
-    #[cold]
-    #[inline(never)]
-    fn attach_from_cache(&mut self, headers: &mut HeaderMap, fresh: u64) -> Attach {
-        match self.shared.cache.fresh_header() {
-            Some((header, generation, refresh_at)) => {
-                // Kept only if it is the fresh generation read before loading it.
-                self.kept = (self.reused && generation.0 == fresh).then(|| KeptHeader {
+                let attached = Attached {
+                    cache: cache.clone(),
                     generation,
-                    header: private_copy(&header),
-                    refresh_at,
-                });
-                self.reused = true;
-                headers.insert(AUTHORIZATION, header);
-                Attach::Attached(generation)
+                    replay: false,
+                };
+                ResponseFuture::called(self.inner.call(request), Some(attached))
             }
-            None => {
-                self.kept = None;
-                self.reused = true;
-                Attach::MustWait
-            }
+            None => self.wait_for_token(request, None),
         }
     }
+}
 
-    /// Hands the ready service and the request to a future that waits for the token: any
-    /// valid one, or one newer than the generation the API refused.
-    #[cold]
-    #[inline(never)]
+impl<S> AuthService<S> {
+    /// The request waits for a token (one newer than `refused`, for a replay), then for a
+    /// clone of the inner service to be ready. The ready service is dropped now, which
+    /// gives back what its `poll_ready` reserved (a concurrency permit, a buffer slot): the
+    /// token request may need that capacity.
     fn wait_for_token<B>(
         &mut self,
         request: Request<B>,
@@ -386,52 +132,36 @@ impl<S> AuthService<S> {
     where
         S: Service<Request<B>> + Clone,
     {
-        // The ready service goes into the future, which calls it once a token is there;
-        // this service keeps a fresh clone (tower's usual hand-off).
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let unready = self.inner.clone();
+        drop(std::mem::replace(&mut self.inner, unready));
         if refused.is_none() {
             tracing::debug!(
                 target: "genesys_auth_layer::auth",
                 "no valid token cached; request waits for one"
             );
         }
-        wait_then_call(self.shared.cache.clone(), ready, request, refused)
+        let service = self.inner.clone();
+        ResponseFuture::waiting(self.shared.cache.clone(), service, request, refused)
     }
 }
 
-/// A future that waits for a token of `cache` (any valid one, or one newer than the
-/// generation the API `refused`), attaches it and calls the `ready` service.
-pub(crate) fn wait_then_call<S, B>(
-    cache: TokenCache,
-    ready: S,
-    request: Request<B>,
-    refused: Option<TokenGeneration>,
-) -> ResponseFuture<S, B>
-where
-    S: Service<Request<B>>,
-{
-    let id = cache.id();
-    let token = async move {
-        let token = match refused {
-            Some(generation) => cache.refresh_after_401(generation).await,
-            None => cache.token().await,
-        };
-        if token.is_ok() {
-            cache.count_authorized();
-        }
-        token
-    };
-    ResponseFuture::waiting(Box::pin(token), id, refused.is_some(), ready, request)
+/// The generation the API refused, if `request` is a replay for cache `cache` (marked by
+/// [`RefreshOn401`](crate::RefreshOn401)); the mark is removed so it never reaches the API.
+fn take_refused<B>(request: &mut Request<B>, cache: u64) -> Option<TokenGeneration> {
+    let Refused(stamp) = *request.extensions().get::<Refused>()?;
+    if stamp.cache != cache {
+        return None;
+    }
+    request.extensions_mut().remove::<Refused>();
+    Some(stamp.generation)
 }
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use http::Uri;
+    use http::{HeaderValue, Uri};
     use tower::{Layer, ServiceExt};
 
     use super::*;
@@ -494,15 +224,18 @@ mod tests {
             .unwrap()
     }
 
-    /// Lets spawned tasks (the token's phase timer, a refresh ahead) run.
+    /// Lets spawned tasks (a refresh ahead) run.
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
     }
 
+    /// A token goes out only while it is valid: never again once the API refused it, not
+    /// even while the new one is being fetched; in its refresh window it is still sent and
+    /// one refresh ahead starts; past its expiry the request waits for a new one.
     #[tokio::test(start_paused = true)]
-    async fn a_kept_header_never_outlives_its_token() {
+    async fn a_token_is_sent_only_while_valid_and_refreshed_ahead() {
         let source = Counting::default();
         let config = CacheConfig::default()
             .refresh_ahead(Duration::from_secs(10), 0.0)
@@ -510,89 +243,149 @@ mod tests {
         let cache = TokenCache::new(source.clone(), config);
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
         let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
-
-        // A clone used for one request does not keep the header (it would never use it).
-        let mut once = service.clone();
-        assert_eq!(send(&mut once).await, "Bearer token-0");
-        assert!(once.kept.is_none());
-        // A service used again keeps it from its second visit to the cache on.
-        assert_eq!(send(&mut service).await, "Bearer token-0");
-        assert!(service.kept.is_none());
-        assert_eq!(send(&mut service).await, "Bearer token-0");
-        assert_eq!(service.kept.as_ref().map(|k| k.generation.0), Some(1));
-        assert_eq!(cache.fresh_generation(), 1);
-        // A clone starts without it, and sends the same token.
         let mut clone = service.clone();
-        assert!(clone.kept.is_none());
         assert_eq!(send(&mut clone).await, "Bearer token-0");
+        assert_eq!(send(&mut service).await, "Bearer token-0");
 
-        // The API refused generation 1: the same service instance must not send it again,
-        // not even while the new token is being fetched.
+        // The API refused generation 1: it is not sent again, not even while the new token
+        // is being fetched.
         let refused = tokio::spawn({
             let cache = cache.clone();
             async move { cache.refresh_after_401(TokenGeneration(1)).await }
         });
         settle().await;
-        assert_eq!(cache.fresh_generation(), 0);
         assert_eq!(send(&mut service).await, "Bearer token-1");
         refused.await.unwrap().unwrap();
-        assert_eq!(cache.fresh_generation(), 2);
 
-        // In the refresh window the kept header is withdrawn, so the next request sees the
-        // token is due and starts one refresh ahead while still sending the valid token.
+        // In the refresh window the token is still sent, and one refresh ahead starts.
         tokio::time::advance(Duration::from_secs(91)).await;
-        settle().await;
-        assert_eq!(cache.fresh_generation(), 0);
         assert_eq!(send(&mut service).await, "Bearer token-1");
+        assert_eq!(send(&mut clone).await, "Bearer token-1");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(source.0.load(Ordering::SeqCst), 3);
         assert_eq!(send(&mut service).await, "Bearer token-2");
-        assert_eq!(cache.fresh_generation(), 3);
 
         // Idle past expiry: the next request waits for a new token, never the expired one.
         tokio::time::advance(Duration::from_secs(101)).await;
-        settle().await;
         assert_eq!(send(&mut service).await, "Bearer token-3");
         assert_eq!(source.0.load(Ordering::SeqCst), 4);
     }
 
-    /// The kept header is copied before the checks that skip a request: a skipped request
-    /// must still go out without it, with the clock checked or not.
+    /// Requests to another host, or with the caller's own `Authorization`, go out untouched
+    /// and are not counted as authorized.
     #[tokio::test(start_paused = true)]
-    async fn a_kept_header_stays_off_requests_it_skips() {
-        for check in [false, true] {
-            let config = CacheConfig::default().check_clock_per_request(check);
-            let cache = TokenCache::new(Counting::default(), config);
-            let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
-            let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
-            for _ in 0..3 {
-                assert_eq!(send(&mut service).await, "Bearer token-0");
-            }
-            assert!(
-                service.kept.is_some(),
-                "the header is kept (clock: {check})"
-            );
-            let authorized = cache.stats().requests_authorized;
+    async fn requests_it_skips_go_out_untouched() {
+        let cache = TokenCache::new(Counting::default(), CacheConfig::default());
+        let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+        let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
+        assert_eq!(send(&mut service).await, "Bearer token-0");
+        let authorized = cache.stats().requests_authorized;
+        let mut seen = |request: Request<()>| {
+            let future = service.call(request);
+            async move { future.await.unwrap().into_body() }
+        };
+        let elsewhere = Request::get("https://example.org/x").body(()).unwrap();
+        assert_eq!(seen(elsewhere).await, None, "another host");
+        let own = Request::get("https://api.example.com/x")
+            .header(AUTHORIZATION, "Bearer mine")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            seen(own).await,
+            Some(HeaderValue::from_static("Bearer mine")),
+            "the caller's own header"
+        );
+        assert_eq!(cache.stats().requests_authorized, authorized);
+    }
 
-            let mut seen = |request: Request<()>| {
-                let future = service.call(request);
-                async move { future.await.unwrap().into_body() }
-            };
-            let elsewhere = Request::get("https://example.org/x").body(()).unwrap();
-            assert_eq!(seen(elsewhere).await, None, "another host (clock: {check})");
-            let own = Request::get("https://api.example.com/x")
-                .header(AUTHORIZATION, "Bearer mine")
-                .body(())
-                .unwrap();
-            assert_eq!(
-                seen(own).await,
-                Some(HeaderValue::from_static("Bearer mine")),
-                "the caller's own header (clock: {check})"
+    /// 2b: one concurrency-limited service (limit 2) carries both the token requests and
+    /// the API requests under the full stack. Requests waiting for a token hold none of its
+    /// capacity, on the first send and on the replay, so the token request gets a permit.
+    #[tokio::test(start_paused = true)]
+    async fn requests_waiting_for_a_token_hold_no_inner_capacity() {
+        use crate::test_support::{over, Kind};
+        use std::sync::Mutex;
+        use tower::limit::ConcurrencyLimitLayer;
+        use tower::ServiceBuilder;
+
+        type Limited = tower::util::BoxCloneService<Request<()>, Response<()>, BoxError>;
+
+        /// Token requests through the limited service, as `build(limited.clone())` sends them.
+        struct Through(Mutex<Limited>, Arc<AtomicUsize>);
+        impl TokenSource for Through {
+            fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+                let service = self.0.lock().unwrap().clone();
+                let n = self.1.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    let request = Request::post("https://login.example.com/oauth/token")
+                        .body(())
+                        .unwrap();
+                    service
+                        .oneshot(request)
+                        .await
+                        .map_err(|e| AuthError::Transport(Arc::from(e)))?;
+                    Ok(
+                        IssuedToken::bearer(&format!("token-{n}"), Duration::from_secs(3600))
+                            .unwrap(),
+                    )
+                })
+            }
+        }
+
+        for kind in Kind::BOTH {
+            let refusing = Arc::new(AtomicUsize::new(0)); // the API refuses token-1 if set
+            let api = tower::service_fn({
+                let refusing = refusing.clone();
+                move |req: Request<()>| {
+                    let refused = refusing.load(Ordering::SeqCst) == 1
+                        && req
+                            .headers()
+                            .get(AUTHORIZATION)
+                            .is_some_and(|v| v == "Bearer token-1");
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        let mut response = Response::new(());
+                        if refused {
+                            *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+                        }
+                        Ok::<_, BoxError>(response)
+                    }
+                }
+            });
+            let limited: Limited = Limited::new(
+                ServiceBuilder::new()
+                    .layer(ConcurrencyLimitLayer::new(2))
+                    .service(api),
             );
-            assert_eq!(cache.stats().requests_authorized, authorized);
-            // And the kept header still goes on the next request in scope.
-            assert_eq!(send(&mut service).await, "Bearer token-0");
-            assert_eq!(cache.stats().requests_authorized, authorized + 1);
+            let issued = Arc::new(AtomicUsize::new(0));
+            let source = Through(Mutex::new(limited.clone()), issued.clone());
+            let config = CacheConfig::default().fetch_timeout(Duration::from_secs(5));
+            let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
+            let auth = crate::GenesysAuth::from_source(source, config, scope);
+            let client = over(&auth, kind, limited.clone());
+            let fire = |client: &crate::test_support::Boxed<(), ()>| {
+                let request = Request::get("https://api.example.com/x").body(()).unwrap();
+                let client = client.clone();
+                tokio::spawn(async move { client.oneshot(request).await.map(|r| r.status()) })
+            };
+            // Two first requests at once: each would hold one of the two permits.
+            let first = [fire(&client), fire(&client)];
+            for task in first {
+                assert_eq!(task.await.unwrap().unwrap(), 200, "{kind:?}: first send");
+            }
+            assert_eq!(issued.load(Ordering::SeqCst), 1, "{kind:?}");
+            // The API refuses token-1: both replays wait for token-2 without a permit.
+            refusing.store(1, Ordering::SeqCst);
+            let replayed = [fire(&client), fire(&client)];
+            for task in replayed {
+                assert_eq!(task.await.unwrap().unwrap(), 200, "{kind:?}: replay");
+            }
+            assert_eq!(issued.load(Ordering::SeqCst), 2, "{kind:?}");
+            assert_eq!(
+                auth.stats().fetch_failures,
+                0,
+                "{kind:?}: no fetch timed out"
+            );
         }
     }
 
@@ -647,8 +440,7 @@ mod tests {
         let config = CacheConfig::default()
             .refresh_ahead(Duration::from_secs(1), 0.0)
             .refresh_jitter(0.0)
-            .fetch_timeout(Duration::from_millis(300))
-            .check_clock_per_request(true);
+            .fetch_timeout(Duration::from_millis(300));
         let cache = TokenCache::new(source.clone(), config);
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
         let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
@@ -695,53 +487,6 @@ mod tests {
         assert_eq!(cache.stats().fetch_failures, 0);
     }
 
-    /// A runtime driven only while a call runs (`block_on` per call, as behind a
-    /// synchronous facade): between calls nothing runs the token's timer, and a call is
-    /// polled before the timers that fell due meanwhile.
-    #[test]
-    fn a_late_timer_is_caught_when_the_clock_is_checked() {
-        for check in [false, true] {
-            let runtime = block_on_runtime();
-            let setup = || {
-                let source = Counting::new(Duration::from_secs(1), Duration::ZERO);
-                let config = CacheConfig::default()
-                    .refresh_ahead(Duration::from_millis(500), 0.0)
-                    .refresh_jitter(0.0)
-                    .check_clock_per_request(check);
-                let cache = TokenCache::new(source.clone(), config);
-                let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
-                let mut service = AuthLayer::new(cache, scope).layer(echo());
-                for _ in 0..3 {
-                    assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
-                }
-                (source, service)
-            };
-
-            // Past the refresh time (0.5 s), before the expiry (1 s), nothing driven.
-            let (source, mut service) = setup();
-            std::thread::sleep(std::time::Duration::from_millis(600));
-            assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
-            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
-            let refreshed = source.0.load(Ordering::SeqCst) == 2;
-            assert_eq!(
-                refreshed, check,
-                "a refresh ahead started (clock checked: {check})"
-            );
-
-            // Past the expiry, nothing driven.
-            let (_, mut service) = setup();
-            std::thread::sleep(std::time::Duration::from_millis(1_100));
-            let sent = runtime.block_on(send(&mut service));
-            if check {
-                assert_eq!(sent, "Bearer token-1", "never the expired token");
-            } else {
-                // The documented cost of trusting the timer: the expired token goes out
-                // (the API's 401 is then replayed by `RefreshOn401`).
-                assert_eq!(sent, "Bearer token-0");
-            }
-        }
-    }
-
     /// What the API answers, as an HTTP status code.
     type Answers = Arc<std::sync::atomic::AtomicU16>;
 
@@ -759,6 +504,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_401_to_a_request_it_authorized_is_stamped_and_drops_the_token() {
+        use crate::retry::Stamp;
         let source = Counting::default();
         let cache = TokenCache::new(source.clone(), CacheConfig::default());
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
@@ -782,17 +528,16 @@ mod tests {
             service.ready().await.unwrap().call(request).await.unwrap()
         }
 
-        // Successes carry nothing, on each way a header is attached: after waiting, from
-        // the cache, and (from the service's second visit to the cache) the kept copy.
+        // Successes carry nothing, on each way a header is attached: after waiting, and
+        // from the cache.
         for _ in 0..3 {
             assert_eq!(
                 stamp_of(&call(&mut service, in_scope()).await),
                 (None, None)
             );
         }
-        assert!(service.kept.is_some());
 
-        // The API now refuses every token. A 401 to the kept header is stamped, and the
+        // The API now refuses every token. A 401 to the cached token is stamped, and the
         // token is dropped at once with one refresh started, even though nothing replays
         // this request (`AuthLayer` alone).
         status.store(401, Ordering::SeqCst);
@@ -835,16 +580,5 @@ mod tests {
             3,
             "not ours: not counted"
         );
-    }
-
-    #[test]
-    fn debug_shows_the_kept_generation_not_the_token() {
-        let kept = KeptHeader {
-            generation: TokenGeneration(7),
-            header: HeaderValue::from_static("Bearer secret-value"),
-            refresh_at: tokio::time::Instant::now(),
-        };
-        let shown = format!("{kept:?}");
-        assert!(shown.contains('7') && !shown.contains("secret"), "{shown}");
     }
 }

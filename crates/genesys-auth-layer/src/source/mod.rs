@@ -53,6 +53,15 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait TokenSource: Send + Sync + 'static {
     /// Requests one new token.
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>>;
+
+    /// A number that changes whenever the credentials this source sends change (a
+    /// rotation). After a fatal answer (`invalid_client`, …) the cache waits the longest
+    /// backoff, and ends that wait as soon as this number changes. The default, for sources
+    /// whose credentials never change, is `0`. It is read under the cache's lock: only read
+    /// a number here.
+    fn credentials_version(&self) -> u64 {
+        0
+    }
 }
 
 /// A tower HTTP service that can carry token requests: what [`ClientCredentials`] and
@@ -249,6 +258,10 @@ impl<S> fmt::Debug for ClientCredentials<S> {
 }
 
 impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
+    fn credentials_version(&self) -> u64 {
+        self.credentials.rotations()
+    }
+
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
         Box::pin(async move {
             let (credentials, preferred) = self.credentials.snapshot();
