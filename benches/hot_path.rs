@@ -5,7 +5,7 @@
 //! response future once (it is ready at once: nothing here touches the network).
 //!
 //! ```text
-//! cargo bench --bench hot_path
+//! cargo bench -p genesys-auth-benches --bench hot_path
 //! ```
 //!
 //! Variants (numbers as in the benchmark issue):
@@ -510,7 +510,7 @@ fn paired(rounds: usize) {
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
         (at(0.25), at(0.5), at(0.75))
     };
-    println!("`cargo bench --bench hot_path -- --paired {rounds}`: {rounds} rounds of {BATCH} calls per variant, interleaved\n");
+    println!("`cargo bench -p genesys-auth-benches --bench hot_path -- --paired {rounds}`: {rounds} rounds of {BATCH} calls per variant, interleaved\n");
     println!("| variant | ns per call: p25 | median | p75 |");
     println!("| --- | ---: | ---: | ---: |");
     for (i, (name, _)) in callers.iter().enumerate() {

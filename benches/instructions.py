@@ -48,7 +48,10 @@ CALLER = "hot_path::boxed::{{closure}}"
 
 def bench_binary():
     out = subprocess.run(
-        ["cargo", "bench", "--bench", "hot_path", "--no-run", "--message-format=json"],
+        [
+            "cargo", "bench", "-p", "genesys-auth-benches", "--bench", "hot_path",
+            "--no-run", "--message-format=json",
+        ],
         check=True,
         capture_output=True,
         text=True,

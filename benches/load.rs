@@ -3,11 +3,11 @@
 //! over loopback, side by side with the same client and a static token.
 //!
 //! ```text
-//! cargo bench --bench load                      # full run: 9 paired rounds of 3 s + storm (~75 s)
-//! cargo bench --bench load -- --smoke           # a few seconds; also LOAD_SMOKE=1
-//! cargo bench --bench load -- --concurrency 512 --duration 10 --rounds 3 \
+//! cargo bench -p genesys-auth-benches --bench load             # full run: 9 paired rounds of 3 s + storm (~75 s)
+//! cargo bench -p genesys-auth-benches --bench load -- --smoke  # a few seconds; also LOAD_SMOKE=1
+//! cargo bench -p genesys-auth-benches --bench load -- --concurrency 512 --duration 10 --rounds 3 \
 //!     --lifetime-ms 2000 --token-latency-ms 50 --storm 100,1000,10000
-//! cargo bench --bench load -- --variants --rounds 8 --duration 3   # per-layer comparison
+//! cargo bench -p genesys-auth-benches --bench load -- --variants --rounds 8 --duration 3   # per-layer comparison
 //! ```
 //!
 //! `--variants` runs, instead of the load table and the storm, one round of each stack per

@@ -51,7 +51,7 @@ def medians():
 def paired():
     """One process of `--paired`: its median ns per variant, and its median ratios."""
     out = subprocess.run(
-        ["cargo", "bench", "--bench", "hot_path", "--", "--paired", "1000"],
+        ["cargo", "bench", "-p", "genesys-auth-benches", "--bench", "hot_path", "--", "--paired", "1000"],
         check=True,
         capture_output=True,
         text=True,
@@ -74,7 +74,7 @@ for i in range(RUNS):
         paired_ratios.append(ratios)
     else:
         subprocess.run(
-            ["cargo", "bench", "--bench", "hot_path", "--", f"^{GROUP}/"],
+            ["cargo", "bench", "-p", "genesys-auth-benches", "--bench", "hot_path", "--", f"^{GROUP}/"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -1,1 +1,1 @@
-//! Examples, integration tests and benchmarks for genesys-auth-layer.
+//! Runnable examples for genesys-auth-layer (`examples/`): `cargo run --release --example quickstart`.

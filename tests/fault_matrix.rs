@@ -397,8 +397,8 @@ const FAULTS: &[FaultCase] = &[
 // The table in docs/reliability.md
 // ---------------------------------------------------------------------------------------
 
-const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability.md");
-const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reliability.md");
+const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
 const BEGIN: &str = "<!-- fault-matrix:begin (checked by tests/fault_matrix.rs) -->";
 const END: &str = "<!-- fault-matrix:end -->";
 

@@ -2,8 +2,8 @@
 //! nightly toolchain CI does not have): `parse_token_response`, `parse_error_body` and
 //! `parse_retry_after` never panic on any input, and structured inputs round-trip.
 //!
-//! 2,000 cases per property by default; `PROPTEST_CASES=100000 cargo test --test
-//! parsers_prop` for a longer run.
+//! 2,000 cases per property by default; `PROPTEST_CASES=100000 cargo test -p
+//! genesys-auth-suite --test parsers_prop` for a longer run.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
