@@ -128,16 +128,16 @@ struct FaultCase {
 }
 
 fn status_500(e: &AuthError) -> bool {
-    matches!(e, AuthError::UnexpectedStatus { status } if *status == 500) && !e.is_fatal()
+    matches!(e, AuthError::UnexpectedStatus { status, .. } if *status == 500) && !e.is_fatal()
 }
 fn status_502(e: &AuthError) -> bool {
-    matches!(e, AuthError::UnexpectedStatus { status } if *status == 502) && !e.is_fatal()
+    matches!(e, AuthError::UnexpectedStatus { status, .. } if *status == 502) && !e.is_fatal()
 }
 fn status_503(e: &AuthError) -> bool {
-    matches!(e, AuthError::UnexpectedStatus { status } if *status == 503) && !e.is_fatal()
+    matches!(e, AuthError::UnexpectedStatus { status, .. } if *status == 503) && !e.is_fatal()
 }
 fn status_401(e: &AuthError) -> bool {
-    matches!(e, AuthError::UnexpectedStatus { status } if *status == 401)
+    matches!(e, AuthError::UnexpectedStatus { status, .. } if *status == 401)
         && e.is_client_rejected()
         && e.is_fatal()
 }

@@ -83,6 +83,7 @@ impl TokenSource for ProbeSource {
             if probe.fail_next.swap(false, Ordering::SeqCst) {
                 return Err(AuthError::UnexpectedStatus {
                     status: StatusCode::SERVICE_UNAVAILABLE,
+                    retry_after: None,
                 });
             }
             Ok(
@@ -199,7 +200,7 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
                         other => other,
                     };
                     assert!(
-                        matches!(root, AuthError::UnexpectedStatus { status } if *status == 503),
+                        matches!(root, AuthError::UnexpectedStatus { status, .. } if *status == 503),
                         "round {round}: {err:?}"
                     );
                 }

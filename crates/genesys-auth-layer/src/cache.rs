@@ -528,7 +528,7 @@ impl TokenCache {
     /// #     impl TokenSource for Failing {
     /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
     /// #             let status = self.0;
-    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status, retry_after: None }) })
     /// #         }
     /// #     }
     /// # }
@@ -1314,6 +1314,7 @@ mod tests {
         let config = CacheConfig::default().backoff(Duration::ZERO, Duration::ZERO);
         let error = AuthError::UnexpectedStatus {
             status: http::StatusCode::BAD_GATEWAY,
+            retry_after: None,
         };
         for consecutive in [1, 1, 1, 2, 5] {
             for _ in 0..200 {
@@ -1416,6 +1417,7 @@ mod tests {
         for _ in 0..6 {
             source.then(Err(AuthError::UnexpectedStatus {
                 status: http::StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: None,
             }));
         }
         let mut waits = Vec::new();
@@ -1491,6 +1493,7 @@ mod tests {
         for _ in 0..20 {
             source.then(Err(AuthError::UnexpectedStatus {
                 status: http::StatusCode::BAD_GATEWAY,
+                retry_after: None,
             }));
         }
         // In the refresh window with a failing endpoint: every request still gets the token,
@@ -1796,6 +1799,7 @@ mod tests {
         for _ in 0..1000 {
             source.then(Err(AuthError::UnexpectedStatus {
                 status: http::StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: None,
             }));
         }
         // The spurious 401: its replay waits for the refresh, which fails.
@@ -1861,6 +1865,30 @@ mod tests {
             Err(AuthError::BackingOff { .. })
         ));
         assert_eq!(source.calls(), 1, "no second request before 300 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.token().await.is_ok());
+        assert_eq!(source.calls(), 2);
+    }
+
+    /// 2f: a 503's `Retry-After` is honoured as a 429's is, past the backoff cap.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_on_a_503_is_honoured() {
+        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
+        source.then(Err(AuthError::UnexpectedStatus {
+            status: http::StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: Some(Duration::from_secs(120)),
+        }));
+        let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
+        assert!(cache.token().await.is_err());
+        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+            panic!("expected a backoff");
+        };
+        assert_eq!(retry_in, Duration::from_secs(120));
+        tokio::time::advance(Duration::from_secs(119)).await;
+        assert!(matches!(
+            cache.token().await,
+            Err(AuthError::BackingOff { .. })
+        ));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(cache.token().await.is_ok());
         assert_eq!(source.calls(), 2);

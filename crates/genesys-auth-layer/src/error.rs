@@ -198,6 +198,9 @@ pub enum AuthError {
     UnexpectedStatus {
         /// The HTTP status of the answer.
         status: StatusCode,
+        /// The delay a `503 Service Unavailable` asked for in `Retry-After`, if it gave a
+        /// readable one (the next token request waits for it); `None` for other statuses.
+        retry_after: Option<Duration>,
     },
     /// The token request could not be sent or its answer could not be read (connection
     /// refused or closed, TLS failure, a broken body).
@@ -279,7 +282,7 @@ impl AuthError {
     /// [`AuthError::BothSecretsRejected`], to the secondary secret's answer.
     pub fn http_status(&self) -> Option<StatusCode> {
         match self {
-            Self::OAuth { status, .. } | Self::UnexpectedStatus { status } => Some(*status),
+            Self::OAuth { status, .. } | Self::UnexpectedStatus { status, .. } => Some(*status),
             Self::RateLimited { .. } => Some(StatusCode::TOO_MANY_REQUESTS),
             Self::BackingOff { last, .. } => last.http_status(),
             Self::BothSecretsRejected { secondary, .. } => secondary.http_status(),
@@ -309,11 +312,13 @@ impl AuthError {
             || self.http_status() == Some(StatusCode::UNAUTHORIZED)
     }
 
-    /// The delay a 429 answer asked for in `Retry-After`, if any, looking through
+    /// The delay a 429 or a 503 answer asked for in `Retry-After`, if any, looking through
     /// [`AuthError::BackingOff`].
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after } => *retry_after,
+            Self::RateLimited { retry_after } | Self::UnexpectedStatus { retry_after, .. } => {
+                *retry_after
+            }
             Self::BackingOff { last, .. } => last.retry_after(),
             _ => None,
         }
@@ -470,6 +475,7 @@ mod tests {
         });
         let bare_401 = Arc::new(AuthError::UnexpectedStatus {
             status: StatusCode::UNAUTHORIZED,
+            retry_after: None,
         });
         for (primary, secondary) in [
             (invalid_client.clone(), bare_401.clone()),
@@ -589,10 +595,12 @@ mod tests {
         assert_eq!(AuthError::NoRuntime.http_status(), None);
         let bare_401 = AuthError::UnexpectedStatus {
             status: StatusCode::UNAUTHORIZED,
+            retry_after: None,
         };
         assert!(bare_401.is_client_rejected() && bare_401.is_fatal());
         let bad_gateway = AuthError::UnexpectedStatus {
             status: StatusCode::BAD_GATEWAY,
+            retry_after: None,
         };
         assert!(!bad_gateway.is_client_rejected() && !bad_gateway.is_fatal());
     }

@@ -25,7 +25,7 @@ use crate::token::TokenGeneration;
 /// #     impl TokenSource for Failing {
 /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
 /// #             let status = self.0;
-/// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+/// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status, retry_after: None }) })
 /// #         }
 /// #     }
 /// # }
@@ -475,7 +475,7 @@ impl Health {
     /// #     impl TokenSource for Failing {
     /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
     /// #             let status = self.0;
-    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status }) })
+    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status, retry_after: None }) })
     /// #         }
     /// #     }
     /// # }

@@ -379,13 +379,15 @@ where
     B::Error: Into<BoxError>,
 {
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| parse::parse_retry_after(v, SystemTime::now()));
     if status == StatusCode::TOO_MANY_REQUESTS {
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| parse::parse_retry_after(v, SystemTime::now()));
         return Err(AuthError::RateLimited { retry_after });
     }
+    // Only a 503 says "come back later" with its `Retry-After` (RFC 9110, 10.2.3).
+    let retry_after = retry_after.filter(|_| status == StatusCode::SERVICE_UNAVAILABLE);
     let body = Limited::new(response.into_body(), max_bytes)
         .collect()
         .await
@@ -401,7 +403,10 @@ where
             code: error.code,
             description: error.description,
         }),
-        None => Err(AuthError::UnexpectedStatus { status }),
+        None => Err(AuthError::UnexpectedStatus {
+            status,
+            retry_after,
+        }),
     }
 }
 
@@ -528,6 +533,18 @@ mod tests {
             Some(Duration::from_secs(2))
         );
 
+        // 2f: a 503's `Retry-After` is kept too (the cache waits for it); another status's
+        // is not.
+        let unavailable = source(respond(503, &[("retry-after", "120")], "down"));
+        let err = unavailable.fetch().await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::UnexpectedStatus { status, .. } if status == 503),
+            "{err:?}"
+        );
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(120)));
+        let failing = source(respond(500, &[("retry-after", "120")], "oops"));
+        assert_eq!(failing.fetch().await.unwrap_err().retry_after(), None);
+
         // A 401 without an OAuth body (Genesys' own error JSON, or a gateway's page) is still
         // a refusal of the client's credentials: fatal, not a transient status.
         let refused = source(respond(
@@ -537,7 +554,7 @@ mod tests {
         ));
         let err = refused.fetch().await.unwrap_err();
         assert!(
-            matches!(err, AuthError::UnexpectedStatus { status } if status == 401),
+            matches!(err, AuthError::UnexpectedStatus { status, .. } if status == 401),
             "{err:?}"
         );
         assert!(err.is_client_rejected() && err.is_fatal(), "{err:?}");
@@ -545,7 +562,7 @@ mod tests {
         let broken = source(respond(502, &[], "<html>bad gateway</html>"));
         let err = broken.fetch().await.unwrap_err();
         assert!(
-            matches!(err, AuthError::UnexpectedStatus { status } if status == 502),
+            matches!(err, AuthError::UnexpectedStatus { status, .. } if status == 502),
             "{err:?}"
         );
         assert!(!err.is_client_rejected() && !err.is_fatal(), "{err:?}");
