@@ -46,6 +46,8 @@ struct Probe {
     callers_started: AtomicUsize,
     /// Set for each round: the next fetch holds until this many callers have started.
     hold_for_callers: AtomicUsize,
+    /// Signalled when the last caller the fetch holds for has started.
+    caller_started: tokio::sync::Notify,
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -73,11 +75,18 @@ impl TokenSource for ProbeSource {
             // machine spawns them (a fixed sleep let the fetch, and in failing rounds its
             // short backoff, end before any caller came).
             let hold = probe.hold_for_callers.swap(0, Ordering::SeqCst);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while probe.callers_started.load(Ordering::SeqCst) < hold
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            // It waits on a signal, not in a polling loop: every wake-up of a refresh wakes
+            // each caller waiting on it (they all poll the one shared refresh), so a fetch
+            // that woke every millisecond would keep thousands of callers busy.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let signal = probe.caller_started.notified();
+                if probe.callers_started.load(Ordering::SeqCst) >= hold
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    break;
+                }
+                let _ = tokio::time::timeout_at(deadline, signal).await;
             }
             tokio::time::sleep(Duration::from_millis(2 + n % 3)).await;
             if probe.fail_next.swap(false, Ordering::SeqCst) {
@@ -160,7 +169,10 @@ async fn single_flight_holds_under_races_cancellations_and_failures() {
                 let older = previous;
                 let probe = probe.clone();
                 let handle = tokio::spawn(async move {
-                    probe.callers_started.fetch_add(1, Ordering::SeqCst);
+                    let n = probe.callers_started.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == starting {
+                        probe.caller_started.notify_waiters();
+                    }
                     let result = match i % 10 {
                         0..=3 | 9 => cache.refresh_after_401(current).await,
                         4 | 5 => cache.refresh_after_401(older).await,
