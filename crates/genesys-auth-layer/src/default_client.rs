@@ -14,21 +14,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// The client type [`https_client`] returns.
-///
-/// ```
-/// use bytes::Bytes;
-/// use http_body_util::Full;
-/// use genesys_auth_layer::default_client::{https_client, HttpsClient};
-///
-/// /// An API client that keeps its HTTP client in a field.
-/// struct Api {
-///     http: HttpsClient<Full<Bytes>>,
-/// }
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let api = Api { http: https_client() };
-/// # let _ = api.http; });
-/// ```
+/// The client type [`https_client`] returns, to name it in a struct field; `B` is the
+/// request body type.
 pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
 
 /// A pooled HTTPS client (plain `http` is allowed too, for loopback tests), usable both for

@@ -143,46 +143,14 @@ impl GenesysAuth {
     }
 
     /// The credentials used for token requests, if this was built with the
-    /// client-credentials grant.
-    ///
-    /// ```
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .build(http_client())?;
-    /// let store = auth.credentials().expect("built with client credentials");
-    /// assert_eq!(store.current().id().as_str(), "my-client-id");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// client-credentials grant (`None` from [`from_source`](Self::from_source)).
     pub fn credentials(&self) -> Option<&CredentialStore> {
         self.credentials.as_ref()
     }
 
-    /// Replaces the credentials for the next token requests. Returns `false` (and changes
-    /// nothing) if this was built from a custom [`TokenSource`].
-    ///
-    /// ```
-    /// use genesys_auth_layer::{Credentials, GenesysAuth};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("old-client-id", "old-client-secret")
-    ///     .build(http_client())?;
-    /// assert!(auth.rotate_credentials(Credentials::new("new-client-id", "new-client-secret")?));
-    /// let current = auth.credentials().expect("client credentials").current();
-    /// assert_eq!(current.id().as_str(), "new-client-id");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// Replaces the credentials for the next token requests, as
+    /// [`CredentialStore::rotate`] on [`credentials`](Self::credentials) does. Returns
+    /// `false` (and changes nothing) if this was built from a custom [`TokenSource`].
     pub fn rotate_credentials(&self, credentials: Credentials) -> bool {
         match &self.credentials {
             Some(store) => {
@@ -193,39 +161,16 @@ impl GenesysAuth {
         }
     }
 
-    /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer).
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::ServiceBuilder;
-    /// // Attach tokens only, with no replay on 401:
-    /// let client = ServiceBuilder::new()
-    ///     .layer(auth.layer())
-    ///     .service_fn(|req: http::Request<String>| async move {
-    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
-    ///     });
-    /// # }
-    /// ```
+    /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer);
+    /// alone, it attaches tokens and replays nothing.
     pub fn layer(&self) -> AuthLayer {
         AuthLayer {
             shared: self.shared.clone(),
         }
     }
 
-    /// The refresh-and-replay-once policy.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::ServiceBuilder;
-    ///
-    /// let client = ServiceBuilder::new()
-    ///     .retry(auth.retry_policy()) // the same as `.layer(auth.retry_layer())`
-    ///     .layer(auth.layer())
-    ///     .service_fn(|req: http::Request<String>| async move {
-    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
-    ///     });
-    /// # let _ = client; }
-    /// ```
+    /// The refresh-and-replay-once policy: `ServiceBuilder::retry(auth.retry_policy())` is
+    /// the same as `.layer(auth.retry_layer())`.
     pub fn retry_policy(&self) -> RefreshOn401 {
         self.layer().retry_policy()
     }
@@ -276,64 +221,18 @@ impl GenesysAuth {
     /// [`retry_layer`](Self::retry_layer) outside [`layer`](Self::layer), and costs less
     /// per request (see [`AuthReplayLayer`]). Stack those two yourself to put another
     /// layer between them.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::ServiceBuilder;
-    /// let client = ServiceBuilder::new()
-    ///     .layer(auth.layers())
-    ///     .service_fn(|req: http::Request<String>| async move {
-    ///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
-    ///     });
-    /// # }
-    /// ```
     pub fn layers(&self) -> AuthReplayLayer {
         AuthReplayLayer {
             shared: self.shared.clone(),
         }
     }
 
-    /// The token cache.
-    ///
-    /// ```
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .build(http_client())?;
-    /// auth.token().await?;
-    /// // The same cache: the token just obtained is there.
-    /// assert_eq!(auth.cache().current().map(|t| t.generation().0), Some(1));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// The token cache, shared by every clone and every layer this gives.
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
     }
 
     /// The counters so far (see [`CacheStats`]).
-    ///
-    /// ```
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .build(http_client())?;
-    /// auth.token().await?;
-    /// auth.token().await?; // cached
-    /// let stats = auth.stats();
-    /// assert_eq!((stats.token_requests, stats.tokens_fetched), (1, 1));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn stats(&self) -> CacheStats {
         self.shared.cache.stats()
     }
@@ -365,49 +264,15 @@ impl GenesysAuth {
         self.shared.cache.health()
     }
 
-    /// The origins tokens are attached to.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{GenesysAuth, Region};
-    /// use http::Uri;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .region(Region::EuWest1)
-    ///     .build(http_client())?;
-    /// let users = Uri::from_static("https://api.mypurecloud.ie/api/v2/users");
-    /// assert!(auth.scope().contains(&users));
-    /// assert!(!auth.scope().contains(&Uri::from_static("https://example.com/")));
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// The origins tokens are attached to: the API origin of the region (or of the custom
+    /// endpoints) and those added with
+    /// [`authorize_origin`](GenesysAuthBuilder::authorize_origin).
     pub fn scope(&self) -> &Scope {
         &self.shared.scope
     }
 
     /// A valid token, fetching one if needed. Call it at start-up to fail fast on bad
     /// credentials, before the first API call.
-    ///
-    /// ```
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .build(http_client())?;
-    /// // At start-up: bad credentials fail here, not at the first API call.
-    /// let token = auth.token().await?;
-    /// assert!(token.header().is_sensitive());
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         self.shared.cache.token().await
     }
@@ -422,17 +287,9 @@ impl fmt::Debug for GenesysAuth {
     }
 }
 
-/// Configures a [`GenesysAuth`] using the client-credentials grant.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{GenesysAuth, Region};
-///
-/// let builder = GenesysAuth::client_credentials("id", "secret")
-///     .region(Region::ApSoutheast2)
-///     .fetch_timeout(Duration::from_secs(5));
-/// assert!(!format!("{builder:?}").contains("secret\""));
-/// ```
+/// Configures a [`GenesysAuth`] using the client-credentials grant; start from
+/// [`GenesysAuth::client_credentials`] or [`GenesysAuth::with_credentials`]. Its `Debug`
+/// never shows the secret.
 pub struct GenesysAuthBuilder {
     credentials: CredentialSpec,
     endpoints: Endpoints,
@@ -501,25 +358,8 @@ impl GenesysAuthBuilder {
         self
     }
 
-    /// The region (default `us-east-1`): tokens come from `https://login.<domain>` and are
-    /// attached to requests for `https://api.<domain>`.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{GenesysAuth, Region};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .region(Region::ApNortheast1)
-    ///     .build(http_client())?;
-    /// assert!(auth.scope().contains(&Region::ApNortheast1.api_uri()));
-    /// assert!(!auth.scope().contains(&Region::UsEast1.api_uri())); // the default is replaced
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// The region (default `us-east-1`, which it replaces): tokens come from
+    /// `https://login.<domain>` and are attached to requests for `https://api.<domain>`.
     pub fn region(mut self, region: Region) -> Self {
         self.endpoints = region.endpoints();
         self
@@ -579,49 +419,15 @@ impl GenesysAuthBuilder {
         self
     }
 
-    /// All cache settings at once.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, GenesysAuth};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .cache_config(CacheConfig::default().name("org-emea").refresh_while_idle(true))
-    ///     .build(http_client())?;
-    /// assert!(format!("{:?}", auth.cache()).contains(r#"name: Some("org-emea")"#));
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// All cache settings at once (a name, `refresh_while_idle`, …; see [`CacheConfig`]):
+    /// it replaces what [`refresh_ahead`](Self::refresh_ahead),
+    /// [`fetch_timeout`](Self::fetch_timeout) and [`backoff`](Self::backoff) set before it.
     pub fn cache_config(mut self, config: CacheConfig) -> Self {
         self.cache = config;
         self
     }
 
     /// See [`CacheConfig::refresh_ahead`].
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .refresh_ahead(Duration::from_secs(600), 0.0)
-    ///     .build(http_client())?;
-    /// let token = auth.token().await?; // a one-hour token
-    /// // Refreshed ten minutes before expiry, plus up to 25 % of that at random.
-    /// let window = token.expires_at() - token.refresh_at();
-    /// assert!(window >= Duration::from_secs(600) && window <= Duration::from_secs(750));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn refresh_ahead(mut self, at_least: Duration, fraction: f64) -> Self {
         self.cache = self.cache.refresh_ahead(at_least, fraction);
         self
@@ -679,48 +485,17 @@ impl GenesysAuthBuilder {
         self
     }
 
-    /// See [`ClientCredentials::max_response_bytes`].
-    ///
-    /// ```
-    /// use genesys_auth_layer::{AuthError, GenesysAuth};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .max_token_response_bytes(16)
-    ///     .build(http_client())?; // its token responses are longer than that
-    /// let err = auth.token().await.unwrap_err();
-    /// assert!(matches!(err, AuthError::ResponseTooLarge { limit: 16 }));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// See [`ClientCredentials::max_response_bytes`]: a longer token response fails with
+    /// [`AuthError::ResponseTooLarge`].
     pub fn max_token_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
         self
     }
 
     /// Builds it, sending token requests through `token_http` (any tower HTTP service, such
-    /// as a hyper-util client).
-    ///
-    /// ```
-    /// use genesys_auth_layer::{ConfigError, GenesysAuth};
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .build(http_client())?;
-    /// assert_eq!(auth.stats().token_requests, 0); // no token is asked for before it is needed
-    /// let empty = GenesysAuth::client_credentials("my-client-id", "").build(http_client());
-    /// assert_eq!(empty.unwrap_err(), ConfigError::EmptyClientSecret);
-    /// # Ok::<(), ConfigError>(())
-    /// ```
+    /// as a hyper-util client). Nothing is sent yet: the first token request goes out when
+    /// a token is needed. Fails with a [`ConfigError`] on empty credentials, a plain-`http`
+    /// token endpoint or origin off loopback, or a URI that is not absolute.
     pub fn build<S: TokenHttpService>(self, token_http: S) -> Result<GenesysAuth, ConfigError> {
         let store = self.credentials.into_store()?;
         let source = ClientCredentials::new(
@@ -738,18 +513,9 @@ impl GenesysAuthBuilder {
         Ok(auth)
     }
 
-    /// Builds it with the crate's default HTTPS client for token requests.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{GenesysAuth, Region};
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
-    ///     .region(Region::EuWest1)
-    ///     .build_with_default_client()?;
-    /// // Nothing is sent yet: the first token request goes out when a token is needed.
-    /// assert_eq!(auth.stats().token_requests, 0);
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
+    /// Builds it with the crate's default HTTPS client
+    /// ([`https_client`](crate::default_client::https_client)) for token requests; as with
+    /// [`build`](Self::build), nothing is sent until a token is needed.
     #[cfg(feature = "default-client")]
     #[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
     pub fn build_with_default_client(self) -> Result<GenesysAuth, ConfigError> {

@@ -13,31 +13,10 @@ use std::time::Duration;
 use crate::error::AuthError;
 use crate::token::TokenGeneration;
 
-/// Token-request failures by cause (see [`AuthError::cause`]). An aborted refresh has no
-/// field of its own, so the fields can sum to less than
-/// [`CacheStats::fetch_failures`].
-///
-/// ```
-/// use genesys_auth_layer::{CacheConfig, TokenCache};
-/// # mod fake {
-/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-/// #     pub struct Failing(pub http::StatusCode);
-/// #     impl TokenSource for Failing {
-/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-/// #             let status = self.0;
-/// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status, retry_after: None }) })
-/// #         }
-/// #     }
-/// # }
-/// # use fake::Failing;
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let bad_gateway = Failing(http::StatusCode::BAD_GATEWAY); // answers 502
-/// let cache = TokenCache::new(bad_gateway, CacheConfig::default());
-/// assert!(cache.token().await.is_err());
-/// let failures = cache.stats().failures_by_cause;
-/// assert_eq!((failures.http_status, failures.timeout), (1, 0));
-/// # Ok::<(), tower::BoxError>(()) }).unwrap();
-/// ```
+/// Token-request failures by cause (see [`AuthError::cause`]), read from
+/// [`CacheStats::failures_by_cause`]: a `502` from the token endpoint counts under
+/// `http_status`, say. An aborted refresh has no field of its own, so the fields can sum to
+/// less than [`CacheStats::fetch_failures`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailureCounts {
@@ -283,59 +262,21 @@ impl Counters {
 }
 
 /// `genesys_auth_tokens_retrieved_total`: tokens obtained.
-///
-/// ```
-/// use genesys_auth_layer::METRIC_TOKENS_RETRIEVED;
-///
-/// assert_eq!(METRIC_TOKENS_RETRIEVED, "genesys_auth_tokens_retrieved_total");
-/// ```
 pub const METRIC_TOKENS_RETRIEVED: &str = "genesys_auth_tokens_retrieved_total";
 /// `genesys_auth_token_failures_total{cause}`: failed token requests by
-/// [`AuthError::cause`]; a refresh that was aborted (its task gone) is labelled `other`.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{AuthError, METRIC_FAILURES};
-///
-/// assert_eq!(METRIC_FAILURES, "genesys_auth_token_failures_total");
-/// // A timeout is counted with `cause="timeout"`.
-/// assert_eq!(AuthError::Timeout(Duration::from_secs(10)).cause(), "timeout");
-/// ```
+/// [`AuthError::cause`] (`cause="timeout"`, …); a refresh that was aborted (its task gone)
+/// is labelled `other`.
 pub const METRIC_FAILURES: &str = "genesys_auth_token_failures_total";
 /// `genesys_auth_requests_authorized_total`: requests a token was attached to.
-///
-/// ```
-/// use genesys_auth_layer::METRIC_REQUESTS_AUTHORIZED;
-///
-/// assert_eq!(METRIC_REQUESTS_AUTHORIZED, "genesys_auth_requests_authorized_total");
-/// ```
 pub const METRIC_REQUESTS_AUTHORIZED: &str = "genesys_auth_requests_authorized_total";
 /// `genesys_auth_replays_total`: requests replayed after a 401, plus direct calls of
 /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) (the same count as
 /// [`CacheStats::unauthorized_reported`]).
-///
-/// ```
-/// use genesys_auth_layer::METRIC_REPLAYS;
-///
-/// assert_eq!(METRIC_REPLAYS, "genesys_auth_replays_total");
-/// ```
 pub const METRIC_REPLAYS: &str = "genesys_auth_replays_total";
 /// `genesys_auth_requests_waited_total`: requests that waited for a token.
-///
-/// ```
-/// use genesys_auth_layer::METRIC_REQUESTS_WAITED;
-///
-/// assert_eq!(METRIC_REQUESTS_WAITED, "genesys_auth_requests_waited_total");
-/// ```
 pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
 /// `genesys_auth_unauthorized_total`: 401 answers to requests a token was attached to,
 /// replays included ([`CacheStats::unauthorized_answers`]).
-///
-/// ```
-/// use genesys_auth_layer::METRIC_UNAUTHORIZED;
-///
-/// assert_eq!(METRIC_UNAUTHORIZED, "genesys_auth_unauthorized_total");
-/// ```
 pub const METRIC_UNAUTHORIZED: &str = "genesys_auth_unauthorized_total";
 
 /// Counter handles registered once, when the cache is built: install the `metrics`
@@ -379,27 +320,9 @@ impl MetricHandles {
     }
 }
 
-/// How the token supply is doing, for a readiness probe or a status page.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{AuthError, BoxFuture, CacheConfig, IssuedToken, TokenCache, TokenSource};
-///
-/// struct Fixed;
-/// impl TokenSource for Fixed {
-///     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-///         Box::pin(async { Ok(IssuedToken::bearer("t", Duration::from_secs(3600)).unwrap()) })
-///     }
-/// }
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let cache = TokenCache::new(Fixed, CacheConfig::default());
-/// assert!(!cache.health().has_valid_token());
-/// cache.token().await.unwrap();
-/// let health = cache.health();
-/// assert!(health.has_valid_token() && health.can_obtain_tokens());
-/// assert_eq!(health.consecutive_failures, 0);
-/// # });
-/// ```
+/// How the token supply is doing, for a readiness probe or a status page: see
+/// [`GenesysAuth::health`](crate::GenesysAuth::health) and
+/// [`TokenCache::health`](crate::TokenCache::health).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Health {
@@ -424,40 +347,11 @@ pub struct Health {
 /// From this many failures in a row, [`Health::can_obtain_tokens`] says no: one or two
 /// failures are routine (a 503, a timeout), three in a row with backoff between them span
 /// several seconds of the token endpoint failing.
-///
-/// ```
-/// use genesys_auth_layer::UNHEALTHY_AFTER_FAILURES;
-///
-/// assert_eq!(UNHEALTHY_AFTER_FAILURES, 3);
-/// ```
 pub const UNHEALTHY_AFTER_FAILURES: u32 = 3;
 
 impl Health {
-    /// Whether a token valid now is cached: requests are authorized without waiting.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// assert!(!cache.health().has_valid_token());
-    /// cache.token().await?;
-    /// let health = cache.health();
-    /// assert!(health.has_valid_token());
-    /// assert!(health.token_expires_in.is_some());
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// Whether a token valid now is cached (`token_expires_in` is set): requests are
+    /// authorized without waiting. False before the first token.
     pub fn has_valid_token(&self) -> bool {
         self.token_expires_in.is_some()
     }
@@ -465,30 +359,8 @@ impl Health {
     /// Whether the process can still obtain tokens: false once the last failure was fatal
     /// (`invalid_client`, …) or [`UNHEALTHY_AFTER_FAILURES`] requests failed in a row. It
     /// turns false while the cached token is still valid, so a readiness probe sees the
-    /// problem before requests start failing.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Failing(pub http::StatusCode);
-    /// #     impl TokenSource for Failing {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let status = self.0;
-    /// #             Box::pin(async move { Err(AuthError::UnexpectedStatus { status, retry_after: None }) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Failing;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let refusing = Failing(http::StatusCode::UNAUTHORIZED); // refuses the client
-    /// let cache = TokenCache::new(refusing, CacheConfig::default());
-    /// assert!(cache.token().await.is_err());
-    /// let health = cache.health();
-    /// assert_eq!(health.consecutive_failures, 1);
-    /// assert!(!health.can_obtain_tokens()); // refused credentials will not start working
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// problem before requests start failing. A token endpoint that refuses the client (a
+    /// `401`) turns it false at the first failure.
     pub fn can_obtain_tokens(&self) -> bool {
         if self.consecutive_failures == 0 {
             return true;

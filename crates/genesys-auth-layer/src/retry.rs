@@ -38,12 +38,6 @@ pub trait ReplayableBody: Sized {
     /// Always, for a body copied whole; a [`BufferedBody`](crate::BufferedBody)'s copy only
     /// once the body it copies was sent in full. A body that wraps another must forward
     /// this to it (as `Either` does).
-    ///
-    /// ```
-    /// use genesys_auth_layer::ReplayableBody;
-    /// let body = String::from("{}");
-    /// assert!(body.try_clone_body().unwrap().can_replay());
-    /// ```
     fn can_replay(&self) -> bool {
         true
     }
@@ -123,7 +117,8 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 ///   waits for a newer token before sending it: a 401 for the current generation drops that
 ///   token and starts one refresh; 401s for an older generation just wait for (or use) the
 ///   newer token. A thousand concurrent 401s cost one token request. If that refresh fails,
-///   the caller gets its [`AuthError`](crate::AuthError) instead of the 401.
+///   the caller gets its [`AuthError`](crate::AuthError) instead of the 401. While the token
+///   endpoint is backing off, the refused token stays in use and the 401 is not replayed.
 /// * At most one replay per request: a second 401 goes back to the caller.
 /// * The replay has the same method, URI, version, headers, extensions and body bytes.
 ///   Bodies that cannot be copied (see [`ReplayableBody`]) are not replayed.
@@ -138,7 +133,8 @@ impl<D, E> ReplayableBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 /// Get one from [`GenesysAuth::retry_layer`](crate::GenesysAuth::retry_layer),
 /// [`GenesysAuth::retry_policy`](crate::GenesysAuth::retry_policy) or
 /// [`AuthLayer::retry_policy`](crate::AuthLayer::retry_policy). It replays only 401s to
-/// tokens of its own cache, so two stacks (two organisations) can be nested in one client:
+/// tokens of its own cache, so two stacks (two organisations) can be nested in one client
+/// (see [`AuthLayer::retry_policy`](crate::AuthLayer::retry_policy)). One stack:
 ///
 /// ```
 /// use genesys_auth_layer::{GenesysAuth, Region};

@@ -12,47 +12,24 @@ use tokio::time::Instant;
 
 /// The longest lifetime a token is believed to have. Genesys documents 48 hours as the
 /// maximum for client-credentials tokens; a longer one is clamped to this, so a hostile or
-/// broken server cannot hand out a token that is "valid forever".
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{parse::MAX_TOKEN_LIFETIME, IssuedToken};
-///
-/// assert_eq!(MAX_TOKEN_LIFETIME, Duration::from_secs(48 * 60 * 60));
-/// // A token said to live for a year is believed for 48 hours.
-/// let year = Duration::from_secs(365 * 24 * 60 * 60);
-/// assert_eq!(IssuedToken::bearer("t", year).unwrap().lifetime(), MAX_TOKEN_LIFETIME);
-/// ```
+/// broken server cannot hand out a token that is "valid forever": one said to live a year
+/// is believed for 48 hours.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 60 * 60);
 
 /// Which token a request was authorized with: 1 for the first token a cache obtained, then
-/// increasing by one per token.
+/// increasing by one per token, so a newer token compares greater.
 ///
 /// [`AuthService`](crate::AuthService) puts it in the extensions of every `401` response to a
 /// request it authorized. When [`RefreshOn401`](crate::RefreshOn401) replays that request,
 /// the generation travels with it, and the cache tells a 401 for the current token (drop it,
 /// refresh once) from a late 401 for an older one (just use the newer token).
-///
-/// ```
-/// use genesys_auth_layer::TokenGeneration;
-/// assert!(TokenGeneration(2) > TokenGeneration(1));
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TokenGeneration(pub u64);
 
 /// A token as the token endpoint issued it, before the cache dates it.
 ///
-/// Returned by a [`TokenSource`](crate::TokenSource). `Debug` hides the token.
-///
-/// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::IssuedToken;
-///
-/// let day = Duration::from_secs(24 * 60 * 60);
-/// let token = IssuedToken::bearer("eyJhbGciOiJSUzI1NiJ9", day).expect("a valid token");
-/// assert_eq!(token.lifetime(), day);
-/// assert!(!format!("{token:?}").contains("eyJhbGci"));
-/// ```
+/// Returned by a [`TokenSource`](crate::TokenSource); build one with
+/// [`bearer`](Self::bearer). `Debug` hides the token.
 #[derive(Clone)]
 pub struct IssuedToken {
     header: HeaderValue,
@@ -85,16 +62,8 @@ impl IssuedToken {
         })
     }
 
-    /// How long the token is valid from when it was requested.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::parse::parse_token_response;
-    ///
-    /// let body = br#"{"access_token":"abc","token_type":"bearer","expires_in":"3600"}"#;
-    /// assert_eq!(parse_token_response(body)?.lifetime(), Duration::from_secs(3600));
-    /// # Ok::<(), genesys_auth_layer::InvalidTokenResponse>(())
-    /// ```
+    /// How long the token is valid from when it was requested (clamped to
+    /// [`MAX_TOKEN_LIFETIME`]).
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
@@ -110,11 +79,14 @@ impl fmt::Debug for IssuedToken {
 }
 
 /// A token held by a [`TokenCache`](crate::TokenCache): the header to send, its expiry,
-/// when refreshing it ahead of expiry starts, and its generation.
+/// when refreshing it ahead of expiry starts, and its generation. `Debug` hides the token.
+///
+/// Without the layer (another HTTP client, a WebSocket handshake), attach its header
+/// yourself:
 ///
 /// ```
 /// use genesys_auth_layer::{CacheConfig, TokenCache};
-/// use tokio::time::Instant;
+/// use http::header::AUTHORIZATION;
 /// # mod fake {
 /// #     use std::time::Duration;
 /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
@@ -130,9 +102,9 @@ impl fmt::Debug for IssuedToken {
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let cache = TokenCache::new(Fixed, CacheConfig::default());
 /// let token = cache.token().await?;
-/// assert!(token.is_valid_at(Instant::now()));
-/// assert!(token.refresh_at() < token.expires_at());
-/// assert!(!format!("{token:?}").contains("Bearer")); // `Debug` hides the token
+/// let mut request = http::Request::get("https://api.mypurecloud.com/api/v2/users").body(())?;
+/// request.headers_mut().insert(AUTHORIZATION, token.header().clone());
+/// assert!(request.headers()[AUTHORIZATION].is_sensitive());
 /// # Ok::<(), tower::BoxError>(()) }).unwrap();
 /// ```
 pub struct Token {
@@ -173,175 +145,38 @@ impl Token {
 
     /// The `Authorization` header value (`Bearer …`), marked sensitive so that tracing and
     /// `Debug` of a header map do not show it.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// use http::header::AUTHORIZATION;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let token = cache.token().await?;
-    /// let mut request = http::Request::get("https://api.mypurecloud.com/api/v2/users").body(())?;
-    /// request.headers_mut().insert(AUTHORIZATION, token.header().clone());
-    /// assert!(request.headers()[AUTHORIZATION].is_sensitive());
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn header(&self) -> &HeaderValue {
         &self.header
     }
 
-    /// This token's generation.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{CacheConfig, TokenCache, TokenGeneration};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let first = cache.token().await?;
-    /// assert_eq!(first.generation(), TokenGeneration(1));
-    /// let second = cache.refresh_after_401(first.generation()).await?;
-    /// assert_eq!(second.generation(), TokenGeneration(2));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// This token's generation: pass it to
+    /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) when the API
+    /// refuses the token.
     pub fn generation(&self) -> TokenGeneration {
         self.generation
     }
 
     /// When the request for this token was sent; its lifetime counts from here.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// use tokio::time::Instant;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let before = Instant::now();
-    /// let token = cache.token().await?;
-    /// assert!(token.requested_at() >= before);
-    /// assert_eq!(token.expires_at() - token.requested_at(), Duration::from_secs(3600));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn requested_at(&self) -> Instant {
         self.requested_at
     }
 
-    /// From this instant requests still use the token but trigger a background refresh.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// use tokio::time::Instant;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let token = cache.token().await?;
-    /// assert!(Instant::now() < token.refresh_at()); // fresh: no refresh yet
-    /// // Refreshed at least 6 minutes (10 % of its life) before it expires.
-    /// assert!(token.expires_at() - token.refresh_at() >= Duration::from_secs(360));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// From this instant requests still use the token but start a refresh ahead (see
+    /// [`CacheConfig::refresh_ahead`](crate::CacheConfig::refresh_ahead); by default the
+    /// larger of a minute and 10 % of the lifetime before expiry, plus up to a quarter of
+    /// that at random).
     pub fn refresh_at(&self) -> Instant {
         self.refresh_at
     }
 
-    /// From this instant the token is not used any more.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let token = cache.token().await?;
-    /// assert!(token.is_valid_at(token.expires_at() - Duration::from_secs(1)));
-    /// assert!(!token.is_valid_at(token.expires_at()));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// From this instant the token is not used any more: [`requested_at`](Self::requested_at)
+    /// plus the token's lifetime.
     pub fn expires_at(&self) -> Instant {
         self.expires_at
     }
 
-    /// Whether the token may still be sent at `now`.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use genesys_auth_layer::{CacheConfig, TokenCache};
-    /// use tokio::time::Instant;
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default()); // one-hour tokens
-    /// let token = cache.token().await?;
-    /// assert!(token.is_valid_at(Instant::now()));
-    /// assert!(!token.is_valid_at(Instant::now() + Duration::from_secs(3600)));
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// Whether the token may still be sent at `now`: `now` is before
+    /// [`expires_at`](Self::expires_at).
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at
     }

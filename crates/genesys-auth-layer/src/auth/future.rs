@@ -185,8 +185,9 @@ where
     }
 }
 
-/// Reports the 401 to the cache (the refused token is withdrawn and a refresh starts) and
-/// puts the generation and the stamp the replay reads in the response's extensions.
+/// Reports the 401 to the cache (the refused token is withdrawn and a refresh starts,
+/// unless the request was a replay or a backoff keeps the token in use) and puts the
+/// generation and the stamp the replay reads in the response's extensions.
 #[cold]
 fn stamp_401<B>(response: &mut Response<B>, attached: &Attached) {
     let replayable = attached

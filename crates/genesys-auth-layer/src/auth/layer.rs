@@ -9,28 +9,39 @@ use crate::retry::RefreshOn401;
 /// A [`Layer`] that wraps services in [`AuthService`].
 ///
 /// Usually obtained from [`GenesysAuth::layer`](crate::GenesysAuth::layer); build one by hand
-/// to pair your own [`TokenCache`] with a [`Scope`].
+/// to pair your own [`TokenCache`] with a [`Scope`]. Requests outside the scope go out
+/// untouched:
 ///
 /// ```
-/// use std::time::Duration;
-/// use genesys_auth_layer::{AuthLayer, BoxFuture, AuthError, CacheConfig, IssuedToken, Region, Scope, TokenCache, TokenSource};
-/// use tower::ServiceBuilder;
-///
-/// struct Fixed;
-/// impl TokenSource for Fixed {
-///     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-///         Box::pin(async { Ok(IssuedToken::bearer("t", Duration::from_secs(3600)).unwrap()) })
-///     }
-/// }
-///
+/// use genesys_auth_layer::{AuthLayer, CacheConfig, Region, Scope, TokenCache};
+/// use tower::{Layer, ServiceExt};
+/// # mod fake {
+/// #     use std::time::Duration;
+/// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
+/// #     pub struct Fixed;
+/// #     impl TokenSource for Fixed {
+/// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+/// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
+/// #             Box::pin(async move { Ok(token.expect("a valid token")) })
+/// #         }
+/// #     }
+/// # }
+/// # use fake::Fixed;
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// // `api` answers whether the request carried a token.
+/// # let api = tower::service_fn(|req: http::Request<String>| async move {
+/// #     let authorized = req.headers().contains_key(http::header::AUTHORIZATION);
+/// #     let body = if authorized { "authorized" } else { "anonymous" };
+/// #     Ok::<_, tower::BoxError>(http::Response::new(body.to_owned()))
+/// # });
 /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-/// let layer = AuthLayer::new(cache, Scope::new([Region::UsEast1.api_uri()])?);
-/// let service = ServiceBuilder::new()
-///     .layer(layer)
-///     .service_fn(|req: http::Request<String>| async move {
-///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-///     });
-/// # Ok::<(), genesys_auth_layer::ConfigError>(())
+/// let service = AuthLayer::new(cache, Scope::new([Region::UsEast1.api_uri()])?).layer(api);
+/// let to_api = http::Request::get("https://api.mypurecloud.com/api/v2/users/me");
+/// let response = service.clone().oneshot(to_api.body(String::new())?).await?;
+/// assert_eq!(response.into_body(), "authorized");
+/// let elsewhere = http::Request::get("https://example.com/").body(String::new())?;
+/// assert_eq!(service.oneshot(elsewhere).await?.into_body(), "anonymous"); // out of scope
+/// # Ok::<(), tower::BoxError>(()) }).unwrap();
 /// ```
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
@@ -39,68 +50,14 @@ pub struct AuthLayer {
 
 impl AuthLayer {
     /// A layer attaching tokens from `cache` to requests whose origin is in `scope`.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{AuthLayer, CacheConfig, Region, Scope, TokenCache};
-    /// use tower::{Layer, ServiceExt};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// // `api` answers whether the request carried a token.
-    /// # let api = tower::service_fn(|req: http::Request<String>| async move {
-    /// #     let authorized = req.headers().contains_key(http::header::AUTHORIZATION);
-    /// #     let body = if authorized { "authorized" } else { "anonymous" };
-    /// #     Ok::<_, tower::BoxError>(http::Response::new(body.to_owned()))
-    /// # });
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// let service = AuthLayer::new(cache, Scope::new([Region::UsEast1.api_uri()])?).layer(api);
-    /// let to_api = http::Request::get("https://api.mypurecloud.com/api/v2/users/me");
-    /// let response = service.clone().oneshot(to_api.body(String::new())?).await?;
-    /// assert_eq!(response.into_body(), "authorized");
-    /// let elsewhere = http::Request::get("https://example.com/").body(String::new())?;
-    /// assert_eq!(service.oneshot(elsewhere).await?.into_body(), "anonymous"); // out of scope
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
     pub fn new(cache: TokenCache, scope: Scope) -> Self {
         Self {
             shared: Arc::new(Shared::new(cache, scope)),
         }
     }
 
-    /// The cache the tokens come from.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{AuthLayer, CacheConfig, Region, Scope, TokenCache};
-    /// # mod fake {
-    /// #     use std::time::Duration;
-    /// #     use genesys_auth_layer::{AuthError, BoxFuture, IssuedToken, TokenSource};
-    /// #     pub struct Fixed;
-    /// #     impl TokenSource for Fixed {
-    /// #         fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-    /// #             let token = IssuedToken::bearer("t", Duration::from_secs(3600));
-    /// #             Box::pin(async move { Ok(token.expect("a valid token")) })
-    /// #         }
-    /// #     }
-    /// # }
-    /// # use fake::Fixed;
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let cache = TokenCache::new(Fixed, CacheConfig::default());
-    /// let layer = AuthLayer::new(cache, Scope::new([Region::UsEast1.api_uri()])?);
-    /// // Get a token at start-up, before the first request needs one:
-    /// layer.cache().token().await?;
-    /// assert!(layer.cache().health().has_valid_token());
-    /// # Ok::<(), tower::BoxError>(()) }).unwrap();
-    /// ```
+    /// The cache the tokens come from: `layer.cache().token().await` at start-up gets the
+    /// first token before a request needs one.
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
     }

@@ -41,16 +41,8 @@ pub struct AuthReplayLayer {
 }
 
 impl AuthReplayLayer {
-    /// The layer for `cache`'s tokens, attached to requests in `scope`.
-    ///
-    /// ```
-    /// # fn demo(cache: genesys_auth_layer::TokenCache) -> Result<(), genesys_auth_layer::ConfigError> {
-    /// use genesys_auth_layer::{AuthReplayLayer, Scope};
-    ///
-    /// let scope = Scope::new([http::Uri::from_static("https://api.mypurecloud.com")])?;
-    /// let layer = AuthReplayLayer::new(cache, scope);
-    /// # Ok(()) }
-    /// ```
+    /// The layer for `cache`'s tokens, attached to requests in `scope`: to pair your own
+    /// [`TokenCache`] with a [`Scope`], as [`AuthLayer::new`](crate::AuthLayer::new) does.
     pub fn new(cache: TokenCache, scope: Scope) -> Self {
         Self {
             shared: Arc::new(Shared::new(cache, scope)),
@@ -58,13 +50,6 @@ impl AuthReplayLayer {
     }
 
     /// The token cache.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// let layer = auth.layers();
-    /// assert_eq!(layer.cache().stats().token_requests, auth.stats().token_requests);
-    /// # }
-    /// ```
     pub fn cache(&self) -> &TokenCache {
         &self.shared.cache
     }
@@ -89,28 +74,13 @@ impl<S> Layer<S> for AuthReplayLayer {
 /// * A `401` answer to the token this service attached drops that token (one refresh
 ///   starts, shared by every request that got a `401` to it); the copy waits for a newer
 ///   token, then goes to the inner service once it is ready. The replay's answer, whatever
-///   it is, is the caller's: a request is replayed at most once.
+///   it is, is the caller's: a request is replayed at most once. While the token endpoint
+///   is backing off, the refused token stays in use and the `401` is the caller's.
 /// * Any other answer (or a `401` to a request it did not authorize) is the caller's at
 ///   once.
 ///
 /// Errors are those of [`AuthService`]: the inner service's, boxed, or an
 /// [`AuthError`](crate::AuthError) when no token could be had.
-///
-/// ```
-/// # async fn demo(auth: genesys_auth_layer::GenesysAuth) {
-/// use tower::{ServiceBuilder, ServiceExt};
-///
-/// let service = ServiceBuilder::new()
-///     .layer(auth.layers())
-///     .service_fn(|req: http::Request<String>| async move {
-///         Ok::<_, tower::BoxError>(http::Response::new(String::new()))
-///     });
-/// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
-///     .body(String::new())
-///     .unwrap();
-/// let response = service.oneshot(request).await;
-/// # }
-/// ```
 #[derive(Clone, Debug)]
 pub struct AuthReplayService<S> {
     auth: AuthService<S>,
@@ -118,41 +88,16 @@ pub struct AuthReplayService<S> {
 
 impl<S> AuthReplayService<S> {
     /// A reference to the inner service.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::Layer;
-    /// let service = auth.layers().layer(String::from("inner"));
-    /// assert_eq!(service.get_ref(), "inner");
-    /// # }
-    /// ```
     pub fn get_ref(&self) -> &S {
         self.auth.get_ref()
     }
 
     /// A mutable reference to the inner service.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::Layer;
-    /// let mut service = auth.layers().layer(vec![1]);
-    /// service.get_mut().push(2);
-    /// assert_eq!(service.get_ref(), &[1, 2]);
-    /// # }
-    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         self.auth.get_mut()
     }
 
     /// The inner service.
-    ///
-    /// ```
-    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
-    /// use tower::Layer;
-    /// let service = auth.layers().layer(7_u8);
-    /// assert_eq!(service.into_inner(), 7);
-    /// # }
-    /// ```
     pub fn into_inner(self) -> S {
         self.auth.into_inner()
     }
@@ -217,22 +162,8 @@ struct Replay<S, B> {
 pin_project! {
     /// The response future of [`AuthReplayService`]: the first attempt, then (after a
     /// `401` to its token) the replay's wait for its service and a newer token, and the
-    /// replay. Its `Debug` names the state it is in.
-    ///
-    /// ```
-    /// # async fn demo(auth: genesys_auth_layer::GenesysAuth) -> Result<(), tower::BoxError> {
-    /// use tower::{Layer, Service, ServiceExt};
-    ///
-    /// let mut service = auth.layers().layer(tower::service_fn(|_req: http::Request<()>| async {
-    ///     Ok::<_, tower::BoxError>(http::Response::new(()))
-    /// }));
-    /// let request = http::Request::get("https://api.mypurecloud.com/api/v2/users/me")
-    ///     .body(())?;
-    /// let future = service.ready().await?.call(request);
-    /// assert!(format!("{future:?}").contains("first attempt"));
-    /// let response = future.await?;
-    /// # Ok(()) }
-    /// ```
+    /// replay. Its `Debug` names the state it is in: `first attempt`, `replay`, or
+    /// `first attempt, not replayable` when no copy was kept.
     pub struct AuthReplayFuture<S, B>
     where
         S: Service<Request<B>>,

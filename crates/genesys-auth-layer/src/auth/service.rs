@@ -24,36 +24,14 @@ use crate::token::TokenGeneration;
 ///   token newer than the one the API refused.
 /// * Requests outside the [`Scope`](crate::Scope), or with their own `Authorization`,
 ///   pass through untouched.
-/// * A `401` answer to a request it authorized is reported to the cache (one refresh for
-///   any number of 401s to the same token) and carries the
+/// * A `401` answer to a request it authorized is reported to the cache (at most one
+///   refresh for any number of 401s to the same token) and carries the
 ///   [`TokenGeneration`] it sent in its extensions.
 ///
 /// Errors of the inner service are boxed into [`BoxError`] unchanged; a token that could
 /// not be obtained is an [`AuthError`](crate::AuthError) in that box. The inner service must
 /// be `Clone` (as hyper-util's client and tower's buffers are): a request that waits for a
 /// token takes a clone with it.
-///
-/// Attaches `Authorization: Bearer …` to in-scope requests.
-///
-/// * With a valid token cached, `call` takes no lock and allocates nothing beyond the
-///   header insert. A service used more than once keeps a private copy of the fresh
-///   token's header (one allocation per service and token, on its second visit to the
-///   cache) and then checks it with one atomic load per call.
-/// * With none (first call, expiry, or right after a 401), the request waits for the one
-///   refresh in flight; a failed refresh comes back as an [`AuthError`](crate::AuthError)
-///   boxed in the service error. A request replayed by
-///   [`RefreshOn401`](crate::RefreshOn401) waits for a token newer than the one the API
-///   refused.
-/// * Requests outside the [`Scope`](crate::Scope), or with their own `Authorization`,
-///   pass through untouched.
-/// * A `401` answer to a request it authorized carries the
-///   [`TokenGeneration`](crate::TokenGeneration) it sent in its extensions.
-///
-/// Errors of the inner service are boxed into [`BoxError`] unchanged; a token that could
-/// not be obtained is an [`AuthError`](crate::AuthError) in that box. The inner service must
-/// be `Clone` (as hyper-util's client and tower's buffers are): a request that waits for a
-/// token takes the ready service with it.
-///
 #[derive(Clone, Debug)]
 pub struct AuthService<S> {
     pub(crate) inner: S,
