@@ -536,3 +536,37 @@ impl fmt::Debug for GenesysAuthBuilder {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never_called() -> impl TokenHttpService {
+        tower::service_fn(
+            |_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+                Err::<http::Response<String>, _>(std::io::Error::other("not called"))
+            },
+        )
+    }
+
+    #[test]
+    fn the_region_replaces_the_default_and_sets_the_scope() {
+        let auth = GenesysAuth::client_credentials("id", "secret")
+            .region(Region::EuWest1)
+            .build(never_called())
+            .unwrap();
+        let in_region = Region::EuWest1.api_uri();
+        assert!(auth.scope().contains(&in_region));
+        assert!(!auth.scope().contains(&Region::UsEast1.api_uri()));
+    }
+
+    #[test]
+    fn the_builders_debug_hides_the_secrets() {
+        let builder = GenesysAuth::client_credentials("my-id", "first-secret-value")
+            .secondary_secret("second-secret-value");
+        let shown = format!("{builder:?} {builder:#?}");
+        assert!(shown.contains("my-id"), "{shown}");
+        assert!(!shown.contains("first-secret-value"), "{shown}");
+        assert!(!shown.contains("second-secret-value"), "{shown}");
+    }
+}
