@@ -123,9 +123,8 @@ where
         // one that is itself a replay for this cache (a `RefreshOn401` of the same auth
         // stacked outside this service): a request is replayed once per cache.
         let cache = &self.auth.shared.cache;
-        let copy = if self.auth.shared.scope.contains(request.uri())
-            && !is_replay_for(&request, cache.id())
-        {
+        let applies = self.auth.shared.scope.applies_to(&request);
+        let copy = if applies && !is_replay_for(&request, cache.id()) {
             replayable_copy(&request)
         } else {
             None
@@ -135,7 +134,7 @@ where
             cache: cache.clone(),
             request,
         });
-        let future = self.auth.call(request);
+        let future = self.auth.call_checked(request, applies);
         AuthReplayFuture {
             state: State::First { future, replay },
         }

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use http::header::AUTHORIZATION;
+use http::uri::Scheme;
 use http::{Request, Uri};
 
 use crate::error::ConfigError;
@@ -137,20 +138,24 @@ impl Scope {
     /// Whether the URI's origin is in scope. A relative URI, or one with user info
     /// (`user@host`), never is; `http://` never matches an `https` origin.
     pub fn contains(&self, uri: &Uri) -> bool {
-        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
-            return false;
+        // Parsing turns `http` and `https` in any case into the standard schemes, which
+        // compare as an enum; a URI built by hand may spell them otherwise.
+        let https = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            Some(scheme) if scheme.as_str().eq_ignore_ascii_case("https") => true,
+            Some(scheme) if scheme.as_str().eq_ignore_ascii_case("http") => false,
+            _ => return false,
         };
-        let https = if scheme.eq_ignore_ascii_case("https") {
-            true
-        } else if scheme.eq_ignore_ascii_case("http") {
-            false
-        } else {
+        let Some(authority) = uri.authority() else {
             return false;
         };
         let authority = authority.as_str().as_bytes();
+        // The spellings are lower case, as nearly every request writes them: an exact
+        // comparison settles it, and the case-insensitive one is only its fallback.
         self.spellings
             .iter()
-            .any(|(h, a)| *h == https && a.eq_ignore_ascii_case(authority))
+            .any(|(h, a)| *h == https && (**a == *authority || a.eq_ignore_ascii_case(authority)))
     }
 
     /// Whether this layer should authorize `request`: its origin is in scope and it has no

@@ -72,11 +72,26 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let applies = self.shared.scope.applies_to(&request);
+        self.call_checked(request, applies)
+    }
+}
+
+impl<S> AuthService<S> {
+    /// `call`, with the scope already checked: `applies` says whether this layer
+    /// authorizes `request` (in scope, no `Authorization` of its own).
+    #[inline]
+    pub(crate) fn call_checked<B, ResBody>(
+        &mut self,
+        mut request: Request<B>,
+        applies: bool,
+    ) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    {
         let cache = &self.shared.cache;
-        if !self.shared.scope.contains(request.uri())
-            || request.headers().contains_key(AUTHORIZATION)
-        {
+        if !applies {
             return ResponseFuture::called(self.inner.call(request), None);
         }
         if let Some(refused) = take_refused(&mut request, cache.id()) {
