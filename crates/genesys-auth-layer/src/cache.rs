@@ -586,12 +586,16 @@ impl TokenCache {
                 None => (false, None),
                 Some(_) if self.backing_off(&state, Instant::now()).is_some() => (true, None),
                 Some(token) => {
-                    self.inner.current.store(None);
-                    state.refused = Some(token);
                     let started = match state.in_flight {
                         Some(_) => None,
-                        None => self.begin(&mut state, RefreshReason::After401).ok(),
+                        None => match self.begin(&mut state, RefreshReason::After401) {
+                            Ok(started) => Some(started),
+                            // No runtime to refresh on: the token stays, as in a backoff.
+                            Err(_) => return false,
+                        },
                     };
+                    self.inner.current.store(None);
+                    state.refused = Some(token);
                     (false, started)
                 }
             }
