@@ -333,6 +333,8 @@ struct State {
 struct InFlight {
     id: u64,
     outcome: Refresh,
+    /// The source's credentials version when it started: a fatal answer is about these.
+    credentials: u64,
 }
 
 /// The last failures in a row, and when the next token request may go out.
@@ -735,6 +737,7 @@ impl TokenCache {
         state.in_flight = Some(InFlight {
             id,
             outcome: outcome.clone(),
+            credentials: self.inner.source.credentials_version(),
         });
         self.inner.counters.token_request();
         Ok(Started { outcome, runtime })
@@ -765,12 +768,16 @@ impl TokenCache {
                 Ok(token) => {
                     state.last_generation = generation.0;
                     state.last_success = Some(now);
-                    state.refused = None;
-                    // A refresh given up on (timed out) that succeeds late still stores its
-                    // token, but only the refresh in flight ends the backoff.
+                    // A refresh given up on (timed out) that succeeds late answers its
+                    // pollers, but replaces no valid token (a newer one may be current),
+                    // and only the refresh in flight ends the backoff.
+                    let valid = |t: &Token| t.is_valid_at(now);
+                    if own || !self.inner.current.load().as_deref().is_some_and(valid) {
+                        state.refused = None;
+                        self.inner.current.store(Some(token.clone()));
+                        self.keep_idle_task(&mut state);
+                    }
                     let recovered = if own { state.failure.take() } else { None };
-                    self.inner.current.store(Some(token.clone()));
-                    self.keep_idle_task(&mut state);
                     drop(state);
                     self.inner.counters.token_fetched();
                     tracing::info!(
@@ -793,7 +800,8 @@ impl TokenCache {
                     Ok(token)
                 }
                 Err(error) if own => {
-                    self.fail(state, &error, now, reason);
+                    let credentials = finished.as_ref().map_or(0, |f| f.credentials);
+                    self.fail(state, &error, now, reason, credentials);
                     Err(error)
                 }
                 // A refresh given up on already counted as failed.
@@ -831,7 +839,14 @@ impl TokenCache {
             return;
         }
         let abandoned = state.in_flight.take();
-        self.fail(state, error, Instant::now(), RefreshReason::Initial);
+        let credentials = abandoned.as_ref().map_or(0, |f| f.credentials);
+        self.fail(
+            state,
+            error,
+            Instant::now(),
+            RefreshReason::Initial,
+            credentials,
+        );
         drop(abandoned);
     }
 
@@ -843,6 +858,7 @@ impl TokenCache {
         error: &AuthError,
         now: Instant,
         reason: RefreshReason,
+        credentials: u64,
     ) {
         let previous = state.failure.take();
         let consecutive = previous
@@ -857,9 +873,7 @@ impl TokenCache {
             consecutive,
             since: previous.map_or(now, |f| f.since),
             retry_at: now + wait,
-            credentials: error
-                .is_fatal()
-                .then(|| self.inner.source.credentials_version()),
+            credentials: error.is_fatal().then_some(credentials),
         });
         // A fatal answer says the credentials are refused: their tokens are not put back.
         let restore = state
@@ -872,6 +886,7 @@ impl TokenCache {
                 self.inner
                     .current
                     .store(Some(Arc::new(refused.due_at(now))));
+                self.keep_idle_task(&mut state);
             }
         }
         drop(state);
@@ -932,25 +947,29 @@ impl TokenCache {
     /// the backoff, or for the refresh instant.
     fn idle_step(&self, now: Instant) -> IdleStep {
         let mut state = self.lock_state();
-        let Some(token) = self
+        let started = self.start_ahead(&mut state, now);
+        let valid = self
             .inner
             .current
             .load_full()
-            .filter(|t| t.is_valid_at(now))
-        else {
-            return IdleStep::Stop;
-        };
-        let started = self.start_ahead(&mut state, now);
+            .filter(|t| t.is_valid_at(now));
         let step = if let Some(in_flight) = &state.in_flight {
+            // A refresh ahead, or one a 401 started (while no token is current).
             let deadline = now + self.inner.config.fetch_timeout + WAIT_GRACE;
             IdleStep::Join(in_flight.outcome.clone(), deadline)
-        } else if let Some(failure) = self.backing_off(&state, now) {
-            IdleStep::Sleep(failure.retry_at.min(token.expires_at()))
-        } else if now < token.refresh_at() {
-            IdleStep::Sleep(token.refresh_at())
+        } else if let Some(token) = valid {
+            match self.backing_off(&state, now) {
+                Some(failure) => IdleStep::Sleep(failure.retry_at.min(token.expires_at())),
+                None if now < token.refresh_at() => IdleStep::Sleep(token.refresh_at()),
+                None => IdleStep::Stop,
+            }
         } else {
             IdleStep::Stop
         };
+        if let IdleStep::Stop = step {
+            // Said under the lock, so that the next token starts another task.
+            state.idle_task = None;
+        }
         drop(state);
         if let Some(started) = started {
             self.drive(started);
@@ -1926,6 +1945,33 @@ mod tests {
             TokenGeneration(1)
         );
         assert_eq!(source.calls(), 9);
+    }
+
+    /// The fatal wait is about the credentials the refused request carried: a rotation
+    /// while that request was out ends it too.
+    #[tokio::test(start_paused = true)]
+    async fn a_rotation_during_the_refused_request_ends_the_fatal_wait() {
+        struct RotatedMidRequest(Scripted);
+        impl TokenSource for RotatedMidRequest {
+            fn credentials_version(&self) -> u64 {
+                self.0.credentials_version()
+            }
+            fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+                Box::pin(async move {
+                    let answer = self.0.fetch().await;
+                    // The operator rotates while the old secret's request is out.
+                    self.0.version.fetch_add(1, Ordering::SeqCst);
+                    answer
+                })
+            }
+        }
+        let source = Scripted::new(Duration::from_secs(3600), Duration::from_millis(10));
+        source.then(Err(invalid_client()));
+        let cache = TokenCache::new(RotatedMidRequest(source.clone()), config());
+        assert!(cache.token().await.unwrap_err().is_fatal());
+        // Not 8 s of `BackingOff`: the next request tries the new credentials at once.
+        assert!(cache.token().await.is_ok());
+        assert_eq!(source.calls(), 2);
     }
 
     /// No reference cycle through a refresh in flight: a cache whose handles are all gone is

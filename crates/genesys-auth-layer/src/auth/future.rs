@@ -17,6 +17,7 @@ use crate::error::AuthError;
 use crate::retry::Stamp;
 use crate::source::BoxFuture;
 use crate::token::{Token, TokenGeneration};
+use tokio::time::Instant;
 
 pin_project! {
     /// The response future of [`AuthService`](super::AuthService): the inner service's
@@ -117,7 +118,7 @@ where
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResBody>, BoxError>;
@@ -154,17 +155,32 @@ where
 
 impl<S, B> Waiting<S, B>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>> + Clone,
     S::Error: Into<BoxError>,
 {
     /// Polls for the token, then for readiness; once both are there, calls the service.
     fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<State<S, B>, BoxError>> {
-        if self.got.is_none() {
-            let token = ready!(self.token.as_mut().poll(cx))?;
-            self.cache.count_authorized();
-            self.got = Some(token);
+        loop {
+            if self.got.is_none() {
+                let token = ready!(self.token.as_mut().poll(cx))?;
+                self.got = Some(token);
+            }
+            ready!(self.service.poll_ready(cx)).map_err(Into::into)?;
+            if self
+                .got
+                .as_ref()
+                .is_some_and(|t| t.is_valid_at(Instant::now()))
+            {
+                break;
+            }
+            // The token expired while the service got ready: give the capacity back (a
+            // clone is not ready) and wait for a valid one.
+            self.service = self.service.clone();
+            self.got = None;
+            let cache = self.cache.clone();
+            self.token = Box::pin(async move { cache.token().await });
         }
-        ready!(self.service.poll_ready(cx)).map_err(Into::into)?;
+        self.cache.count_authorized();
         let (Some(token), Some(mut request)) = (self.got.take(), self.request.take()) else {
             return Poll::Ready(Err(
                 "AuthService future polled after an error or after completion".into(),

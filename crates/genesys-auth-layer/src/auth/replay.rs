@@ -194,7 +194,7 @@ pin_project! {
 
 impl<S, B, ResBody> Future for AuthReplayFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
     B: ReplayableBody,
 {
