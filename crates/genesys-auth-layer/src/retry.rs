@@ -249,24 +249,20 @@ pub(crate) fn refused_stamp<R, B: ReplayableBody>(
     if stamp.cache != cache || stamp.replay {
         return None;
     }
-    if !stamp.replayable {
+    let not_replayed = if !stamp.replayable {
+        Some("no other token: the token endpoint is backing off")
+    } else if !request.body().can_replay() {
+        Some("body not kept in full (not sent in full, over its limit, or failed)")
+    } else {
+        None
+    };
+    if let Some(reason) = not_replayed {
         tracing::debug!(
             target: "genesys_auth_layer::retry",
             generation = stamp.generation.0,
             method = %request.method(),
             path = request.uri().path(),
-            reason = "no other token: the token endpoint is backing off",
-            "401 not replayed"
-        );
-        return None;
-    }
-    if !request.body().can_replay() {
-        tracing::debug!(
-            target: "genesys_auth_layer::retry",
-            generation = stamp.generation.0,
-            method = %request.method(),
-            path = request.uri().path(),
-            reason = "body not kept in full (not sent in full, over its limit, or failed)",
+            reason,
             "401 not replayed"
         );
         return None;
