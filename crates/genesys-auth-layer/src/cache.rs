@@ -875,19 +875,24 @@ impl TokenCache {
             retry_at: now + wait,
             credentials: error.is_fatal().then_some(credentials),
         });
-        // A fatal answer says the credentials are refused: their tokens are not put back.
+        // The token in use, or the one a 401 withdrew (unless a fatal answer says the
+        // credentials are refused), is next refreshed when the backoff ends: until then
+        // requests send it without looking at the lock.
+        let retry_at = now + wait;
         let restore = state
             .refused
             .take()
             .filter(|t| t.is_valid_at(now) && !error.is_fatal());
-        if let Some(refused) = restore {
-            if self.inner.current.load().is_none() {
-                // Due at once: the first request after the backoff refreshes it.
-                self.inner
-                    .current
-                    .store(Some(Arc::new(refused.due_at(now))));
-                self.keep_idle_task(&mut state);
-            }
+        let next = match self.inner.current.load_full() {
+            Some(token) if token.refresh_at() < retry_at => Some(token),
+            Some(_) => None,
+            None => restore,
+        };
+        if let Some(token) = next.filter(|t| t.is_valid_at(now)) {
+            self.inner
+                .current
+                .store(Some(Arc::new(token.refreshed_at(retry_at))));
+            self.keep_idle_task(&mut state);
         }
         drop(state);
 
@@ -1972,6 +1977,38 @@ mod tests {
         // Not 8 s of `BackingOff`: the next request tries the new credentials at once.
         assert!(cache.token().await.is_ok());
         assert_eq!(source.calls(), 2);
+    }
+
+    /// A token kept in use through a backoff is next refreshed when the backoff ends, so
+    /// that until then requests do not even try the lock.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_kept_through_a_backoff_is_refreshed_when_it_ends() {
+        let source = Scripted::new(Duration::from_secs(100), Duration::ZERO);
+        let cache = TokenCache::new(source.clone(), config());
+        cache.token().await.unwrap();
+        source.then(Err(AuthError::UnexpectedStatus {
+            status: http::StatusCode::BAD_GATEWAY,
+            retry_after: None,
+        }));
+        tokio::time::advance(Duration::from_secs(91)).await;
+        assert!(
+            cache.header().is_some(),
+            "in the window: sent, and a refresh starts"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(source.calls(), 2);
+        let remaining = cache.health().backoff_remaining.expect("backing off");
+        let token = cache.current().unwrap();
+        assert_eq!(token.generation(), TokenGeneration(1));
+        assert_eq!(token.refresh_at(), Instant::now() + remaining);
+        // Until then no request starts one; at its end the next one does.
+        tokio::time::advance(remaining - Duration::from_millis(1)).await;
+        assert!(cache.header().is_some());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(cache.header().is_some());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(source.calls(), 3);
+        assert_eq!(cache.current().unwrap().generation(), TokenGeneration(2));
     }
 
     /// No reference cycle through a refresh in flight: a cache whose handles are all gone is

@@ -133,12 +133,12 @@ impl Token {
         }
     }
 
-    /// The same token, due for refresh from `now` on (a token the API refused once, put
-    /// back while its refresh fails).
-    pub(crate) fn due_at(&self, now: Instant) -> Self {
+    /// The same token, next refreshed at `at` (never after its expiry): a token kept in
+    /// use through a backoff is refreshed when the backoff ends.
+    pub(crate) fn refreshed_at(&self, at: Instant) -> Self {
         Self {
             header: self.header.clone(),
-            refresh_at: self.refresh_at.min(now),
+            refresh_at: at.min(self.expires_at),
             ..*self
         }
     }
