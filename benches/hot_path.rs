@@ -485,7 +485,7 @@ fn paired(rounds: usize) {
         .map(|(name, make)| (name, make()))
         .collect();
     let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); callers.len()];
-    // Warm-up: every variant's code and data in the caches, the kept headers in place.
+    // Warm-up: every variant's code and data in the caches.
     for (_, call) in &mut callers {
         for _ in 0..BATCH {
             call(&uri, &mut cx);

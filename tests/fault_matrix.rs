@@ -771,10 +771,9 @@ async fn warm_attempt(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Opti
         lanes.record(took);
     }
     all_succeed("with a valid token cached", &answers, &mut f);
-    // A request inside the window starts the refresh once the token's timer has marked the
-    // token due; on a busy machine that timer can run after the burst. Traffic goes on, as
-    // it would in production, until the refresh has started: every request must still
-    // succeed, and the count stays exact.
+    // A request inside the window starts the refresh; on a busy machine the burst can end
+    // before the window opens. Traffic goes on, as it would in production, until the
+    // refresh has started: every request must still succeed, and the count stays exact.
     let deadline = Instant::now() + PATIENCE;
     while h.requests() == before && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -5,8 +5,8 @@
 //! DESIGN.md invariants checked in every round: 2 (never two token requests in flight),
 //! 3 (any number of 401s for one generation cost one token request; 401s for an older
 //! generation cost none), 7 (dropping the caller that started a refresh does not cancel
-//! it), and that nothing hangs. Also: services reused for many requests (which keep the
-//! token's header) never send a revoked token once they have seen the new one.
+//! it), and that nothing hangs. Also: services reused for many requests never send a
+//! revoked token once they have seen the new one.
 //!
 //! Short by default (CI); `STRESS_LONG=1` runs many more rounds and tasks.
 
@@ -306,8 +306,8 @@ async fn the_stack_under_load_with_repeated_revocation() {
     );
 }
 
-/// Long-lived services (each worker reuses its own clone, so it keeps the token's header)
-/// while every token is revoked again and again: a kept header never outlives its token.
+/// Long-lived services (each worker reuses its own clone) while every token is revoked
+/// again and again: no service keeps sending a revoked token.
 /// Every request ends (200, or the 401 of a replay whose new token was revoked too), token
 /// requests stay within one per revocation, and once revocations stop every worker's next
 /// requests succeed at once.

@@ -1268,7 +1268,8 @@ mod tests {
         let cache = TokenCache::new(source.clone(), config().refresh_while_idle(true));
         let token = cache.token().await.unwrap();
         drop(cache);
-        // The token outlives the cache (a caller still holds it), so its timer still runs.
+        // The token outlives the cache (a caller still holds it); the idle task holds only
+        // a weak reference, and finds the cache gone when it wakes.
         tokio::time::advance(Duration::from_secs(95)).await;
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
