@@ -350,6 +350,7 @@ struct Failure {
 
 /// A refresh just marked in flight, whose driving task is spawned once the lock is free.
 struct Started {
+    id: u64,
     outcome: Refresh,
     runtime: tokio::runtime::Handle,
 }
@@ -637,8 +638,7 @@ impl TokenCache {
                         });
                     }
                     let started = self.begin(&mut state, reason)?;
-                    let id = state.refreshes_started;
-                    (id, started.outcome.clone(), Some(started))
+                    (started.id, started.outcome.clone(), Some(started))
                 }
             }
         };
@@ -740,7 +740,11 @@ impl TokenCache {
             credentials: self.inner.source.credentials_version(),
         });
         self.inner.counters.token_request();
-        Ok(Started { outcome, runtime })
+        Ok(Started {
+            id,
+            outcome,
+            runtime,
+        })
     }
 
     /// Spawns the task that drives a refresh to its end even if no caller waits for it (a
@@ -1770,9 +1774,9 @@ mod tests {
     /// itself and gets a token at once, not a `Timeout` after the fetch timeout.
     #[test]
     fn a_refresh_parked_on_an_idle_runtime_is_driven_by_its_waiter() {
-        let source = Scripted::new(Duration::from_millis(1_000), Duration::ZERO);
+        let source = Scripted::new(Duration::from_secs(4), Duration::ZERO);
         let config = CacheConfig::default()
-            .refresh_ahead(Duration::from_millis(500), 0.0)
+            .refresh_ahead(Duration::from_secs(2), 0.0)
             .refresh_jitter(0.0)
             .fetch_timeout(Duration::from_secs(20));
         let cache = TokenCache::new(source.clone(), config);
@@ -1782,11 +1786,16 @@ mod tests {
                 .build()
                 .unwrap()
         };
+        let wait_until = |at: Instant| {
+            while Instant::now() < at {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
         let a = facade();
-        a.block_on(cache.token()).unwrap();
-        // In the refresh window: A's request sends the token and starts the refresh ahead,
-        // which A's runtime never runs.
-        std::thread::sleep(Duration::from_millis(600));
+        let token = a.block_on(cache.token()).unwrap();
+        // In the refresh window (2 s of it left, however busy the machine): A's request
+        // sends the token and starts the refresh ahead, which A's runtime never runs.
+        wait_until(token.refresh_at());
         let sent = a.block_on(async { cache.header() });
         assert_eq!(sent.map(|(_, g)| g), Some(TokenGeneration(1)));
         assert_eq!(
@@ -1796,7 +1805,7 @@ mod tests {
         );
         assert_eq!(source.calls(), 1, "and has not run");
         // Past the expiry, on thread B.
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until(token.expires_at());
         let b = std::thread::spawn({
             let cache = cache.clone();
             move || {
@@ -1875,52 +1884,40 @@ mod tests {
         assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
     }
 
-    /// 2f: a `Retry-After` longer than the backoff cap is honoured (up to its own cap).
+    /// 2f: a `Retry-After` longer than the backoff cap is honoured (up to its own cap), on
+    /// a 429 and on a 503 alike.
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_above_the_backoff_cap_is_honoured() {
-        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
-        source.then(Err(AuthError::RateLimited {
-            retry_after: Some(Duration::from_secs(300)),
-        }));
-        let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
-        assert!(cache.token().await.is_err());
-        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-            panic!("expected a backoff");
-        };
-        assert_eq!(retry_in, Duration::from_secs(300));
-        tokio::time::advance(Duration::from_secs(299)).await;
-        assert!(matches!(
-            cache.token().await,
-            Err(AuthError::BackingOff { .. })
-        ));
-        assert_eq!(source.calls(), 1, "no second request before 300 s");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(cache.token().await.is_ok());
-        assert_eq!(source.calls(), 2);
-    }
-
-    /// 2f: a 503's `Retry-After` is honoured as a 429's is, past the backoff cap.
-    #[tokio::test(start_paused = true)]
-    async fn a_retry_after_on_a_503_is_honoured() {
-        let source = Scripted::new(Duration::from_secs(3600), Duration::ZERO);
-        source.then(Err(AuthError::UnexpectedStatus {
-            status: http::StatusCode::SERVICE_UNAVAILABLE,
-            retry_after: Some(Duration::from_secs(120)),
-        }));
-        let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
-        assert!(cache.token().await.is_err());
-        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-            panic!("expected a backoff");
-        };
-        assert_eq!(retry_in, Duration::from_secs(120));
-        tokio::time::advance(Duration::from_secs(119)).await;
-        assert!(matches!(
-            cache.token().await,
-            Err(AuthError::BackingOff { .. })
-        ));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(cache.token().await.is_ok());
-        assert_eq!(source.calls(), 2);
+        let secs = Duration::from_secs;
+        let answers = [
+            AuthError::RateLimited {
+                retry_after: Some(secs(300)),
+            },
+            AuthError::UnexpectedStatus {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                retry_after: Some(secs(120)),
+            },
+        ];
+        for answer in answers {
+            let asked = answer.retry_after().unwrap();
+            let source = Scripted::new(secs(3600), Duration::ZERO);
+            source.then(Err(answer));
+            let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
+            assert!(cache.token().await.is_err());
+            let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
+                panic!("expected a backoff");
+            };
+            assert_eq!(retry_in, asked);
+            tokio::time::advance(asked - secs(1)).await;
+            assert!(matches!(
+                cache.token().await,
+                Err(AuthError::BackingOff { .. })
+            ));
+            assert_eq!(source.calls(), 1, "no second request before {asked:?}");
+            tokio::time::advance(secs(1)).await;
+            assert!(cache.token().await.is_ok());
+            assert_eq!(source.calls(), 2);
+        }
     }
 
     /// 2h: a fatal answer is not retried like a 500: it waits the longest backoff, so a

@@ -429,24 +429,33 @@ mod tests {
     #[test]
     fn a_refresh_ahead_started_before_a_gap_still_asks() {
         let runtime = block_on_runtime();
-        let source = Counting::new(Duration::from_secs(2), Duration::ZERO);
+        let source = Counting::new(Duration::from_secs(4), Duration::ZERO);
         let config = CacheConfig::default()
-            .refresh_ahead(Duration::from_secs(1), 0.0)
+            .refresh_ahead(Duration::from_secs(2), 0.0)
             .refresh_jitter(0.0)
             .fetch_timeout(Duration::from_millis(300));
         let cache = TokenCache::new(source.clone(), config);
         let scope = Scope::new([Uri::from_static("https://api.example.com")]).unwrap();
         let mut service = AuthLayer::new(cache.clone(), scope).layer(echo());
         assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
-        // In the refresh window: this call starts the refresh ahead, and returns before
-        // the runtime runs it.
-        std::thread::sleep(Duration::from_millis(1_200));
+        let token = cache.current().unwrap();
+        // In the refresh window (2 s of it left, however busy the machine): this call
+        // starts the refresh ahead, and returns before the runtime runs it.
+        wait_until(token.refresh_at());
         assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-0");
         // Past the expiry and the fetch timeout, the next call drives the refresh.
-        std::thread::sleep(Duration::from_millis(1_000));
+        wait_until(token.expires_at() + Duration::from_millis(400));
         assert_eq!(runtime.block_on(send(&mut service)), "Bearer token-1");
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
         assert_eq!(cache.stats().fetch_failures, 0);
+    }
+
+    /// Blocks this thread (no runtime running, as between the calls of a synchronous
+    /// facade) until the clock reaches `at`.
+    fn wait_until(at: tokio::time::Instant) {
+        while tokio::time::Instant::now() < at {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The same for the refresh a 401 starts (`AuthLayer` alone, or a body that cannot be
