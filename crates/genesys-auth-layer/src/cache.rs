@@ -1860,10 +1860,17 @@ mod tests {
         );
         // A second 401 while the backoff runs (not while an attempt is in flight, which a
         // replay could wait for): no replay, the token stays in use.
-        while cache.health().backoff_remaining.is_none() {
+        // Requests keep coming: one starts the next attempt once the backoff ends, and it
+        // fails again within a minute of (paused) time.
+        for _ in 0..60_000 {
+            if cache.health().backoff_remaining.is_some() {
+                break;
+            }
+            assert!(cache.header().is_some());
             tokio::time::advance(Duration::from_millis(1)).await;
             tokio::task::yield_now().await;
         }
+        assert!(cache.health().backoff_remaining.is_some(), "a backoff runs");
         assert!(!cache.refused(warm), "the 401 goes back to the caller");
         assert_eq!(cache.header().map(|(_, g)| g), Some(warm));
         assert_eq!(cache.current().map(|t| t.generation()), Some(warm));
