@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{base, endpoints, get, h1_client, h2_client, root_cause, stack, Stack, Toggle};
+use common::{base, endpoints, get, h1_client, h2_client, stack, Stack, Toggle};
 use genesys_auth_layer::parse::MAX_TOKEN_LIFETIME;
 use genesys_auth_layer::{AuthError, GenesysAuth, InvalidTokenResponse, OAuthErrorCode};
 use genesys_fake::{FakeGenesys, TokenFault};
@@ -122,7 +122,7 @@ struct FaultCase {
     fault: Fault,
     /// What every caller gets with no token cached (the row's second column).
     outcome: &'static str,
-    /// Checks the failure (looked through `BackingOff`); `None`: the answer is accepted.
+    /// Checks the failure; `None`: the answer is accepted.
     expect: Option<fn(&AuthError) -> bool>,
     next: NextAttempt,
 }
@@ -228,7 +228,7 @@ const FAULTS: &[FaultCase] = &[
         next: NextAttempt::Backoff,
     },
     // The 429 cells ask for 6 s: longer than a 1,000-caller burst takes on a loaded machine,
-    // so the checks made after the burst ("callers now get `BackingOff`") run inside it.
+    // so the checks made after the burst (callers now get the same error, at once) run inside it.
     FaultCase {
         name: "429 with `Retry-After: 6`",
         fault: Fault::Fake(|_| TokenFault::RateLimited {
@@ -638,11 +638,7 @@ async fn cold(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Vec<String> 
         );
         match (case.expect, result) {
             (Some(expect), Err(e)) => match common::auth_error(e) {
-                Some(err) => check!(
-                    f,
-                    expect(root_cause(err)),
-                    "caller {i}: unexpected error {err:?}"
-                ),
+                Some(err) => check!(f, expect(err), "caller {i}: unexpected error {err:?}"),
                 None => f.push(format!("caller {i}: not an AuthError: {e}")),
             },
             (Some(_), Ok(status)) => {
@@ -675,22 +671,25 @@ async fn cold(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Vec<String> 
             let last = health.last_error.as_ref();
             check!(
                 f,
-                last.is_some_and(|e| expect(root_cause(e))),
+                last.is_some_and(|e| expect(e)),
                 "health.last_error {last:?}"
             );
             if let NextAttempt::RetryAfter(_, hi) = case.next {
-                // The server's delay is the backoff: callers now get `BackingOff` at once.
+                // The server's delay is the backoff: callers now get the same error at once,
+                // with no token request.
                 let remaining = health.backoff_remaining;
                 check!(
                     f,
                     remaining.is_some_and(|r| r <= hi),
                     "backoff remaining {remaining:?}, expected Retry-After ≤ {hi:?}"
                 );
+                let requests = h.fake.token_requests();
                 let err = h.auth.token().await.err();
                 check!(
                     f,
-                    matches!(&err, Some(AuthError::BackingOff { .. })),
-                    "during Retry-After: {err:?}"
+                    err.as_ref().is_some_and(expect) && h.fake.token_requests() == requests,
+                    "during Retry-After: {err:?}, token requests {requests} → {}",
+                    h.fake.token_requests()
                 );
             }
         }
@@ -794,7 +793,7 @@ async fn warm_attempt(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Opti
         Some(expect) => {
             let failed = common::eventually(PATIENCE, || async {
                 let last = h.auth.health().last_error;
-                last.as_ref().is_some_and(|e| expect(root_cause(e)))
+                last.as_ref().is_some_and(|e| expect(e))
             })
             .await;
             let last = h.auth.health().last_error;

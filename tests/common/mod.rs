@@ -118,14 +118,6 @@ pub fn auth_error(err: &BoxError) -> Option<&AuthError> {
     err.downcast_ref::<AuthError>()
 }
 
-/// The failure behind an error, looking through `BackingOff`.
-pub fn root_cause(err: &AuthError) -> &AuthError {
-    match err {
-        AuthError::BackingOff { last, .. } => root_cause(last),
-        other => other,
-    }
-}
-
 /// A port on loopback nothing listens on (bound, then released).
 pub async fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -450,7 +450,7 @@ impl TokenCache {
     /// refresh in flight (starting it if needed).
     ///
     /// Fails with the refresh's error (shared by all its waiters) or, while a backoff after
-    /// a failure runs, at once with [`AuthError::BackingOff`]. Never waits longer than the
+    /// a failure runs, at once with that failure again. Never waits longer than the
     /// fetch timeout and a second.
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         let now = Instant::now();
@@ -473,7 +473,8 @@ impl TokenCache {
     /// neither does one for a generation this cache never issued (the current token is
     /// returned). Any number of concurrent calls for the same generation cause at most one
     /// token request. While a backoff runs, the refused token stays in use (it may have
-    /// been refused by mistake) and this fails with [`AuthError::BackingOff`].
+    /// been refused by mistake) and this fails at once with the failure that started the
+    /// backoff.
     ///
     /// ```
     /// use genesys_auth_layer::{CacheConfig, TokenCache};
@@ -632,10 +633,7 @@ impl TokenCache {
                 None => {
                     let now = Instant::now();
                     if let Some(failure) = self.backing_off(&state, now) {
-                        return Err(AuthError::BackingOff {
-                            retry_in: failure.retry_at - now,
-                            last: failure.error.clone(),
-                        });
+                        return Err(AuthError::clone(&failure.error));
                     }
                     let started = self.begin(&mut state, reason)?;
                     (started.id, started.outcome.clone(), Some(started))
@@ -1023,6 +1021,22 @@ mod tests {
     use crate::IssuedToken;
     use std::collections::VecDeque;
     use std::sync::atomic::AtomicUsize;
+
+    /// A backoff runs: a caller gets the failure that started it again, at once and with
+    /// no token request. Returns that failure and the wait left.
+    async fn backed_off(cache: &TokenCache) -> (AuthError, Duration) {
+        let remaining = cache.health().backoff_remaining.expect("a backoff runs");
+        let requests = cache.stats().token_requests;
+        let err = cache.token().await.expect_err("no token during a backoff");
+        assert_eq!(
+            cache.stats().token_requests,
+            requests,
+            "sent a request: {err}"
+        );
+        let last = cache.health().last_error.expect("the failure is kept");
+        assert_eq!(err.to_string(), last.to_string());
+        (err, remaining)
+    }
 
     /// A token source whose answers are scripted; it counts calls and can be slow.
     #[derive(Clone, Default)]
@@ -1421,17 +1435,17 @@ mod tests {
         assert_eq!(source.calls(), 1);
 
         // Within the backoff: an immediate typed error, no request.
-        let err = cache.token().await.unwrap_err();
-        assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
-        assert!(err.is_fatal());
+        let (err, _) = backed_off(&cache).await;
+        assert_eq!(
+            err.oauth_code(),
+            Some(&OAuthErrorCode::InvalidClient),
+            "{err}"
+        );
         assert_eq!(source.calls(), 1);
 
         // A fatal answer waits the longest backoff (8 s here), not the first one (2h).
         tokio::time::advance(Duration::from_secs(7)).await;
-        assert!(matches!(
-            cache.token().await,
-            Err(AuthError::BackingOff { .. })
-        ));
+        backed_off(&cache).await;
         assert_eq!(source.calls(), 1);
         // After it: one new request, which succeeds.
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -1456,9 +1470,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..6 {
             assert!(cache.token().await.is_err());
-            let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-                panic!("expected backoff");
-            };
+            let (_, retry_in) = backed_off(&cache).await;
             waits.push(retry_in);
             tokio::time::advance(retry_in).await;
         }
@@ -1483,10 +1495,8 @@ mod tests {
         let cache = TokenCache::new(source.clone(), config());
         assert!(cache.token().await.is_err());
         tokio::time::advance(Duration::from_millis(4900)).await;
-        assert!(matches!(
-            cache.token().await,
-            Err(AuthError::BackingOff { .. })
-        ));
+        let (err, _) = backed_off(&cache).await;
+        assert!(matches!(err, AuthError::RateLimited { .. }), "{err}");
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(cache.token().await.is_ok());
         assert_eq!(source.calls(), 2);
@@ -1503,15 +1513,11 @@ mod tests {
         }));
         let cache = TokenCache::new(source.clone(), config());
         assert!(cache.token().await.is_err());
-        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-            panic!("Retry-After: 0 still backs off");
-        };
+        let (_, retry_in) = backed_off(&cache).await; // Retry-After: 0 still backs off
         assert_eq!(retry_in, Duration::from_secs(1));
         tokio::time::advance(retry_in).await;
         assert!(cache.token().await.is_err());
-        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-            panic!("expected backoff");
-        };
+        let (_, retry_in) = backed_off(&cache).await;
         assert_eq!(
             retry_in, RETRY_AFTER_CAP,
             "honoured past the backoff cap, up to its own cap (2f)"
@@ -1616,17 +1622,11 @@ mod tests {
         let cache = TokenCache::new(Panics(calls.clone()), config());
         let (a, b) = tokio::join!(cache.token(), cache.token());
         assert!(matches!(a, Err(AuthError::RefreshAborted)), "{a:?}");
-        // `b` asked after the refresh had failed (it can fail within `a`'s first poll).
-        assert!(
-            matches!(&b, Err(AuthError::RefreshAborted))
-                || matches!(&b, Err(AuthError::BackingOff { last, .. }) if matches!(**last, AuthError::RefreshAborted)),
-            "{b:?}"
-        );
+        // `b` joined the refresh or asked after it had failed: the same error either way.
+        assert!(matches!(&b, Err(AuthError::RefreshAborted)), "{b:?}");
         for _ in 0..5 {
-            assert!(matches!(
-                cache.token().await,
-                Err(AuthError::BackingOff { .. })
-            ));
+            let (err, _) = backed_off(&cache).await;
+            assert!(matches!(err, AuthError::RefreshAborted), "{err}");
         }
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -1648,10 +1648,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(matches!(
-            cache.token().await,
-            Err(AuthError::BackingOff { .. })
-        ));
+        backed_off(&cache).await;
         assert!(cache.current().is_none());
         assert_eq!(source.calls(), 1);
     }
@@ -1669,9 +1666,7 @@ mod tests {
             .fetch_timeout(Duration::MAX);
         let cache = TokenCache::new(source, config);
         assert!(cache.token().await.is_err());
-        let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-            panic!("expected a backoff");
-        };
+        let (_, retry_in) = backed_off(&cache).await;
         assert_eq!(retry_in, RETRY_AFTER_CAP);
         tokio::time::advance(retry_in).await;
         let token = cache.token().await.unwrap();
@@ -1705,10 +1700,8 @@ mod tests {
             assert!(matches!(err, AuthError::Timeout(_)), "{err}");
             assert!(started.elapsed() < Duration::from_secs(3));
             // The abandoned refresh no longer blocks: the next attempt follows the backoff.
-            assert!(matches!(
-                cache.token().await,
-                Err(AuthError::BackingOff { .. })
-            ));
+            let (err, _) = backed_off(&cache).await;
+            assert!(matches!(err, AuthError::Timeout(_)), "{err}");
         });
         drop(a);
     }
@@ -1887,8 +1880,8 @@ mod tests {
         let err = cache.refresh_after_401(warm).await.unwrap_err();
         assert!(err.is_fatal(), "{err}");
         assert!(cache.header().is_none());
-        let err = cache.token().await.unwrap_err();
-        assert!(matches!(err, AuthError::BackingOff { .. }), "{err}");
+        let (err, _) = backed_off(&cache).await;
+        assert!(err.is_fatal(), "{err}");
     }
 
     /// 2f: a `Retry-After` longer than the backoff cap is honoured (up to its own cap), on
@@ -1911,15 +1904,10 @@ mod tests {
             source.then(Err(answer));
             let cache = TokenCache::new(source.clone(), config()); // backoff cap: 8 s
             assert!(cache.token().await.is_err());
-            let Err(AuthError::BackingOff { retry_in, .. }) = cache.token().await else {
-                panic!("expected a backoff");
-            };
+            let (_, retry_in) = backed_off(&cache).await;
             assert_eq!(retry_in, asked);
             tokio::time::advance(asked - secs(1)).await;
-            assert!(matches!(
-                cache.token().await,
-                Err(AuthError::BackingOff { .. })
-            ));
+            backed_off(&cache).await;
             assert_eq!(source.calls(), 1, "no second request before {asked:?}");
             tokio::time::advance(secs(1)).await;
             assert!(cache.token().await.is_ok());
@@ -1979,7 +1967,7 @@ mod tests {
         source.then(Err(invalid_client()));
         let cache = TokenCache::new(RotatedMidRequest(source.clone()), config());
         assert!(cache.token().await.unwrap_err().is_fatal());
-        // Not 8 s of `BackingOff`: the next request tries the new credentials at once.
+        // Not 8 s of backoff: the next request tries the new credentials at once.
         assert!(cache.token().await.is_ok());
         assert_eq!(source.calls(), 2);
     }

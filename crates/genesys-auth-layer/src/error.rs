@@ -150,6 +150,10 @@ pub enum InvalidTokenResponse {
 /// Everything that can go wrong while obtaining a token.
 ///
 /// Cloneable, because one failed refresh is shared by every request that waited on it.
+/// While the backoff after a failure runs, requests that need a new token get that same
+/// failure again at once (no token request is sent for them; the cache's
+/// [`health`](crate::TokenCache::health) says when the next attempt is due), so matching on
+/// the variant works whether a caller's request was the one that failed or came after it.
 /// Boxes into [`tower::BoxError`]; the services of this crate return it that way, so get it
 /// back with `downcast_ref::<AuthError>()`.
 ///
@@ -226,15 +230,6 @@ pub enum AuthError {
         /// The answer to the secondary secret.
         secondary: Arc<AuthError>,
     },
-    /// A recent token request failed and the next attempt is not due yet. `last` is that
-    /// failure; no request was sent for this caller.
-    #[error("not asking for a token for another {retry_in:?} after the last failure: {last}")]
-    BackingOff {
-        /// How long until the next attempt is allowed.
-        retry_in: Duration,
-        /// The failure that started the wait.
-        last: Arc<AuthError>,
-    },
     /// The refresh was stopped before it finished (its runtime shut down).
     #[error("the token refresh stopped before it finished")]
     RefreshAborted,
@@ -244,13 +239,11 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The OAuth error code, looking through [`AuthError::BackingOff`] and
-    /// [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
+    /// The OAuth error code, looking through [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
     /// primary's: one of them may have been a 401 without an OAuth body).
     pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
         match self {
             Self::OAuth { code, .. } => Some(code),
-            Self::BackingOff { last, .. } => last.oauth_code(),
             Self::BothSecretsRejected { primary, secondary } => {
                 secondary.oauth_code().or_else(|| primary.oauth_code())
             }
@@ -260,7 +253,7 @@ impl AuthError {
 
     /// A stable, low-cardinality name for the kind of failure, for logs and metrics:
     /// `oauth_error`, `rate_limited`, `http_status`, `transport`, `timeout`, `too_large`,
-    /// `invalid_response`, `secrets_rejected`, `backing_off`, `aborted` or `no_runtime`.
+    /// `invalid_response`, `secrets_rejected`, `aborted` or `no_runtime`.
     pub fn cause(&self) -> &'static str {
         match self {
             Self::OAuth { .. } => "oauth_error",
@@ -271,20 +264,17 @@ impl AuthError {
             Self::ResponseTooLarge { .. } => "too_large",
             Self::InvalidResponse(_) => "invalid_response",
             Self::BothSecretsRejected { .. } => "secrets_rejected",
-            Self::BackingOff { .. } => "backing_off",
             Self::RefreshAborted => "aborted",
             Self::NoRuntime => "no_runtime",
         }
     }
 
     /// The HTTP status the token endpoint answered, if the failure came with one (429 for
-    /// [`AuthError::RateLimited`]), looking through [`AuthError::BackingOff`] and, for
-    /// [`AuthError::BothSecretsRejected`], to the secondary secret's answer.
+    /// [`AuthError::RateLimited`]), looking, for [`AuthError::BothSecretsRejected`], to the secondary secret's answer.
     pub fn http_status(&self) -> Option<StatusCode> {
         match self {
             Self::OAuth { status, .. } | Self::UnexpectedStatus { status, .. } => Some(*status),
             Self::RateLimited { .. } => Some(StatusCode::TOO_MANY_REQUESTS),
-            Self::BackingOff { last, .. } => last.http_status(),
             Self::BothSecretsRejected { secondary, .. } => secondary.http_status(),
             _ => None,
         }
@@ -292,7 +282,7 @@ impl AuthError {
 
     /// Whether retrying with the same configuration cannot help: a fatal OAuth error code
     /// (see [`OAuthErrorCode::is_fatal`]) or refused credentials (see
-    /// [`AuthError::is_client_rejected`]), looking through [`AuthError::BackingOff`] and
+    /// [`AuthError::is_client_rejected`]), looking through
     /// [`AuthError::BothSecretsRejected`].
     pub fn is_fatal(&self) -> bool {
         self.oauth_code().is_some_and(OAuthErrorCode::is_fatal) || self.is_client_rejected()
@@ -302,8 +292,7 @@ impl AuthError {
     /// `invalid_client`, or any `401 Unauthorized` whatever its body says, another OAuth
     /// code included (a 401 from the token endpoint is a refused client authentication,
     /// RFC 6749 §5.2; a gateway may answer it with its own body, Genesys with
-    /// `{"code":"bad.credentials",…}`). Looks through [`AuthError::BackingOff`] and
-    /// [`AuthError::BothSecretsRejected`].
+    /// `{"code":"bad.credentials",…}`). Looks through [`AuthError::BothSecretsRejected`].
     ///
     /// A token request refused this way is tried once with the secondary secret, when
     /// there is one.
@@ -312,14 +301,12 @@ impl AuthError {
             || self.http_status() == Some(StatusCode::UNAUTHORIZED)
     }
 
-    /// The delay a 429 or a 503 answer asked for in `Retry-After`, if any, looking through
-    /// [`AuthError::BackingOff`].
+    /// The delay a 429 or a 503 answer asked for in `Retry-After`, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after } | Self::UnexpectedStatus { retry_after, .. } => {
                 *retry_after
             }
-            Self::BackingOff { last, .. } => last.retry_after(),
             _ => None,
         }
     }
@@ -537,22 +524,6 @@ mod tests {
     }
 
     #[test]
-    fn backing_off_looks_through_to_the_cause() {
-        let last = AuthError::OAuth {
-            status: StatusCode::BAD_REQUEST,
-            code: OAuthErrorCode::InvalidScope,
-            description: None,
-        };
-        let err = AuthError::BackingOff {
-            retry_in: Duration::from_secs(2),
-            last: Arc::new(last),
-        };
-        assert!(err.is_fatal());
-        assert_eq!(err.oauth_code(), Some(&OAuthErrorCode::InvalidScope));
-        assert!(err.to_string().contains("invalid_scope"), "{err}");
-    }
-
-    #[test]
     fn extension_codes_are_bounded() {
         let long = "x".repeat(1000);
         match OAuthErrorCode::from_code(&long) {
@@ -572,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn accessors_name_the_failure_and_look_through_backing_off() {
+    fn accessors_name_the_failure() {
         assert_eq!(OAuthErrorCode::InvalidGrant.as_str(), "invalid_grant");
         assert_eq!(OAuthErrorCode::InvalidGrant.to_string(), "invalid_grant");
         assert!(OAuthErrorCode::UnauthorizedClient.is_fatal());
@@ -582,12 +553,7 @@ mod tests {
         };
         assert_eq!(limited.cause(), "rate_limited");
         assert_eq!(limited.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
-        let later = AuthError::BackingOff {
-            retry_in: Duration::from_secs(1),
-            last: Arc::new(limited),
-        };
-        assert_eq!(later.retry_after(), Some(Duration::from_secs(30)));
-        assert_eq!(later.http_status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(30)));
         assert_eq!(
             AuthError::Timeout(Duration::from_secs(10)).cause(),
             "timeout"

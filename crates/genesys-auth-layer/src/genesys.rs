@@ -472,11 +472,11 @@ impl GenesysAuthBuilder {
     ///     .backoff(Duration::from_secs(5), Duration::from_secs(120))
     ///     .build(http_client())?; // a token endpoint that answers 503
     /// assert!(auth.token().await.is_err());
-    /// // No second request before the backoff ends (2.5 to 5 s after a first failure).
-    /// match auth.token().await.unwrap_err() {
-    ///     AuthError::BackingOff { retry_in, .. } => assert!(retry_in <= Duration::from_secs(5)),
-    ///     other => panic!("expected a backoff, got {other}"),
-    /// }
+    /// // No second request before the backoff ends (2.5 to 5 s after a first failure):
+    /// // callers get the same error again at once.
+    /// let err = auth.token().await.unwrap_err();
+    /// assert!(matches!(err, AuthError::UnexpectedStatus { status, .. } if status == 503));
+    /// assert!(auth.health().backoff_remaining.unwrap() <= Duration::from_secs(5));
     /// assert_eq!(auth.stats().token_requests, 1);
     /// # Ok::<(), tower::BoxError>(()) }).unwrap();
     /// ```
