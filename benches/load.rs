@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{CacheConfig, Endpoints, GenesysAuth};
+use genesys_auth_layer::{CacheConfig, GenesysAuth};
 use genesys_fake::FakeGenesys;
 use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -147,15 +147,10 @@ where
 }
 
 fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> Result<GenesysAuth, BoxError> {
-    Ok(
-        GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-            .endpoints(Endpoints::from_bases(
-                &fake.login_uri().to_string(),
-                &fake.api_uri().to_string(),
-            )?)
-            .cache_config(config)
-            .build(h2_client())?,
-    )
+    Ok(fake
+        .auth_builder()
+        .cache_config(config)
+        .build(h2_client())?)
 }
 
 fn ping_uri(fake: &FakeGenesys) -> Result<Uri, BoxError> {

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use genesys_auth_layer::default_client::https_client;
-use genesys_auth_layer::{Endpoints, GenesysAuth};
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -32,11 +31,8 @@ async fn main() -> Result<(), BoxError> {
         .token_lifetime(Duration::from_secs(3600))
         .start()
         .await?;
-    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(Endpoints::from_bases(
-            &fake.login_uri().to_string(),
-            &fake.api_uri().to_string(),
-        )?)
+    let auth = fake
+        .auth_builder()
         .backoff(Duration::from_millis(200), Duration::from_secs(2))
         .build_with_default_client()?;
     let client = ServiceBuilder::new()

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use genesys_auth_layer::default_client::https_client;
-use genesys_auth_layer::{Endpoints, GenesysAuth, Region};
+use genesys_auth_layer::{GenesysAuth, Region};
 use genesys_fake::FakeGenesys;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
@@ -45,13 +45,25 @@ async fn main() -> Result<(), BoxError> {
 async fn real_genesys(id: String, secret: String) -> Result<(), BoxError> {
     let login = std::env::var("GENESYSCLOUD_LOGIN_URI").ok();
     let api = std::env::var("GENESYSCLOUD_API_URI").ok();
-    let (endpoints, place) = match (login, api) {
-        (Some(login), Some(api)) => (Endpoints::from_bases(&login, &api)?, api),
+    let builder = GenesysAuth::client_credentials(id, secret);
+    let (builder, api_uri, place) = match (login, api) {
+        (Some(login), Some(api)) => {
+            let api_uri: Uri = api.parse()?;
+            (
+                builder.login_uri(login).api_uri(api_uri.clone()),
+                api_uri,
+                api,
+            )
+        }
         (None, None) => {
             let region: Region = std::env::var("GENESYSCLOUD_REGION")
                 .unwrap_or_else(|_| "us-east-1".into())
                 .parse()?;
-            (region.endpoints(), format!("Region {region}"))
+            (
+                builder.region(region),
+                region.api_uri(),
+                format!("Region {region}"),
+            )
         }
         _ => {
             return Err(
@@ -59,10 +71,7 @@ async fn real_genesys(id: String, secret: String) -> Result<(), BoxError> {
             )
         }
     };
-    let api_uri = endpoints.api_uri().clone();
-    let auth = GenesysAuth::client_credentials(id, secret)
-        .endpoints(endpoints)
-        .build_with_default_client()?;
+    let auth = builder.build_with_default_client()?;
     let client = ServiceBuilder::new()
         .layer(TraceLayer::new_for_http())
         .layer(auth.layers())
@@ -103,11 +112,8 @@ async fn fake_genesys() -> Result<(), BoxError> {
     );
     println!("  token lifetime {LIFETIME:?}\n");
 
-    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(Endpoints::from_bases(
-            &fake.login_uri().to_string(),
-            &fake.api_uri().to_string(),
-        )?)
+    let auth = fake
+        .auth_builder()
         // Refresh in the last second of the token's life, for a short demo.
         .refresh_ahead(Duration::from_secs(1), 0.0)
         .build_with_default_client()?;

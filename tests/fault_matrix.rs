@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{base, endpoints, get, h1_client, h2_client, stack, Stack, Toggle};
+use common::{base, get, h1_client, h2_client, stack, Stack, Toggle};
 use genesys_auth_layer::parse::MAX_TOKEN_LIFETIME;
 use genesys_auth_layer::{AuthError, GenesysAuth, InvalidTokenResponse, OAuthErrorCode};
 use genesys_fake::{FakeGenesys, TokenFault};
@@ -486,7 +486,8 @@ async fn harness(case: &FaultCase, lifetime: Duration) -> Harness {
         .map_or_else(|| base(&fake.login_uri()), Toggle::base);
     let api = base(&fake.api_uri());
     let auth = GenesysAuth::client_credentials(ID, SECRET)
-        .endpoints(endpoints(&login, &api))
+        .login_uri(login)
+        .api_uri(api.as_str())
         .fetch_timeout(FETCH_TIMEOUT)
         .backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         // The window is capped at half the lifetime: refresh starts at exactly half of it.
@@ -671,7 +672,7 @@ async fn cold(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Vec<String> 
             let last = health.last_error.as_ref();
             check!(
                 f,
-                last.is_some_and(|e| expect(e)),
+                last.is_some_and(expect),
                 "health.last_error {last:?}"
             );
             if let NextAttempt::RetryAfter(_, hi) = case.next {
@@ -793,7 +794,7 @@ async fn warm_attempt(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Opti
         Some(expect) => {
             let failed = common::eventually(PATIENCE, || async {
                 let last = h.auth.health().last_error;
-                last.as_ref().is_some_and(|e| expect(e))
+                last.as_ref().is_some_and(expect)
             })
             .await;
             let last = h.auth.health().last_error;

@@ -8,9 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{
-    AuthError, CacheConfig, Credentials, Endpoints, GenesysAuth, OAuthErrorCode,
-};
+use genesys_auth_layer::{AuthError, CacheConfig, Credentials, GenesysAuth, OAuthErrorCode};
 use genesys_fake::FakeGenesys;
 use http::header::AUTHORIZATION;
 use http::{Request, Response, StatusCode};
@@ -39,11 +37,7 @@ macro_rules! on_both_stacks {
 }
 
 fn auth_for(fake: &FakeGenesys, config: CacheConfig) -> GenesysAuth {
-    GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(
-            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
-                .unwrap(),
-        )
+    fake.auth_builder()
         .cache_config(config)
         .build(h2_client())
         .unwrap()
@@ -174,13 +168,12 @@ async fn refresh_ahead_once_per_lifetime_and_no_request_waits() {
         .token_latency(Duration::from_millis(300))
         .build_in_process();
     // The in-process fake routes by path; a loopback origin satisfies the https rule.
-    let endpoints =
-        Endpoints::custom("http://127.0.0.1:9/oauth/token", "http://127.0.0.1:9").unwrap();
     let config = CacheConfig::default()
         .refresh_ahead(Duration::from_secs(10), 0.0)
         .refresh_jitter(0.0);
     let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(endpoints)
+        .login_uri("http://127.0.0.1:9")
+        .api_uri("http://127.0.0.1:9")
         .cache_config(config)
         .build(fake.service())
         .unwrap();

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{CacheConfig, Endpoints, GenesysAuth, OAuthErrorCode};
+use genesys_auth_layer::{CacheConfig, Credentials, GenesysAuth, OAuthErrorCode};
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::Full;
@@ -37,12 +37,12 @@ async fn documented_events_counters_and_health() {
         .start()
         .await
         .unwrap();
-    let auth = GenesysAuth::client_credentials("obs-client", "wrong-primary")
-        .secondary_secret("primary")
-        .endpoints(
-            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
-                .unwrap(),
-        )
+    let credentials = Credentials::new("obs-client", "wrong-primary")
+        .and_then(|c| c.with_secondary("primary"))
+        .unwrap();
+    let auth = GenesysAuth::with_credentials(credentials)
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         .cache_config(
             CacheConfig::default().backoff(Duration::from_millis(50), Duration::from_millis(50)),
         )
@@ -130,11 +130,8 @@ async fn a_named_cache_names_its_fetch_span() {
     let (captured, _guard) = capture(tracing::Level::INFO);
 
     let fake = FakeGenesys::start().await.unwrap();
-    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-        .endpoints(
-            Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
-                .unwrap(),
-        )
+    let auth = fake
+        .auth_builder()
         .cache_config(CacheConfig::default().name("org-emea"))
         .build(h2_client())
         .unwrap();
@@ -162,13 +159,7 @@ async fn both_stacks_log_and_count_a_replay_alike() {
     ] {
         let (captured, _guard) = capture(tracing::Level::DEBUG);
         let fake = FakeGenesys::start().await.unwrap();
-        let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
-            .endpoints(
-                Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string())
-                    .unwrap(),
-            )
-            .build(h2_client())
-            .unwrap();
+        let auth = fake.auth_builder().build(h2_client()).unwrap();
         let client = make(&auth, h2_client());
         let ping = Request::get(format!("{}api/v2/ping", fake.api_uri()))
             .body(Full::<Bytes>::default())

@@ -8,17 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{CredentialStore, Endpoints, GenesysAuth, SecretSlot};
+use genesys_auth_layer::{CredentialStore, Credentials, GenesysAuth, SecretSlot};
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 use common::h2_client;
-
-fn endpoints(fake: &FakeGenesys) -> Endpoints {
-    Endpoints::from_bases(&fake.login_uri().to_string(), &fake.api_uri().to_string()).unwrap()
-}
 
 /// Requests answered so far by [`load`]: succeeded and failed.
 #[derive(Clone, Default)]
@@ -105,9 +101,12 @@ async fn a_full_rotation_under_load_fails_no_request() {
         .await
         .unwrap();
     // The application knows the old secret and the next one.
-    let auth = GenesysAuth::client_credentials("rotating-client", "secret-A")
-        .secondary_secret("secret-B")
-        .endpoints(endpoints(&fake))
+    let credentials = Credentials::new("rotating-client", "secret-A")
+        .and_then(|c| c.with_secondary("secret-B"))
+        .unwrap();
+    let auth = GenesysAuth::with_credentials(credentials)
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         .build(h2_client())
         .unwrap();
     let client = ServiceBuilder::new()
@@ -175,7 +174,8 @@ async fn a_secrets_file_update_rotates_without_a_restart() {
         .await
         .unwrap();
     let auth = GenesysAuth::with_credentials(store.clone())
-        .endpoints(endpoints(&fake))
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         .build(h2_client())
         .unwrap();
     let client = ServiceBuilder::new()

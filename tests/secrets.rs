@@ -19,11 +19,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{base, endpoints, get, h1_client, h2_client, Captured, TinyServer};
+use common::{base, get, h1_client, h2_client, Captured, TinyServer};
 use genesys_auth_layer::parse::parse_token_response;
 use genesys_auth_layer::{
     AuthError, ClientCredentials, ClientId, ClientSecret, ConfigError, CredentialStore,
-    Credentials, Endpoints, GenesysAuth, Region,
+    Credentials, GenesysAuth, Region,
 };
 use genesys_fake::{FakeGenesys, TokenFault};
 use http::header::AUTHORIZATION;
@@ -123,13 +123,15 @@ fn shown(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn auth_for(fake: &FakeGenesys, id: &str, secret: &str, secondary: Option<&str>) -> GenesysAuth {
-    let mut builder = GenesysAuth::client_credentials(id, secret)
-        .endpoints(endpoints(&base(&fake.login_uri()), &base(&fake.api_uri())))
+    let mut credentials = Credentials::new(id, secret).unwrap();
+    if let Some(secondary) = secondary {
+        credentials = credentials.with_secondary(secondary).unwrap();
+    }
+    let builder = GenesysAuth::with_credentials(credentials)
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         .fetch_timeout(Duration::from_millis(300))
         .backoff(Duration::from_millis(10), Duration::from_millis(20));
-    if let Some(secondary) = secondary {
-        builder = builder.secondary_secret(secondary);
-    }
     builder.build(h1_client()).expect("auth")
 }
 
@@ -278,10 +280,8 @@ async fn no_secret_or_token_in_logs_debug_or_display() {
     assert_eq!(rotated.status(), 200, "the rotated secret is used");
     // Transport and timeout errors against a port nothing listens on.
     let refused = GenesysAuth::client_credentials(ID, SECRET)
-        .endpoints(endpoints(
-            &format!("http://127.0.0.1:{}", common::free_port().await),
-            &api,
-        ))
+        .login_uri(format!("http://127.0.0.1:{}", common::free_port().await))
+        .api_uri(api.as_str())
         .build(h1_client())
         .unwrap();
     errors.push(refused.token().await.unwrap_err());
@@ -299,7 +299,7 @@ async fn no_secret_or_token_in_logs_debug_or_display() {
     )
     .unwrap();
     bad_tokens.push("Parsed-t0ken-value-1234".into());
-    let builder = GenesysAuth::client_credentials(ID, SECRET).secondary_secret(NEXT_SECRET);
+    let builder = GenesysAuth::with_credentials(credentials.clone());
     let service = fallback.layer().layer(h2_client());
     let future = service.clone().oneshot(get(&api, "/api/v2/ping"));
     shown_text.push_str(&format!(
@@ -385,7 +385,7 @@ fn plain_http_token_endpoint_is_refused_off_loopback() {
         "http://192.168.1.5",
     ] {
         let result = GenesysAuth::client_credentials(ID, SECRET)
-            .endpoints(Endpoints::from_bases(insecure, "https://api.mypurecloud.com").unwrap())
+            .login_uri(insecure)
             .build(h1_client());
         match result {
             Err(err @ ConfigError::InsecureTokenEndpoint(_)) => {
@@ -401,7 +401,7 @@ fn plain_http_token_endpoint_is_refused_off_loopback() {
         "http://[::1]:9",
     ] {
         GenesysAuth::client_credentials(ID, SECRET)
-            .endpoints(Endpoints::from_bases(allowed, "https://api.mypurecloud.com").unwrap())
+            .login_uri(allowed)
             .build(h1_client())
             .unwrap_or_else(|e| panic!("{allowed}: {e}"));
     }
@@ -426,7 +426,8 @@ async fn a_redirect_to_another_origin_carries_no_token() {
     })
     .await;
     let auth = GenesysAuth::client_credentials(ID, SECRET)
-        .endpoints(endpoints(&base(&fake.login_uri()), &api.base()))
+        .login_uri(fake.login_uri())
+        .api_uri(api.base())
         .build(h1_client())
         .unwrap();
     let client = ServiceBuilder::new()

@@ -243,7 +243,8 @@ fn in_process_stack() -> (FakeGenesys, GenesysAuth, common::Stack) {
     let fake = FakeGenesys::builder().build_in_process();
     let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
         // The in-process fake routes by path: any loopback authorities will do.
-        .endpoints(common::endpoints(LOGIN, API))
+        .login_uri(LOGIN)
+        .api_uri(API)
         .build(fake.service())
         .expect("auth");
     let client = common::stack(&auth, fake.service());

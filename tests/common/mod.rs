@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{AuthError, Endpoints, GenesysAuth};
+use genesys_auth_layer::{AuthError, GenesysAuth};
 use genesys_fake::FakeGenesys;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -49,10 +49,6 @@ pub fn h2_client() -> HttpClient {
 /// `http://127.0.0.1:PORT` without the trailing slash `Uri`'s `Display` adds.
 pub fn base(uri: &http::Uri) -> String {
     uri.to_string().trim_end_matches('/').to_owned()
-}
-
-pub fn endpoints(login: &str, api: &str) -> Endpoints {
-    Endpoints::from_bases(login, api).expect("loopback endpoints")
 }
 
 /// The full stack (`auth.layers()`: auth and replay in one service) over `inner`, bodies

@@ -12,7 +12,7 @@ use crate::cache::{CacheConfig, TokenCache};
 use crate::credentials::{ClientId, ClientSecret, Credentials};
 use crate::error::{AuthError, ConfigError};
 use crate::observe::{CacheStats, Health};
-use crate::region::{Endpoints, Region};
+use crate::region::{check_absolute, join, Region};
 use crate::retry::RefreshOn401;
 use crate::rotation::CredentialStore;
 use crate::source::{ClientCredentials, TokenHttpService, TokenSource, DEFAULT_MAX_RESPONSE_BYTES};
@@ -69,13 +69,14 @@ impl GenesysAuth {
         Self::builder(CredentialSpec::Given {
             id: client_id.into(),
             secret: client_secret.into(),
-            secondary: None,
         })
     }
 
     /// Starts building authentication with the client-credentials grant from a
     /// [`CredentialStore`] (or [`Credentials`]) that can be rotated at run time, for example
-    /// one from [`CredentialStore::watch_file`] or [`Credentials::from_env`].
+    /// one from [`CredentialStore::watch_file`] or [`Credentials::from_env`]. This is also
+    /// how to give a secondary secret ([`Credentials::with_secondary`]), for rotating the
+    /// client's secret without downtime.
     ///
     /// ```
     /// use genesys_auth_layer::{CredentialStore, Credentials, GenesysAuth};
@@ -92,7 +93,22 @@ impl GenesysAuth {
     /// store.rotate(Credentials::new("new-client-id", "new-client-secret")?);
     /// let current = auth.credentials().expect("client credentials").current();
     /// assert_eq!(current.id().as_str(), "new-client-id");
+    ///
+    /// // A secondary secret, tried once when the primary one is refused.
+    /// let both = Credentials::new("my-client-id", "current-secret")?.with_secondary("next-secret")?;
+    /// let auth = GenesysAuth::with_credentials(both).build(http_client())?;
+    /// assert!(auth.credentials().unwrap().current().secondary_secret().is_some());
     /// # Ok::<(), genesys_auth_layer::ConfigError>(())
+    /// ```
+    ///
+    /// The secondary secret belongs to the [`Credentials`], so the builder has no method that
+    /// could be ignored for credentials given this way:
+    ///
+    /// ```compile_fail
+    /// use genesys_auth_layer::{Credentials, GenesysAuth};
+    ///
+    /// let store = Credentials::new("my-client-id", "my-client-secret").unwrap();
+    /// let builder = GenesysAuth::with_credentials(store).secondary_secret("next-secret");
     /// ```
     pub fn with_credentials(credentials: impl Into<CredentialStore>) -> GenesysAuthBuilder {
         Self::builder(CredentialSpec::Store(credentials.into()))
@@ -101,7 +117,8 @@ impl GenesysAuth {
     fn builder(credentials: CredentialSpec) -> GenesysAuthBuilder {
         GenesysAuthBuilder {
             credentials,
-            endpoints: Region::UsEast1.endpoints(),
+            login_uri: Ok(Region::UsEast1.login_uri()),
+            api_uri: Ok(Region::UsEast1.api_uri()),
             extra_origins: Vec::new(),
             cache: CacheConfig::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
@@ -292,7 +309,11 @@ impl fmt::Debug for GenesysAuth {
 /// never shows the secret.
 pub struct GenesysAuthBuilder {
     credentials: CredentialSpec,
-    endpoints: Endpoints,
+    /// The login host's base URI (the token URL is `<login>/oauth/token`), or why the URI
+    /// given is not one: reported by `build`.
+    login_uri: Result<Uri, ConfigError>,
+    /// The API's base URI, or why the URI given is not one.
+    api_uri: Result<Uri, ConfigError>,
     extra_origins: Vec<Uri>,
     cache: CacheConfig,
     max_response_bytes: usize,
@@ -301,74 +322,39 @@ pub struct GenesysAuthBuilder {
 /// Credentials as given to the builder, checked when it builds.
 #[derive(Debug)]
 enum CredentialSpec {
-    Given {
-        id: ClientId,
-        secret: ClientSecret,
-        secondary: Option<ClientSecret>,
-    },
+    Given { id: ClientId, secret: ClientSecret },
     Store(CredentialStore),
 }
 
 impl CredentialSpec {
     fn into_store(self) -> Result<CredentialStore, ConfigError> {
         match self {
-            Self::Given {
-                id,
-                secret,
-                secondary,
-            } => {
-                let credentials = Credentials::new(id, secret)?;
-                let credentials = match secondary {
-                    Some(secondary) => credentials.with_secondary(secondary)?,
-                    None => credentials,
-                };
-                Ok(CredentialStore::new(credentials))
-            }
+            Self::Given { id, secret } => Ok(CredentialStore::new(Credentials::new(id, secret)?)),
             Self::Store(store) => Ok(store),
         }
     }
 }
 
 impl GenesysAuthBuilder {
-    /// A secondary client secret, tried once when the primary one is refused with
-    /// `invalid_client` or any other `401` (zero-downtime secret rotation; see
-    /// [`AuthError::is_client_rejected`](crate::AuthError::is_client_rejected)). Ignored
-    /// when the credentials came from [`GenesysAuth::with_credentials`].
-    ///
-    /// ```
-    /// use genesys_auth_layer::GenesysAuth;
-    /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
-    /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
-    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
-    /// #     })
-    /// # }
-    ///
-    /// let auth = GenesysAuth::client_credentials("my-client-id", "current-secret")
-    ///     .secondary_secret("next-secret")
-    ///     .build(http_client())?;
-    /// let credentials = auth.credentials().expect("client credentials").current();
-    /// assert!(credentials.secondary_secret().is_some());
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
-    pub fn secondary_secret(mut self, secret: impl Into<ClientSecret>) -> Self {
-        if let CredentialSpec::Given { secondary, .. } = &mut self.credentials {
-            *secondary = Some(secret.into());
-        }
-        self
-    }
-
-    /// The region (default `us-east-1`, which it replaces): tokens come from
-    /// `https://login.<domain>` and are attached to requests for `https://api.<domain>`.
+    /// The region (default `us-east-1`): tokens come from `https://login.<domain>` and are
+    /// attached to requests for `https://api.<domain>`. It replaces both URIs that
+    /// [`login_uri`](Self::login_uri) and [`api_uri`](Self::api_uri) set before it.
     pub fn region(mut self, region: Region) -> Self {
-        self.endpoints = region.endpoints();
+        self.login_uri = Ok(region.login_uri());
+        self.api_uri = Ok(region.api_uri());
         self
     }
 
-    /// Custom endpoints, for proxies, gateways and tests.
+    /// The login host's base URI, instead of the region's: token requests go to
+    /// `<login_uri>/oauth/token` (a path in it is kept, for a gateway that serves Genesys
+    /// under a prefix). For proxies, gateways and local fakes; `genesys-fake` hands out a
+    /// builder already pointed at itself. Plain `http` is accepted only on loopback: the
+    /// secret must not cross the network in clear. A URI that does not parse, is not
+    /// absolute http(s), or carries `user:password@` fails [`build`](Self::build) with a
+    /// [`ConfigError`].
     ///
     /// ```
-    /// use genesys_auth_layer::{ConfigError, Endpoints, GenesysAuth};
+    /// use genesys_auth_layer::{ConfigError, GenesysAuth};
     /// # fn http_client() -> impl genesys_auth_layer::TokenHttpService {
     /// #     tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
     /// #         let body = r#"{"access_token":"t","token_type":"bearer","expires_in":3600}"#;
@@ -377,20 +363,36 @@ impl GenesysAuthBuilder {
     /// # }
     ///
     /// // A local fake: plain http is allowed on loopback.
-    /// let fake = Endpoints::custom("http://127.0.0.1:8081/oauth/token", "http://127.0.0.1:8082")?;
-    /// let builder = GenesysAuth::client_credentials("my-client-id", "my-client-secret");
-    /// let auth = builder.endpoints(fake).build(http_client())?;
+    /// let auth = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .login_uri("http://127.0.0.1:8081")
+    ///     .api_uri("http://127.0.0.1:8082")
+    ///     .build(http_client())?;
     /// assert!(auth.scope().contains(&"http://127.0.0.1:8082/api/v2/users".parse().unwrap()));
     /// // Anywhere else, the secret must not cross the network in clear.
-    /// let plain_login = "http://login.example.com/oauth/token";
-    /// let remote = Endpoints::custom(plain_login, "https://api.example.com")?;
-    /// let builder = GenesysAuth::client_credentials("my-client-id", "my-client-secret");
-    /// let built = builder.endpoints(remote).build(http_client());
+    /// let built = GenesysAuth::client_credentials("my-client-id", "my-client-secret")
+    ///     .login_uri("http://login.example.com")
+    ///     .build(http_client());
     /// assert!(matches!(built, Err(ConfigError::InsecureTokenEndpoint(_))));
     /// # Ok::<(), ConfigError>(())
     /// ```
-    pub fn endpoints(mut self, endpoints: Endpoints) -> Self {
-        self.endpoints = endpoints;
+    pub fn login_uri<T>(mut self, uri: T) -> Self
+    where
+        T: TryInto<Uri>,
+        T::Error: Into<http::Error>,
+    {
+        self.login_uri = base_uri(uri, "the login URI");
+        self
+    }
+
+    /// The API's base URI, instead of the region's: its origin (scheme, host, port) is
+    /// where tokens are attached. Same rules as [`login_uri`](Self::login_uri); see
+    /// [`authorize_origin`](Self::authorize_origin) to attach tokens to more origins.
+    pub fn api_uri<T>(mut self, uri: T) -> Self
+    where
+        T: TryInto<Uri>,
+        T::Error: Into<http::Error>,
+    {
+        self.api_uri = base_uri(uri, "the API URI");
         self
     }
 
@@ -498,13 +500,10 @@ impl GenesysAuthBuilder {
     /// token endpoint or origin off loopback, or a URI that is not absolute.
     pub fn build<S: TokenHttpService>(self, token_http: S) -> Result<GenesysAuth, ConfigError> {
         let store = self.credentials.into_store()?;
-        let source = ClientCredentials::new(
-            token_http,
-            self.endpoints.token_url().clone(),
-            store.clone(),
-        )?
-        .max_response_bytes(self.max_response_bytes);
-        let mut scope = Scope::new([self.endpoints.api_uri().clone()])?;
+        let token_url = join(&self.login_uri?, "/oauth/token");
+        let source = ClientCredentials::new(token_http, token_url, store.clone())?
+            .max_response_bytes(self.max_response_bytes);
+        let mut scope = Scope::new([self.api_uri?])?;
         for origin in self.extra_origins {
             scope = scope.with_origin(origin)?;
         }
@@ -525,11 +524,24 @@ impl GenesysAuthBuilder {
     }
 }
 
+/// `uri` as an absolute http(s) URI; `what` names it in the error.
+fn base_uri<T>(uri: T, what: &str) -> Result<Uri, ConfigError>
+where
+    T: TryInto<Uri>,
+    T::Error: Into<http::Error>,
+{
+    let uri = uri
+        .try_into()
+        .map_err(|e| ConfigError::InvalidUri(format!("{what} ({})", e.into())))?;
+    check_absolute(uri)
+}
+
 impl fmt::Debug for GenesysAuthBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GenesysAuthBuilder")
             .field("credentials", &self.credentials)
-            .field("endpoints", &self.endpoints)
+            .field("login_uri", &self.login_uri)
+            .field("api_uri", &self.api_uri)
             .field("extra_origins", &self.extra_origins)
             .field("cache", &self.cache)
             .field("max_response_bytes", &self.max_response_bytes)
@@ -560,10 +572,98 @@ mod tests {
         assert!(!auth.scope().contains(&Region::UsEast1.api_uri()));
     }
 
+    /// An HTTP client that records the URI of each token request and answers a token.
+    fn recording() -> (impl TokenHttpService, Arc<std::sync::Mutex<Vec<Uri>>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let http = tower::service_fn({
+            let seen = seen.clone();
+            move |request: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                seen.lock().unwrap().push(request.uri().clone());
+                async {
+                    let body = r#"{"access_token":"t","token_type":"bearer","expires_in":60}"#;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body.to_owned()))
+                }
+            }
+        });
+        (http, seen)
+    }
+
+    #[tokio::test]
+    async fn login_and_api_uris_say_which_is_which() {
+        let (http, seen) = recording();
+        let auth = GenesysAuth::client_credentials("id", "secret")
+            .api_uri("http://127.0.0.1:8082")
+            .login_uri(Uri::from_static("http://127.0.0.1:8081/genesys/"))
+            .build(http)
+            .unwrap();
+        auth.token().await.unwrap();
+        let token_url = seen.lock().unwrap()[0].to_string();
+        assert_eq!(token_url, "http://127.0.0.1:8081/genesys/oauth/token");
+        assert!(auth
+            .scope()
+            .contains(&"http://127.0.0.1:8082/api/v2/x".parse().unwrap()));
+        assert!(!auth
+            .scope()
+            .contains(&"http://127.0.0.1:8081/api/v2/x".parse().unwrap()));
+        assert!(!auth.scope().contains(&Region::UsEast1.api_uri()));
+
+        // The region replaces both; a URI set after it replaces its own half only.
+        let (http, seen) = recording();
+        let auth = GenesysAuth::client_credentials("id", "secret")
+            .login_uri("http://127.0.0.1:8081")
+            .region(Region::EuWest1)
+            .api_uri(String::from("http://127.0.0.1:8082"))
+            .build(http)
+            .unwrap();
+        auth.token().await.unwrap();
+        assert_eq!(seen.lock().unwrap()[0], Region::EuWest1.token_url());
+        assert!(!auth.scope().contains(&Region::EuWest1.api_uri()));
+    }
+
+    #[test]
+    fn a_bad_uri_fails_the_build_and_names_which_without_showing_a_password() {
+        let build = |login: &str, api: &str| {
+            GenesysAuth::client_credentials("id", "secret")
+                .login_uri(login)
+                .api_uri(api)
+                .build(never_called())
+                .unwrap_err()
+        };
+        let ok = "https://api.example.com";
+        for (login, api, names) in [
+            ("not a uri", ok, "the login URI"),
+            (ok, "https://exa mple.com", "the API URI"),
+            ("/oauth", ok, "/oauth"),
+            ("ftp://login.example.com", ok, "ftp://login.example.com"),
+            ("https://gwuser:GWPASS@login.example.com", ok, "[redacted]"),
+            (ok, "https://gwuser:GWPASS@api.example.com", "[redacted]"),
+        ] {
+            let err = build(login, api);
+            let shown = format!("{err} {err:?}");
+            assert!(matches!(err, ConfigError::InvalidUri(_)), "{shown}");
+            assert!(shown.contains(names), "{shown}");
+            assert!(
+                !shown.contains("GWPASS") && !shown.contains("gwuser"),
+                "{shown}"
+            );
+        }
+        let err = build("http://login.example.com", ok);
+        assert!(
+            matches!(err, ConfigError::InsecureTokenEndpoint(_)),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_builders_debug_hides_the_secrets() {
-        let builder = GenesysAuth::client_credentials("my-id", "first-secret-value")
-            .secondary_secret("second-secret-value");
+        let builder = GenesysAuth::client_credentials("my-id", "first-secret-value");
+        let shown = format!("{builder:?} {builder:#?}");
+        assert!(shown.contains("my-id"), "{shown}");
+        assert!(!shown.contains("first-secret-value"), "{shown}");
+        let both = Credentials::new("my-id", "first-secret-value")
+            .and_then(|c| c.with_secondary("second-secret-value"))
+            .unwrap();
+        let builder = GenesysAuth::with_credentials(both);
         let shown = format!("{builder:?} {builder:#?}");
         assert!(shown.contains("my-id"), "{shown}");
         assert!(!shown.contains("first-secret-value"), "{shown}");

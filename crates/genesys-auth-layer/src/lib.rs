@@ -32,7 +32,7 @@
 //!
 //! | piece | what it does |
 //! | --- | --- |
-//! | [`Region`], [`Endpoints`] | where tokens come from and which origin they are for |
+//! | [`Region`] | where tokens come from and which origin they are for |
 //! | [`Credentials`] | client id and secret (redacted, zeroized) |
 //! | [`TokenSource`], [`ClientCredentials`] | one token request |
 //! | [`TokenCache`] | lock-free reads, single-flight refresh, refresh ahead, backoff |
@@ -89,7 +89,7 @@ pub use observe::{
     CacheStats, FailureCounts, Health, METRIC_FAILURES, METRIC_REPLAYS, METRIC_REQUESTS_AUTHORIZED,
     METRIC_REQUESTS_WAITED, METRIC_TOKENS_RETRIEVED, METRIC_UNAUTHORIZED, UNHEALTHY_AFTER_FAILURES,
 };
-pub use region::{Endpoints, Region, UnknownRegion};
+pub use region::{Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
 pub use rotation::{CredentialStore, CredentialsWatcher, DEFAULT_WATCH_INTERVAL};
 pub use source::{

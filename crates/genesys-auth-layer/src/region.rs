@@ -1,8 +1,7 @@
 //! Genesys Cloud regions and the endpoints they imply.
 //!
 //! This module owns the table of regions (name, domain) and the derivation of the login
-//! host (`https://login.<domain>`) and the API host (`https://api.<domain>`) from it, plus
-//! [`Endpoints`] for proxies, gateways and tests that need other base URIs.
+//! host (`https://login.<domain>`) and the API host (`https://api.<domain>`) from it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -107,14 +106,6 @@ impl Region {
     pub fn token_url(self) -> Uri {
         join(&self.login_uri(), "/oauth/token")
     }
-
-    /// The region's endpoints, as `Endpoints::from(region)` gives them.
-    pub fn endpoints(self) -> Endpoints {
-        Endpoints {
-            token_url: self.token_url(),
-            api_uri: self.api_uri(),
-        }
-    }
 }
 
 fn base_uri(host: &str, domain: &str) -> Uri {
@@ -198,93 +189,6 @@ impl fmt::Display for UnknownRegion {
 
 impl std::error::Error for UnknownRegion {}
 
-/// Where tokens come from and which origin they are for.
-///
-/// Normally derived from a [`Region`]; build one by hand to go through a proxy or gateway,
-/// or to point at a local fake.
-///
-/// ```
-/// use genesys_auth_layer::Endpoints;
-///
-/// let endpoints = Endpoints::custom(
-///     "http://127.0.0.1:8081/oauth/token",
-///     "http://127.0.0.1:8082",
-/// )?;
-/// assert_eq!(endpoints.api_uri().port_u16(), Some(8082));
-/// # Ok::<(), genesys_auth_layer::ConfigError>(())
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoints {
-    token_url: Uri,
-    api_uri: Uri,
-}
-
-impl Endpoints {
-    /// Endpoints from a full token URL and an API base URI. Both must be absolute http(s)
-    /// URIs; the https-or-loopback rule for the token URL is checked when the layer is built.
-    ///
-    /// ```
-    /// use genesys_auth_layer::{ConfigError, Endpoints};
-    ///
-    /// let gateway = Endpoints::custom(
-    ///     "https://gateway.example.com/genesys/oauth/token",
-    ///     "https://gateway.example.com",
-    /// )?;
-    /// assert_eq!(gateway.token_url().path(), "/genesys/oauth/token");
-    /// let relative = Endpoints::custom("/oauth/token", "https://gateway.example.com");
-    /// assert!(matches!(relative, Err(ConfigError::InvalidUri(_))));
-    /// # Ok::<(), ConfigError>(())
-    /// ```
-    pub fn custom(token_url: &str, api_uri: &str) -> Result<Self, ConfigError> {
-        Ok(Self {
-            token_url: parse_absolute(token_url)?,
-            api_uri: parse_absolute(api_uri)?,
-        })
-    }
-
-    /// Endpoints from a login base URI (the token URL is `<login>/oauth/token`) and an API
-    /// base URI.
-    ///
-    /// ```
-    /// use genesys_auth_layer::Endpoints;
-    ///
-    /// let endpoints =
-    ///     Endpoints::from_bases("https://login.example.com/genesys", "https://api.example.com")?;
-    /// assert_eq!(endpoints.token_url(), "https://login.example.com/genesys/oauth/token");
-    /// # Ok::<(), genesys_auth_layer::ConfigError>(())
-    /// ```
-    pub fn from_bases(login_uri: &str, api_uri: &str) -> Result<Self, ConfigError> {
-        Ok(Self {
-            token_url: join(&parse_absolute(login_uri)?, "/oauth/token"),
-            api_uri: parse_absolute(api_uri)?,
-        })
-    }
-
-    /// The token endpoint.
-    pub fn token_url(&self) -> &Uri {
-        &self.token_url
-    }
-
-    /// The API base URI; its origin (scheme, host, port) is where tokens are attached.
-    pub fn api_uri(&self) -> &Uri {
-        &self.api_uri
-    }
-}
-
-impl From<Region> for Endpoints {
-    fn from(region: Region) -> Self {
-        region.endpoints()
-    }
-}
-
-/// Parses an absolute `http`/`https` URI.
-pub(crate) fn parse_absolute(s: &str) -> Result<Uri, ConfigError> {
-    let uri: Uri = s
-        .parse()
-        .map_err(|_| ConfigError::InvalidUri(crate::error::shown_uri(s)))?;
-    check_absolute(uri)
-}
-
 pub(crate) fn check_absolute(uri: Uri) -> Result<Uri, ConfigError> {
     let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
     // User info (`user:password@host`) is refused: HTTP clients do not send it, so it could
@@ -301,35 +205,6 @@ pub(crate) fn check_absolute(uri: Uri) -> Result<Uri, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_with_user_info_are_refused_without_showing_it() {
-        for (token_url, api) in [
-            (
-                "https://gwuser:GWPASS@gw.example.com/oauth/token",
-                "https://api.example.com",
-            ),
-            (
-                "https://login.example.com/oauth/token",
-                "https://gwuser:GWPASS@api.example.com",
-            ),
-            ("gwuser:GWPASS@gw.example.com", "https://api.example.com"),
-        ] {
-            let err = Endpoints::custom(token_url, api).unwrap_err();
-            let shown = format!("{err} {err:?}");
-            assert!(matches!(err, ConfigError::InvalidUri(_)), "{shown}");
-            assert!(
-                !shown.contains("GWPASS") && !shown.contains("gwuser"),
-                "{shown}"
-            );
-        }
-        let err = Endpoints::from_bases(
-            "https://u:GWPASS@login.example.com",
-            "https://api.example.com",
-        )
-        .unwrap_err();
-        assert!(!format!("{err:?}").contains("GWPASS"));
-    }
 
     #[test]
     fn every_region_parses_from_name_and_domain_and_builds_uris() {
@@ -371,20 +246,5 @@ mod tests {
         // What was given is kept safe to log.
         let err = "eu-west-9\nFORGED LOG LINE".parse::<Region>().unwrap_err();
         assert_eq!(err.given(), "eu-west-9 FORGED LOG LINE");
-    }
-
-    #[test]
-    fn custom_endpoints_reject_relative_and_odd_schemes() {
-        assert!(Endpoints::custom("/oauth/token", "https://api.example.com").is_err());
-        assert!(Endpoints::custom("ftp://x/oauth/token", "https://api.example.com").is_err());
-        let e = Endpoints::from_bases(
-            "https://proxy.example.com/genesys/",
-            "https://api.example.com",
-        )
-        .unwrap();
-        assert_eq!(
-            e.token_url(),
-            "https://proxy.example.com/genesys/oauth/token"
-        );
     }
 }

@@ -300,6 +300,31 @@ impl FakeGenesys {
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/oauth/token"))
     }
 
+    /// A [`GenesysAuthBuilder`](genesys_auth_layer::GenesysAuthBuilder) already pointed at
+    /// this fake: its client id and current secret, its login URI for token requests and
+    /// its API URI as the origin tokens are attached to. Add settings, then `build(…)`
+    /// with an HTTP client (plain HTTP on loopback).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use genesys_fake::FakeGenesys;
+    ///
+    /// let fake = FakeGenesys::start().await.unwrap();
+    /// let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+    ///     .build_http::<http_body_util::Full<bytes::Bytes>>();
+    /// let auth = fake.auth_builder().build(http).unwrap();
+    /// auth.token().await.unwrap();
+    /// assert_eq!(fake.token_requests(), 1);
+    /// assert!(auth.scope().contains(&fake.api_uri()));
+    /// # });
+    /// ```
+    #[cfg(feature = "auth-layer")]
+    pub fn auth_builder(&self) -> genesys_auth_layer::GenesysAuthBuilder {
+        genesys_auth_layer::GenesysAuth::client_credentials(self.client_id(), self.client_secret())
+            .login_uri(self.login_uri())
+            .api_uri(self.api_uri())
+    }
+
     /// The login host's socket address (`None` for an in-process fake).
     pub fn login_addr(&self) -> Option<SocketAddr> {
         self.shared.login_addr
