@@ -232,7 +232,7 @@ async fn hammer(client: &Stack, uri: &Uri, concurrency: usize, duration: Duratio
 struct Delta {
     token_requests: u64,
     waited_for_token: u64,
-    unauthorized_reported: u64,
+    replays_after_401: u64,
 }
 
 struct LoadResult {
@@ -267,9 +267,9 @@ async fn load_dynamic(k: &Knobs) -> Result<LoadResult, BoxError> {
     let result = LoadResult {
         round,
         stats: Delta {
-            token_requests: after.token_requests - before.token_requests,
+            token_requests: after.refreshes - before.refreshes,
             waited_for_token: after.waited_for_token - before.waited_for_token,
-            unauthorized_reported: after.unauthorized_reported - before.unauthorized_reported,
+            replays_after_401: after.replays_after_401 - before.replays_after_401,
         },
         token_requests_at_fake: fake.token_requests() - fake_before,
         api_401: fake.api_unauthorized(),
@@ -372,7 +372,7 @@ async fn run_load(k: &Knobs) -> Result<LoadOutcome, BoxError> {
             ms(ours.round.percentile(1.0)),
             ours.stats.token_requests,
             ours.stats.waited_for_token,
-            ours.stats.unauthorized_reported,
+            ours.stats.replays_after_401,
             ours.round.errors
         );
         println!(
@@ -483,7 +483,7 @@ async fn run_storm(k: &Knobs) -> Result<bool, BoxError> {
         let before = auth.cache().stats();
         let (storm, storm_failed) = burst(&client, &uri, n).await?;
         let after = auth.cache().stats();
-        let token_requests = after.token_requests - before.token_requests;
+        let token_requests = after.refreshes - before.refreshes;
         // The least any single-flight, replay-once client can take: no replay before one
         // token round trip after the first 401, and every request reaches the API twice
         // (twice the no-storm work, when the API is the bottleneck).
@@ -494,7 +494,7 @@ async fn run_storm(k: &Knobs) -> Result<bool, BoxError> {
             ms(storm),
             ms(storm.saturating_sub(calm)),
             fake.api_unauthorized(),
-            after.unauthorized_reported - before.unauthorized_reported,
+            after.replays_after_401 - before.replays_after_401,
             calm_failed + storm_failed,
             ms(token_rtt),
             ms(api_rtt),

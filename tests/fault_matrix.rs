@@ -528,7 +528,7 @@ impl Harness {
     }
 
     fn requests(&self) -> u64 {
-        self.auth.stats().token_requests
+        self.auth.stats().refreshes
     }
 
     async fn backoff_over(&self) -> bool {
@@ -670,11 +670,7 @@ async fn cold(case: &'static FaultCase, n: usize, lanes: &Lanes) -> Vec<String> 
         Some(expect) => {
             let health = h.auth.health();
             let last = health.last_error.as_ref();
-            check!(
-                f,
-                last.is_some_and(expect),
-                "health.last_error {last:?}"
-            );
+            check!(f, last.is_some_and(expect), "health.last_error {last:?}");
             if let NextAttempt::RetryAfter(_, hi) = case.next {
                 // The server's delay is the backoff: callers now get the same error at once,
                 // with no token request.

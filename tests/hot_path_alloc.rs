@@ -131,7 +131,7 @@ fn auth_layer_and_full_stack_allocate_no_more_than_a_fixed_header() {
         "the full stack allocates {full_stack:?} per call, SetRequestHeaderLayer {set_header:?}"
     );
     assert_eq!(
-        auth.cache().stats().token_requests,
+        auth.cache().stats().refreshes,
         1,
         "the cached token was used"
     );

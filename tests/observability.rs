@@ -120,8 +120,18 @@ async fn documented_events_counters_and_health() {
     assert_eq!(stats.tokens_fetched, 3);
     assert_eq!(stats.fetch_failures, 1);
     assert_eq!(stats.failures_by_cause.secrets_rejected, 1);
-    assert_eq!(stats.unauthorized_reported, 2);
+    assert_eq!(stats.replays_after_401, 2);
+    assert_eq!(
+        stats.api_401s, 2,
+        "every 401 the API answered: both were replayed"
+    );
     assert!(stats.requests_authorized >= 4, "{stats:?}");
+    // The token endpoint saw one request per refresh (initial, after the 401, the failed
+    // one, the recovery), plus one per fallback to the other secret (steps 1 and 3).
+    assert_eq!(stats.refreshes, 4, "{stats:?}");
+    let fallbacks = auth.credentials().unwrap().fallbacks();
+    assert_eq!(fallbacks, 2);
+    assert_eq!(fake.token_requests(), stats.refreshes + fallbacks);
     fake.shutdown().await;
 }
 
@@ -195,8 +205,8 @@ async fn both_stacks_log_and_count_a_replay_alike() {
         let stats = auth.stats();
         assert_eq!(
             (
-                stats.unauthorized_answers,
-                stats.unauthorized_reported,
+                stats.api_401s,
+                stats.replays_after_401,
                 stats.requests_authorized
             ),
             (1, 1, 3),

@@ -189,7 +189,7 @@ async fn no_secret_or_token_in_logs_debug_or_display() {
         .await
         .unwrap();
     assert_eq!(replayed.status(), StatusCode::OK, "replayed after the 401");
-    assert!(auth.stats().unauthorized_reported >= 1);
+    assert!(auth.stats().replays_after_401 >= 1);
 
     // Every token-endpoint fault, on a fresh cache each (so the fault is met at once).
     let issued_elsewhere = fake.issue_token();

@@ -288,7 +288,7 @@ async fn the_stack_under_load_with_repeated_revocation() {
             }
         }
     }
-    let token_requests = auth.stats().token_requests;
+    let token_requests = auth.stats().refreshes;
     assert!(
         token_requests <= revocations + 1,
         "{token_requests} token requests for {revocations} revocations"
@@ -296,7 +296,7 @@ async fn the_stack_under_load_with_repeated_revocation() {
     assert_eq!(fake.token_requests(), token_requests);
     assert!(ok > 0);
     assert!(fake.api_unauthorized() > 0, "the revocations caused 401s");
-    assert!(auth.stats().unauthorized_reported > 0, "and replays");
+    assert!(auth.stats().replays_after_401 > 0, "and replays");
     eprintln!(
         "{} requests: {ok} ok, {unauthorized} 401 after a replay; {token_requests} token requests",
         waves * per_wave
@@ -361,7 +361,7 @@ async fn reused_services_under_repeated_revocation() {
             .expect("no panic");
         ok += o;
     }
-    let token_requests = auth.stats().token_requests;
+    let token_requests = auth.stats().refreshes;
     assert!(
         token_requests <= revocations + 1,
         "{token_requests} token requests for {revocations} revocations"

@@ -676,7 +676,7 @@ mod tests {
             assert_eq!(seen.lock().unwrap().len(), 1, "{kind:?}: sent once");
             let stats = auth.stats();
             assert_eq!(
-                (stats.unauthorized_answers, stats.unauthorized_reported),
+                (stats.api_401s, stats.replays_after_401),
                 (1, 0),
                 "{kind:?}: the 401 went back to the caller"
             );

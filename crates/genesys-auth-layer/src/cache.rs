@@ -386,7 +386,7 @@ struct Started {
 /// assert_eq!(a?.generation(), b?.generation());
 /// // ... and the cached token serves the next ones.
 /// cache.token().await?;
-/// assert_eq!(cache.stats().token_requests, 1);
+/// assert_eq!(cache.stats().refreshes, 1);
 /// # Ok::<(), AuthError>(()) }).unwrap();
 /// ```
 #[derive(Clone)]
@@ -498,14 +498,14 @@ impl TokenCache {
     /// // A late 401 for the old token costs no token request.
     /// let again = cache.refresh_after_401(refused.generation()).await?;
     /// assert_eq!(again.generation(), newer.generation());
-    /// assert_eq!(cache.stats().token_requests, 2);
+    /// assert_eq!(cache.stats().refreshes, 2);
     /// # Ok::<(), tower::BoxError>(()) }).unwrap();
     /// ```
     pub async fn refresh_after_401(
         &self,
         generation: TokenGeneration,
     ) -> Result<Arc<Token>, AuthError> {
-        self.inner.counters.unauthorized_reported();
+        self.inner.counters.replay_after_401();
         self.refused(generation);
         self.wait_for_token(RefreshReason::After401, Some(generation))
             .await
@@ -572,7 +572,7 @@ impl TokenCache {
     /// would double the token requests of an API that refuses every token). Returns whether
     /// the request can be replayed with another token.
     pub(crate) fn answered_401(&self, generation: TokenGeneration, replay: bool) -> bool {
-        self.inner.counters.unauthorized_answer();
+        self.inner.counters.api_401();
         !replay && self.refused(generation)
     }
 
@@ -737,7 +737,7 @@ impl TokenCache {
             outcome: outcome.clone(),
             credentials: self.inner.source.credentials_version(),
         });
-        self.inner.counters.token_request();
+        self.inner.counters.refresh_started();
         Ok(Started {
             id,
             outcome,
@@ -1026,13 +1026,9 @@ mod tests {
     /// no token request. Returns that failure and the wait left.
     async fn backed_off(cache: &TokenCache) -> (AuthError, Duration) {
         let remaining = cache.health().backoff_remaining.expect("a backoff runs");
-        let requests = cache.stats().token_requests;
+        let requests = cache.stats().refreshes;
         let err = cache.token().await.expect_err("no token during a backoff");
-        assert_eq!(
-            cache.stats().token_requests,
-            requests,
-            "sent a request: {err}"
-        );
+        assert_eq!(cache.stats().refreshes, requests, "sent a request: {err}");
         let last = cache.health().last_error.expect("the failure is kept");
         assert_eq!(err.to_string(), last.to_string());
         (err, remaining)
@@ -1115,7 +1111,7 @@ mod tests {
             assert_eq!(task.await.unwrap().unwrap(), TokenGeneration(1));
         }
         assert_eq!(source.calls(), 1);
-        assert_eq!(cache.stats().token_requests, 1);
+        assert_eq!(cache.stats().refreshes, 1);
         assert_eq!(cache.stats().waited_for_token, 1000);
     }
 
@@ -1341,7 +1337,7 @@ mod tests {
             TokenGeneration(2)
         );
         assert_eq!(source.calls(), 2);
-        assert_eq!(cache.stats().unauthorized_reported, 1001);
+        assert_eq!(cache.stats().replays_after_401, 1001);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1791,11 +1787,7 @@ mod tests {
         wait_until(token.refresh_at());
         let sent = a.block_on(async { cache.header() });
         assert_eq!(sent.map(|(_, g)| g), Some(TokenGeneration(1)));
-        assert_eq!(
-            cache.stats().token_requests,
-            2,
-            "the refresh ahead is in flight"
-        );
+        assert_eq!(cache.stats().refreshes, 2, "the refresh ahead is in flight");
         assert_eq!(source.calls(), 1, "and has not run");
         // Past the expiry, on thread B.
         wait_until(token.expires_at());
@@ -2019,7 +2011,7 @@ mod tests {
             async move { cache.token().await }
         });
         tokio::task::yield_now().await;
-        assert_eq!(cache.stats().token_requests, 1);
+        assert_eq!(cache.stats().refreshes, 1);
         waiter.abort();
         let _ = waiter.await;
         drop(cache);

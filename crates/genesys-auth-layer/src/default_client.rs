@@ -66,7 +66,7 @@ mod tests {
         let auth = crate::GenesysAuth::client_credentials("client-id", "client-secret")
             .build_with_default_client()
             .expect("a valid configuration");
-        assert_eq!(auth.stats().token_requests, 0);
+        assert_eq!(auth.stats().refreshes, 0);
 
         // Nor did the default client install one behind the application's back.
         assert!(CryptoProvider::get_default().is_none());

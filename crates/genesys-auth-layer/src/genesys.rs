@@ -479,7 +479,7 @@ impl GenesysAuthBuilder {
     /// let err = auth.token().await.unwrap_err();
     /// assert!(matches!(err, AuthError::UnexpectedStatus { status, .. } if status == 503));
     /// assert!(auth.health().backoff_remaining.unwrap() <= Duration::from_secs(5));
-    /// assert_eq!(auth.stats().token_requests, 1);
+    /// assert_eq!(auth.stats().refreshes, 1);
     /// # Ok::<(), tower::BoxError>(()) }).unwrap();
     /// ```
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {

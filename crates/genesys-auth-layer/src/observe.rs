@@ -62,18 +62,21 @@ pub struct FailureCounts {
 /// assert_eq!(cache.stats(), CacheStats::default());
 /// cache.token().await?;
 /// let stats = cache.stats();
-/// assert_eq!((stats.token_requests, stats.tokens_fetched, stats.waited_for_token), (1, 1, 1));
+/// assert_eq!((stats.refreshes, stats.tokens_fetched, stats.waited_for_token), (1, 1, 1));
 /// # Ok::<(), tower::BoxError>(()) }).unwrap();
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Token requests started (successful or not). With a secondary secret, a fallback
-    /// attempt is part of the same token request.
-    pub token_requests: u64,
+    /// Token refreshes started, successful or not: the unit of the single flight (any
+    /// number of concurrent callers or 401s share one). Each sends one request to the
+    /// token endpoint, or two when the primary secret is refused and the secondary one is
+    /// tried: [`CredentialStore::fallbacks`](crate::CredentialStore::fallbacks) counts
+    /// those second requests.
+    pub refreshes: u64,
     /// Tokens retrieved.
     pub tokens_fetched: u64,
-    /// Token requests that failed.
+    /// Refreshes that failed.
     pub fetch_failures: u64,
     /// The failures, by cause.
     pub failures_by_cause: FailureCounts,
@@ -81,19 +84,22 @@ pub struct CacheStats {
     pub requests_authorized: u64,
     /// Requests that found no usable token and had to wait for one.
     pub waited_for_token: u64,
-    /// 401 answers to a token this layer attached that asked for a newer token: one per
-    /// replay.
-    pub unauthorized_reported: u64,
-    /// Every 401 answer from the API to a request an [`AuthService`](crate::AuthService)
-    /// attached a token to, replays included. A first 401 drops the refused token at once,
-    /// replayed or not; this minus [`unauthorized_reported`](Self::unauthorized_reported)
+    /// Requests replayed after a 401: each waited for a token newer than the one the API
+    /// refused, to be sent again once (counted when it starts waiting, so also when no
+    /// newer token could be had). A direct call of
+    /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) counts as
+    /// one too.
+    pub replays_after_401: u64,
+    /// Every 401 answer from the API to a request this layer attached a token to,
+    /// replays included. A first 401 drops the refused token at once,
+    /// replayed or not; this minus [`replays_after_401`](Self::replays_after_401)
     /// counts the 401s that reached the caller (a body that cannot be copied, a
     /// [`BufferedBody`](crate::BufferedBody) not sent in full or over its limit, no replay
     /// in the stack ([`AuthLayer`](crate::AuthLayer) alone), or a replay refused again).
     /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) called
-    /// directly adds to `unauthorized_reported` only, so take the difference with
+    /// directly adds to `replays_after_401` only, so take the difference with
     /// `saturating_sub` when the cache is used that way too.
-    pub unauthorized_answers: u64,
+    pub api_401s: u64,
 }
 
 const CAUSES: [&str; 8] = [
@@ -109,13 +115,13 @@ const CAUSES: [&str; 8] = [
 
 /// The cache's counters.
 pub(crate) struct Counters {
-    token_requests: AtomicU64,
+    refreshes: AtomicU64,
     tokens_fetched: AtomicU64,
     failures: [AtomicU64; CAUSES.len() + 1],
     requests_authorized: AtomicU64,
     waited_for_token: AtomicU64,
-    unauthorized_reported: AtomicU64,
-    unauthorized_answers: AtomicU64,
+    replays_after_401: AtomicU64,
+    api_401s: AtomicU64,
     #[cfg(feature = "metrics")]
     metrics: MetricHandles,
 }
@@ -127,20 +133,20 @@ impl Counters {
         // Spelled out rather than `..Self::default()`, which would also register the
         // unlabelled series with the recorder.
         Self {
-            token_requests: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
             tokens_fetched: AtomicU64::new(0),
             failures: Default::default(),
             requests_authorized: AtomicU64::new(0),
             waited_for_token: AtomicU64::new(0),
-            unauthorized_reported: AtomicU64::new(0),
-            unauthorized_answers: AtomicU64::new(0),
+            replays_after_401: AtomicU64::new(0),
+            api_401s: AtomicU64::new(0),
             #[cfg(feature = "metrics")]
             metrics: MetricHandles::new(name),
         }
     }
 
-    pub(crate) fn token_request(&self) {
-        self.token_requests.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn refresh_started(&self) {
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn token_fetched(&self) {
@@ -174,14 +180,14 @@ impl Counters {
         self.metrics.requests_waited.increment(1);
     }
 
-    pub(crate) fn unauthorized_reported(&self) {
-        self.unauthorized_reported.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn replay_after_401(&self) {
+        self.replays_after_401.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.metrics.replays.increment(1);
     }
 
-    pub(crate) fn unauthorized_answer(&self) {
-        self.unauthorized_answers.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn api_401(&self) {
+        self.api_401s.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.metrics.unauthorized.increment(1);
     }
@@ -199,14 +205,14 @@ impl Counters {
             invalid_response: failure(7),
         };
         CacheStats {
-            token_requests: self.token_requests.load(Ordering::Relaxed),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
             tokens_fetched: self.tokens_fetched.load(Ordering::Relaxed),
             fetch_failures: (0..self.failures.len()).map(failure).sum(),
             failures_by_cause,
             requests_authorized: self.requests_authorized.load(Ordering::Relaxed),
             waited_for_token: self.waited_for_token.load(Ordering::Relaxed),
-            unauthorized_reported: self.unauthorized_reported.load(Ordering::Relaxed),
-            unauthorized_answers: self.unauthorized_answers.load(Ordering::Relaxed),
+            replays_after_401: self.replays_after_401.load(Ordering::Relaxed),
+            api_401s: self.api_401s.load(Ordering::Relaxed),
         }
     }
 }
@@ -221,12 +227,12 @@ pub const METRIC_FAILURES: &str = "genesys_auth_token_failures_total";
 pub const METRIC_REQUESTS_AUTHORIZED: &str = "genesys_auth_requests_authorized_total";
 /// `genesys_auth_replays_total`: requests replayed after a 401, plus direct calls of
 /// [`TokenCache::refresh_after_401`](crate::TokenCache::refresh_after_401) (the same count as
-/// [`CacheStats::unauthorized_reported`]).
+/// [`CacheStats::replays_after_401`]).
 pub const METRIC_REPLAYS: &str = "genesys_auth_replays_total";
 /// `genesys_auth_requests_waited_total`: requests that waited for a token.
 pub const METRIC_REQUESTS_WAITED: &str = "genesys_auth_requests_waited_total";
 /// `genesys_auth_unauthorized_total`: 401 answers to requests a token was attached to,
-/// replays included ([`CacheStats::unauthorized_answers`]).
+/// replays included ([`CacheStats::api_401s`]).
 pub const METRIC_UNAUTHORIZED: &str = "genesys_auth_unauthorized_total";
 
 /// Counter handles registered once, when the cache is built: install the `metrics`

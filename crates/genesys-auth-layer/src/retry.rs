@@ -468,10 +468,7 @@ mod tests {
             "the marker never leaves"
         );
         let stats = auth.stats();
-        assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
-            (1, 1)
-        );
+        assert_eq!((stats.api_401s, stats.replays_after_401), (1, 1));
     }
 
     /// `token-1`, then `invalid_client` for ever.
@@ -526,7 +523,7 @@ mod tests {
             2,
             "the 401'd request is not sent a third time"
         );
-        assert_eq!(auth.stats().token_requests, 2);
+        assert_eq!(auth.stats().refreshes, 2);
     }
 
     on_both_stacks!(nested_stacks_replay_only_their_own_401s);
@@ -592,7 +589,7 @@ mod tests {
         assert_eq!(source.issued(), 2);
         let stats = auth.stats();
         assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (stats.api_401s, stats.replays_after_401),
             (2, 1),
             "both 401s counted, one replayed: the difference reached the caller"
         );
@@ -699,7 +696,7 @@ mod tests {
         assert_eq!(source.issued(), 2);
         let stats = auth.stats();
         assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (stats.api_401s, stats.replays_after_401),
             (1, 0),
             "a 401 that reached the caller shows as the difference"
         );

@@ -49,6 +49,8 @@ struct StoreInner {
     /// How many times the credentials were replaced: a cache waiting out a fatal error
     /// (`invalid_client`) stops waiting when it changes.
     rotations: AtomicU64,
+    /// Token requests sent with the other secret after the first one was refused.
+    fallbacks: AtomicU64,
 }
 
 /// One set of credentials and what was learnt about it: replaced as a whole by a rotation,
@@ -83,6 +85,7 @@ impl CredentialStore {
             inner: Arc::new(StoreInner {
                 current: ArcSwap::from_pointee(Entry::new(credentials)),
                 rotations: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
             }),
         }
     }
@@ -127,6 +130,18 @@ impl CredentialStore {
     /// How many times [`rotate`](Self::rotate) replaced the credentials.
     pub(crate) fn rotations(&self) -> u64 {
         self.inner.rotations.load(Ordering::Acquire)
+    }
+
+    /// Token requests sent with the other secret because the first one was refused
+    /// ([`AuthError::is_client_rejected`](crate::AuthError::is_client_rejected)). Each
+    /// belongs to a refresh that already sent one, so the token endpoint has seen
+    /// [`CacheStats::refreshes`](crate::CacheStats::refreshes) plus this many requests.
+    pub fn fallbacks(&self) -> u64 {
+        self.inner.fallbacks.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_fallback(&self) {
+        self.inner.fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The secret to try first: the primary one for new or rotated credentials, the

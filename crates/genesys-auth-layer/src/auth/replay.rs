@@ -552,7 +552,7 @@ mod tests {
         assert_eq!(api.seen(), [bearer(1)], "sent once");
         let stats = auth.stats();
         assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (stats.api_401s, stats.replays_after_401),
             (1, 1),
             "the 401 is counted; the replay got its newer token before asking for capacity"
         );
@@ -613,7 +613,7 @@ mod tests {
 
         assert_eq!(api.seen(), [None, Some("Bearer mine".to_owned())]);
         assert_eq!(source.issued(), 0);
-        assert_eq!(auth.stats().unauthorized_answers, 0);
+        assert_eq!(auth.stats().api_401s, 0);
     }
 
     /// A body that counts its copies.
@@ -675,10 +675,7 @@ mod tests {
         assert_eq!(api.seen(), [bearer(1), bearer(1), bearer(2)]);
         assert_eq!(source.issued(), 2, "the refused token was replaced");
         let stats = auth.stats();
-        assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
-            (1, 0)
-        );
+        assert_eq!((stats.api_401s, stats.replays_after_401), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -781,7 +778,7 @@ mod tests {
         );
         let stats = auth.stats();
         assert_eq!(
-            (stats.unauthorized_answers, stats.unauthorized_reported),
+            (stats.api_401s, stats.replays_after_401),
             (REQUESTS as u64, REQUESTS as u64)
         );
     }

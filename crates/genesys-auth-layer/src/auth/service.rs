@@ -560,8 +560,8 @@ mod tests {
         assert_eq!(stamp_of(&call(&mut service, in_scope()).await), refused(3));
         assert_eq!(source.0.load(Ordering::SeqCst), 3);
         let stats = cache.stats();
-        assert_eq!(stats.unauthorized_answers, 3, "every 401 counted");
-        assert_eq!(stats.unauthorized_reported, 0, "none replayed");
+        assert_eq!(stats.api_401s, 3, "every 401 counted");
+        assert_eq!(stats.replays_after_401, 0, "none replayed");
 
         // A 401 to a request it did not authorize carries nothing and costs no refresh:
         // another host, or the caller's own `Authorization`.
@@ -577,10 +577,6 @@ mod tests {
         assert_eq!(stamp_of(&call(&mut service, own).await), (None, None));
         settle().await;
         assert_eq!(source.0.load(Ordering::SeqCst), before);
-        assert_eq!(
-            cache.stats().unauthorized_answers,
-            3,
-            "not ours: not counted"
-        );
+        assert_eq!(cache.stats().api_401s, 3, "not ours: not counted");
     }
 }

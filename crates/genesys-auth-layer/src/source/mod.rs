@@ -276,6 +276,7 @@ impl<S: TokenHttpService> TokenSource for ClientCredentials<S> {
                 return first_result;
             }
             let first_error = Arc::new(first_result.err().unwrap_or(AuthError::RefreshAborted));
+            self.credentials.count_fallback();
             let second_result = self.request_with(&credentials, other).await;
             tracing::warn!(
                 target: "genesys_auth_layer::credentials",
@@ -735,6 +736,7 @@ mod tests {
             2,
             "primary refused, secondary accepted"
         );
+        assert_eq!(source.credentials().fallbacks(), 1);
         assert_eq!(source.credentials().preferred_slot(), SecretSlot::Secondary);
         source.fetch().await.unwrap();
         assert_eq!(
@@ -742,6 +744,7 @@ mod tests {
             3,
             "the secret that worked is tried first"
         );
+        assert_eq!(source.credentials().fallbacks(), 1);
 
         // Both refused: one typed error naming both attempts, after exactly two requests.
         fake.set_primary_secret("something-else");
@@ -762,6 +765,7 @@ mod tests {
             "{shown}"
         );
         assert_eq!(fake.token_requests(), 5);
+        assert_eq!(source.credentials().fallbacks(), 2);
     }
 
     #[tokio::test]
