@@ -293,6 +293,15 @@ impl GenesysAuth {
     pub async fn token(&self) -> Result<Arc<Token>, AuthError> {
         self.shared.cache.token().await
     }
+
+    /// The same as [`layers`](Self::layers) for a `reqwest` client: a
+    /// `reqwest_middleware::Middleware` on this cache and scope (see
+    /// [`AuthMiddleware`](crate::AuthMiddleware)).
+    #[cfg(feature = "reqwest")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+    pub fn middleware(&self) -> crate::AuthMiddleware {
+        crate::AuthMiddleware::from_shared(self.shared.clone())
+    }
 }
 
 impl fmt::Debug for GenesysAuth {

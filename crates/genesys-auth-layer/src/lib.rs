@@ -41,6 +41,7 @@
 //! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once, with tower's `Retry` |
 //! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
+//! | `AuthMiddleware` (feature `reqwest`) | the same for a `reqwest` client, as a `reqwest_middleware::Middleware` |
 //!
 //! # Order of layers
 //!
@@ -62,6 +63,8 @@ mod error;
 mod genesys;
 mod observe;
 mod region;
+#[cfg(feature = "reqwest")]
+mod reqwest;
 mod retry;
 mod rotation;
 mod source;
@@ -69,6 +72,8 @@ mod source;
 mod test_support;
 mod token;
 
+#[cfg(feature = "reqwest")]
+pub use self::reqwest::AuthMiddleware;
 pub use auth::{
     AuthLayer, AuthReplayFuture, AuthReplayLayer, AuthReplayService, AuthService, ResponseFuture,
     Scope,
