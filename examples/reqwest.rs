@@ -47,8 +47,9 @@ async fn main() -> Result<(), BoxError> {
     }
     expect("token requests", fake.token_requests(), 1)?;
 
-    println!("2. The server revokes every token; 50 concurrent POSTs all get 401, share ONE");
-    println!("   token request, and are replayed once with the new token and the same body.");
+    println!("2. The server revokes every token; 50 concurrent POSTs follow. Those sent with the");
+    println!("   revoked token get 401, share ONE token request, and are replayed once with the");
+    println!("   new token and the same body (the last ones may already get the new token).");
     fake.revoke_all_tokens();
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..50 {
