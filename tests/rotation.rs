@@ -8,9 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{CredentialStore, Credentials, GenesysAuth, SecretSlot};
+use genesys_auth_layer::{
+    AuthError, ClientCredentials, CredentialStore, Credentials, GenesysAuth, SecretSlot,
+    TokenSource,
+};
 use genesys_fake::FakeGenesys;
-use http::Request;
+use http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
@@ -224,4 +227,80 @@ async fn a_secrets_file_update_rotates_without_a_restart() {
     );
     let _ = std::fs::remove_file(&path);
     fake.shutdown().await;
+}
+
+/// The token source on its own, against the in-process fake: a refused primary secret is
+/// followed by one request with the secondary one, which is then preferred.
+#[tokio::test]
+async fn secondary_secret_fallback_is_tried_once_and_remembered() {
+    let fake = FakeGenesys::builder()
+        .client("id", "current")
+        .build_in_process();
+    let creds = Credentials::new("id", "retired")
+        .unwrap()
+        .with_secondary("current")
+        .unwrap();
+    let source = ClientCredentials::new(
+        fake.service(),
+        Uri::from_static("http://127.0.0.1:9/oauth/token"),
+        creds,
+    )
+    .unwrap();
+    source.fetch().await.unwrap();
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "primary refused, secondary accepted"
+    );
+    assert_eq!(source.credentials().fallbacks(), 1);
+    assert_eq!(source.credentials().preferred_slot(), SecretSlot::Secondary);
+    source.fetch().await.unwrap();
+    assert_eq!(
+        fake.token_requests(),
+        3,
+        "the secret that worked is tried first"
+    );
+    assert_eq!(source.credentials().fallbacks(), 1);
+
+    // Both refused: one typed error naming both attempts, after exactly two requests.
+    fake.set_primary_secret("something-else");
+    fake.remove_secondary_secret();
+    let err = source.fetch().await.unwrap_err();
+    assert!(
+        matches!(err, AuthError::BothSecretsRejected { .. }),
+        "{err}"
+    );
+    assert!(err.is_fatal());
+    let shown = err.to_string();
+    assert!(
+        shown.contains("primary: token endpoint refused") && shown.contains("secondary:"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("retired") && !shown.contains("current"),
+        "{shown}"
+    );
+    assert_eq!(fake.token_requests(), 5);
+    assert_eq!(source.credentials().fallbacks(), 2);
+}
+
+/// The token source reads the store at each fetch.
+#[tokio::test]
+async fn rotated_credentials_are_used_by_the_next_fetch() {
+    let fake = FakeGenesys::builder()
+        .client("id", "one")
+        .build_in_process();
+    let source = ClientCredentials::new(
+        fake.service(),
+        Uri::from_static("http://127.0.0.1:9/oauth/token"),
+        Credentials::new("id", "one").unwrap(),
+    )
+    .unwrap();
+    source.fetch().await.unwrap();
+    fake.set_primary_secret("two");
+    assert!(source.fetch().await.is_err());
+    source
+        .credentials()
+        .rotate(Credentials::new("id", "two").unwrap());
+    source.fetch().await.unwrap();
 }
