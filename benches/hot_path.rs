@@ -18,10 +18,15 @@
 //!    (`auth.retry_layer()` outside `auth.layer()`);
 //! 5. `rwlock_layer` / `mutex_layer`: the hand-written `Arc<tokio::sync::RwLock<Option<Token>>>`
 //!    (and `tokio::sync::Mutex`) layer users write themselves;
-//! 6. the peer crate `cf-gears-toolkit-auth` is measured by the separate crate in
-//!    `benches/peer/` (see BENCHMARKS.md for why it is not a dev-dependency here);
+//! 6. `floor_swap_clock`: the floor issue #13 has in mind, a hand-written layer doing exactly
+//!    one `ArcSwap` load of an `Arc<Token>`-like value and one `tokio::time::Instant::now()`
+//!    compared with its refresh instant, then inserting the cloned header: no scope, no
+//!    counter, no 401 reporting (its future is the inner one, or an error);
 //! 7. `retry_clone_set_header`: `tower::retry::Retry` with a policy that only copies the
 //!    request, over (2): the intrinsic price of being able to replay a request at all.
+//!
+//! (The issue's peer crate, `cf-gears-toolkit-auth`, is measured by the separate crate in
+//! `benches/peer/`; see BENCHMARKS.md for why it is not a dev-dependency here.)
 //!
 //! The `two_threads` group runs the same call on both cores at once, each thread on its own
 //! clone of one service (sharing one token cache): the time shown is the wall time per call
@@ -56,7 +61,8 @@ const PATH: &str = "https://api.mypurecloud.com/api/v2/users/me";
 const TOKEN: &str = "b2x5bXBpYy1yaW5nLXN0b25lLWNvdW50cnktMjAyNC0xMC0xNw";
 
 /// The in-memory "API": a ready `200` for anything.
-fn inner() -> impl Service<Request<Body>, Response = Response<()>, Error = Infallible, Future: Send>
+fn inner(
+) -> impl Service<Request<Body>, Response = Response<()>, Error = Infallible, Future: Send + Unpin>
        + Clone
        + Send
        + 'static {
@@ -231,6 +237,93 @@ mod hand_written {
     }
 }
 
+/// The floor of issue #13: one `ArcSwap` load and one clock read, nothing else.
+mod floor {
+    use super::*;
+    use arc_swap::ArcSwapOption;
+
+    pub struct Token {
+        pub header: HeaderValue,
+        pub refresh_at: tokio::time::Instant,
+    }
+
+    pub fn cell() -> Arc<ArcSwapOption<Token>> {
+        Arc::new(ArcSwapOption::from_pointee(Token {
+            header: bearer(),
+            refresh_at: tokio::time::Instant::now() + Duration::from_secs(86_399),
+        }))
+    }
+
+    #[derive(Clone)]
+    pub struct FloorLayer(pub Arc<ArcSwapOption<Token>>);
+
+    #[derive(Clone)]
+    pub struct Floor<S> {
+        inner: S,
+        token: Arc<ArcSwapOption<Token>>,
+    }
+
+    impl<S> Layer<S> for FloorLayer {
+        type Service = Floor<S>;
+        fn layer(&self, inner: S) -> Self::Service {
+            Floor {
+                inner,
+                token: self.0.clone(),
+            }
+        }
+    }
+
+    /// The inner future, or no fresh token (the slow path, omitted in the benchmark).
+    /// `Unpin` keeps it free of pin projection; the bench's inner future is.
+    pub enum FloorFuture<F> {
+        Called(F),
+        NoToken,
+    }
+
+    impl<F, T, E> Future for FloorFuture<F>
+    where
+        F: Future<Output = Result<T, E>> + Unpin,
+        E: Into<tower::BoxError>,
+    {
+        type Output = Result<T, tower::BoxError>;
+
+        fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.get_mut() {
+                FloorFuture::Called(future) => {
+                    std::pin::Pin::new(future).poll(cx).map_err(Into::into)
+                }
+                FloorFuture::NoToken => Poll::Ready(Err("no fresh token (refresh omitted)".into())),
+            }
+        }
+    }
+
+    impl<S> Service<Request<Body>> for Floor<S>
+    where
+        S: Service<Request<Body>, Response = Response<()>>,
+        S::Future: Unpin,
+        S::Error: Into<tower::BoxError>,
+    {
+        type Response = Response<()>;
+        type Error = tower::BoxError;
+        type Future = FloorFuture<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+            let guard = self.token.load();
+            match guard.as_deref() {
+                Some(t) if tokio::time::Instant::now() < t.refresh_at => {
+                    req.headers_mut().insert(AUTHORIZATION, t.header.clone());
+                    FloorFuture::Called(self.inner.call(req))
+                }
+                _ => FloorFuture::NoToken,
+            }
+        }
+    }
+}
+
 /// One request, as an application builds it: method, URI, empty body.
 fn request(uri: &Uri) -> Request<Body> {
     let mut req = Request::new(Body::default());
@@ -300,6 +393,9 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, Variant)> {
     let mutex_layer = ServiceBuilder::new()
         .layer(hand_written::MutexLayer(mx))
         .service(inner());
+    let floor_layer = ServiceBuilder::new()
+        .layer(floor::FloorLayer(floor::cell()))
+        .service(inner());
     let retry_clone = ServiceBuilder::new()
         .layer(RetryLayer::new(CloneOnly))
         .layer(SetRequestHeaderLayer::overriding(AUTHORIZATION, bearer()))
@@ -321,6 +417,10 @@ fn variants(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, Variant)> {
         (
             "5b_mutex_layer",
             Box::new(move || boxed(mutex_layer.clone())),
+        ),
+        (
+            "6_floor_swap_clock",
+            Box::new(move || boxed(floor_layer.clone())),
         ),
         (
             "7_retry_clone_set_header",
@@ -432,7 +532,7 @@ fn parts(c: &mut Criterion) {
 }
 
 /// The ratios the benchmark issue sets bars on: (label, numerator, denominator, bar).
-const BARS: [(&str, &str, &str, &str); 9] = [
+const BARS: [(&str, &str, &str, &str); 11] = [
     ("(3) / (2)", "3_auth_layer", "2_set_header", "<= 1.40"),
     (
         "(4) / (7)",
@@ -460,6 +560,18 @@ const BARS: [(&str, &str, &str, &str); 9] = [
         "(4) / (4t)",
         "4_full_stack",
         "4t_tower_retry_stack",
+        "(context)",
+    ),
+    (
+        "(3) / (6)",
+        "3_auth_layer",
+        "6_floor_swap_clock",
+        "(context)",
+    ),
+    (
+        "(6) / (2)",
+        "6_floor_swap_clock",
+        "2_set_header",
         "(context)",
     ),
 ];

@@ -33,6 +33,7 @@ VARIANTS = [
     "4t_tower_retry_stack",
     "5a_rwlock_layer",
     "5b_mutex_layer",
+    "6_floor_swap_clock",
     "7_retry_clone_set_header",
 ]
 RATIOS = [
@@ -42,6 +43,8 @@ RATIOS = [
     ("(4) / (5a)", "4_full_stack", "5a_rwlock_layer"),
     ("(4) / (5b)", "4_full_stack", "5b_mutex_layer"),
     ("(4) / (4t)", "4_full_stack", "4t_tower_retry_stack"),
+    ("(3) / (6)", "3_auth_layer", "6_floor_swap_clock"),
+    ("(6) / (2)", "6_floor_swap_clock", "2_set_header"),
 ]
 CALLER = "hot_path::boxed::{{closure}}"
 

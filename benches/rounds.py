@@ -38,6 +38,8 @@ BARS = [
     ("(7) / (5a)", "7_retry_clone_set_header", "5a_rwlock_layer", "(context)"),
     ("(4t) / (7)", "4t_tower_retry_stack", "7_retry_clone_set_header", "(context)"),
     ("(4) / (4t)", "4_full_stack", "4t_tower_retry_stack", "(context)"),
+    ("(3) / (6)", "3_auth_layer", "6_floor_swap_clock", "(context)"),
+    ("(6) / (2)", "6_floor_swap_clock", "2_set_header", "(context)"),
 ]
 
 

@@ -84,6 +84,16 @@ where
         }
     }
 
+    /// Once the inner service was called: the cache of the token the request was sent with,
+    /// taken out of this future (a 401 to it has been reported by then). The replay of
+    /// [`AuthReplayService`](super::AuthReplayService) waits on it for a newer token.
+    pub(crate) fn take_cache(self: Pin<&mut Self>) -> Option<TokenCache> {
+        match self.project().state.project() {
+            StateProj::Called { attached, .. } => attached.take().map(|a| a.cache),
+            StateProj::Waiting { .. } => None,
+        }
+    }
+
     /// Waits for a valid token (one newer than `refused`, for a replay), then for `service`
     /// to be ready, then calls it with `request` carrying that token.
     pub(crate) fn waiting(

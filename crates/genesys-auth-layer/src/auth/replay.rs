@@ -131,7 +131,6 @@ where
         };
         let replay = copy.map(|request| Replay {
             service: self.auth.inner.clone(),
-            cache: cache.clone(),
             request,
         });
         let future = self.auth.call_checked(request, applies);
@@ -150,11 +149,10 @@ fn is_replay_for<B>(request: &Request<B>, cache: u64) -> bool {
         .is_some_and(|Refused(stamp)| stamp.cache == cache)
 }
 
-/// The copy to replay, the service to send it on, and the cache that is to give it a newer
-/// token.
+/// The copy to replay and the service to send it on. The cache that is to give it a newer
+/// token is the one the first attempt holds to report its 401.
 struct Replay<S, B> {
     service: S,
-    cache: TokenCache,
     request: Request<B>,
 }
 
@@ -202,26 +200,23 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.as_mut().project().state;
-        if let StateProj::First { future, replay } = state.as_mut().project() {
-            let output = ready!(future.poll(cx));
+        if let StateProj::First { mut future, replay } = state.as_mut().project() {
+            let output = ready!(future.as_mut().poll(cx));
             let refused = match &output {
                 Ok(response) if response.status() == StatusCode::UNAUTHORIZED => {
-                    replay.take().and_then(|replay| {
-                        refused_stamp(response, replay.cache.id(), &replay.request)
-                            .map(|stamp| (replay, stamp.generation))
+                    let cache = future.take_cache();
+                    cache.zip(replay.take()).and_then(|(cache, replay)| {
+                        refused_stamp(response, cache.id(), &replay.request)
+                            .map(|stamp| (cache, replay, stamp.generation))
                     })
                 }
                 _ => None,
             };
-            let Some((replay, refused)) = refused else {
+            let Some((cache, replay, refused)) = refused else {
                 return Poll::Ready(output);
             };
             // The replay waits for a newer token, then for its service, then is sent once.
-            let Replay {
-                service,
-                cache,
-                request,
-            } = replay;
+            let Replay { service, request } = replay;
             state.set(State::Second {
                 future: ResponseFuture::waiting(cache, service, request, Some(refused)),
             });
