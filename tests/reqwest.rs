@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_auth_layer::{AuthError, GenesysAuth, OAuthErrorCode, TokenGeneration};
-use genesys_fake::FakeGenesys;
+use genesys_auth_layer::{AuthError, CacheConfig, GenesysAuth, OAuthErrorCode, TokenGeneration};
+use genesys_fake::{FakeGenesys, TokenFault};
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Extensions, StatusCode};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
 
-use common::{base, h2_client};
+use common::{base, h2_client, TinyServer};
 
 /// Auth against `fake`'s login host with `secret`, for its API origin.
 fn auth_for(fake: &FakeGenesys, secret: &str) -> GenesysAuth {
@@ -24,11 +24,19 @@ fn auth_for(fake: &FakeGenesys, secret: &str) -> GenesysAuth {
         .expect("auth for the fake")
 }
 
+/// A reqwest client speaking HTTP/2 to the fake (prior knowledge, as the tower tests'
+/// `h2_client`): a thousand concurrent requests share one connection instead of opening a
+/// thousand, which a default open-file limit of 1,024 would not allow.
+fn h2c() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("a reqwest client")
+}
+
 /// A reqwest client with the auth middleware.
 fn client(auth: &GenesysAuth) -> ClientWithMiddleware {
-    ClientBuilder::new(reqwest::Client::new())
-        .with(auth.middleware())
-        .build()
+    ClientBuilder::new(h2c()).with(auth.middleware()).build()
 }
 
 /// The URL of `path` on `fake`'s API host.
@@ -106,7 +114,7 @@ async fn a_thousand_concurrent_401s_cost_one_token_request() {
 
     // All 1,000 leave with the revoked token before the first 401 can start a refresh.
     fake.revoke_all_tokens();
-    let client = ClientBuilder::new(reqwest::Client::new())
+    let client = ClientBuilder::new(h2c())
         .with(auth.middleware())
         .with(HoldFirst::new(REQUESTS))
         .build();
@@ -275,7 +283,7 @@ async fn a_streaming_body_is_sent_once_and_its_401_returned() {
 async fn a_replay_answered_401_is_returned_and_not_replayed_again() {
     let fake = FakeGenesys::start().await.unwrap();
     let auth = auth_for(&fake, &fake.client_secret());
-    let client = ClientBuilder::new(reqwest::Client::new())
+    let client = ClientBuilder::new(h2c())
         .with(auth.middleware())
         .with(RevokeFirst(fake.clone()))
         .build();
@@ -350,5 +358,89 @@ async fn a_refused_secret_is_an_auth_error_inside_the_middleware_error() {
         "{auth_error:?}"
     );
     assert_eq!(fake.token_requests(), 1);
+    fake.shutdown().await;
+}
+
+/// reqwest follows a redirect below the middleware and drops the token when it leads to
+/// another origin: that origin's 401 was no answer to the token, so it goes back as it is,
+/// with no refresh, no replay and no stamp.
+#[tokio::test]
+async fn a_401_from_another_origin_after_a_redirect_is_not_the_tokens() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let elsewhere = url(&fake, "/api/v2/ping"); // answers 401 without a token
+    let api = TinyServer::start(move |_| (302, Some(elsewhere.clone()))).await;
+    let auth = fake
+        .auth_builder()
+        .api_uri(api.base())
+        .build(h2_client())
+        .unwrap();
+    let client = client(&auth);
+    for _ in 0..3 {
+        let response = client
+            .get(format!("{}/api/v2/users/me", api.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.extensions().get::<TokenGeneration>(), None);
+    }
+    let seen = api.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "no replay");
+    assert!(seen
+        .iter()
+        .all(|(_, headers)| headers.contains_key(AUTHORIZATION)));
+    assert_eq!(fake.token_requests(), 1, "the token was kept");
+    let stats = auth.stats();
+    assert_eq!((stats.api_401s, stats.replays_after_401), (0, 0));
+    assert_eq!(fake.api_unauthorized(), 3);
+    fake.shutdown().await;
+}
+
+/// As on the tower stack: when the refresh after a 401 fails, the caller gets its
+/// `AuthError`, not the 401; while the backoff runs, the refused token is sent again
+/// (it may have been refused by mistake) and its 401 goes back, not replayed.
+#[tokio::test]
+async fn a_failed_refresh_after_a_401_is_the_callers_error_then_the_401_goes_back() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let config = CacheConfig::default().backoff(Duration::from_secs(30), Duration::from_secs(60));
+    let auth = fake
+        .auth_builder()
+        .cache_config(config)
+        .build(h2_client())
+        .unwrap();
+    let client = client(&auth);
+    let ping = url(&fake, "/api/v2/ping");
+    assert_eq!(
+        client.get(&ping).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    fake.revoke_all_tokens();
+    fake.set_persistent_token_fault(Some(TokenFault::Status(503)));
+    let err = client.get(&ping).send().await.unwrap_err();
+    let reqwest_middleware::Error::Middleware(error) = &err else {
+        panic!("expected a middleware error, got {err:?}");
+    };
+    let auth_error = error.downcast_ref::<AuthError>().expect("an AuthError");
+    assert!(
+        matches!(auth_error, AuthError::UnexpectedStatus { status, .. } if *status == 503),
+        "{auth_error:?}"
+    );
+    assert_eq!(fake.token_requests(), 2);
+
+    let api_requests = fake.api_requests();
+    let response = client.get(&ping).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        response.extensions().get::<TokenGeneration>(),
+        Some(&TokenGeneration(1)),
+        "the refused token, put back during the backoff"
+    );
+    assert_eq!(fake.api_requests(), api_requests + 1, "not replayed");
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "no token request during the backoff"
+    );
     fake.shutdown().await;
 }

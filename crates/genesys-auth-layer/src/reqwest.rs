@@ -34,8 +34,15 @@ use crate::token::TokenGeneration;
 ///   response's extensions. The request is then sent once more with a newer token, if it
 ///   could be copied (`Request::try_clone`: a body of bytes can, a streaming body cannot, so
 ///   it is sent once and its `401` returned). The replay's answer is the caller's, `401` or
-///   not. While the token endpoint is backing off, the refused token stays in use and the
-///   `401` is the caller's.
+///   not. If the refresh after a `401` fails, the caller gets its [`AuthError`] instead
+///   of the `401`. While the token endpoint is backing off, the refused token stays in use
+///   and the `401` is the caller's.
+/// * reqwest follows redirects below the middleware and drops `Authorization` on one that
+///   leads to another origin: a `401` from there is returned as it is (no refresh, no
+///   replay, no stamp).
+/// * An `Authorization` set with `reqwest::ClientBuilder::default_headers` is merged in by
+///   reqwest after the middleware ran, and only where the request has none: the token
+///   wins on in-scope requests. Set your own header on the request itself to keep it.
 ///
 /// A token that could not be had is a [`reqwest_middleware::Error::Middleware`] holding the
 /// [`AuthError`]; get it back with `downcast_ref`:
@@ -149,9 +156,16 @@ impl Middleware for AuthMiddleware {
             return next.run(request, extensions).await;
         }
         let copy = replayable_copy(&request);
+        // Whether an answer is a 401 to the token sent. reqwest follows redirects below the
+        // middleware and drops `Authorization` when one leads to another origin: a 401 from
+        // there is not an answer to the token, and goes back as it is.
+        let origin = request.url().origin();
+        let refuses_token = |response: &Response| {
+            response.status() == StatusCode::UNAUTHORIZED && response.url().origin() == origin
+        };
         let generation = self.attach(&mut request).await.map_err(middleware_error)?;
         let mut response = next.clone().run(request, extensions).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
+        if !refuses_token(&response) {
             return Ok(response);
         }
         let replayable = self.answered_401(&mut response, generation, false);
@@ -187,7 +201,7 @@ impl Middleware for AuthMiddleware {
         copy.headers_mut()
             .insert(AUTHORIZATION, token.header().clone());
         let mut response = next.run(copy, extensions).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
+        if refuses_token(&response) {
             self.answered_401(&mut response, token.generation(), true);
         }
         Ok(response)
