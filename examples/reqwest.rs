@@ -61,6 +61,9 @@ async fn main() -> Result<(), BoxError> {
         result??;
     }
     expect("token requests", fake.token_requests(), 2)?;
+    if fake.api_unauthorized() == 0 {
+        return Err("the revoked token drew no 401".into());
+    }
     expect(
         "API requests (5 + 50 + one replay per 401)",
         fake.api_requests(),

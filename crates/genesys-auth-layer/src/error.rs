@@ -239,8 +239,9 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The OAuth error code, looking through [`AuthError::BothSecretsRejected`] (the secondary secret's answer, else the
-    /// primary's: one of them may have been a 401 without an OAuth body).
+    /// The OAuth error code, looking through [`AuthError::BothSecretsRejected`] (the
+    /// secondary secret's answer, else the primary's: one of them may have been a 401
+    /// without an OAuth body).
     pub fn oauth_code(&self) -> Option<&OAuthErrorCode> {
         match self {
             Self::OAuth { code, .. } => Some(code),
@@ -270,7 +271,8 @@ impl AuthError {
     }
 
     /// The HTTP status the token endpoint answered, if the failure came with one (429 for
-    /// [`AuthError::RateLimited`]), looking, for [`AuthError::BothSecretsRejected`], to the secondary secret's answer.
+    /// [`AuthError::RateLimited`]); for [`AuthError::BothSecretsRejected`], the secondary
+    /// secret's answer.
     pub fn http_status(&self) -> Option<StatusCode> {
         match self {
             Self::OAuth { status, .. } | Self::UnexpectedStatus { status, .. } => Some(*status),
@@ -301,7 +303,10 @@ impl AuthError {
             || self.http_status() == Some(StatusCode::UNAUTHORIZED)
     }
 
-    /// The delay a 429 or a 503 answer asked for in `Retry-After`, if any.
+    /// The delay a 429 or a 503 answer asked for in `Retry-After`, if any, as of that
+    /// answer: callers that get the same failure again later in the backoff see the same
+    /// value; [`Health::backoff_remaining`](crate::Health::backoff_remaining) is the wait
+    /// left.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after } | Self::UnexpectedStatus { retry_after, .. } => {
@@ -334,8 +339,9 @@ pub enum ConfigError {
     /// An API origin is plain `http` on a host that is not loopback.
     #[error("API origin {0} must use https (plain http is allowed only on loopback, or through Scope::with_insecure_origin)")]
     InsecureOrigin(String),
-    /// A URI is not absolute (`scheme://host[:port]`) or uses a scheme other than http(s).
-    #[error("{0} is not an absolute http(s) URI")]
+    /// A URI is not absolute (`scheme://host[:port]`), uses a scheme other than http(s), or
+    /// carries user info (`user:password@`, shown redacted).
+    #[error("{0} is not an absolute http(s) URI without user info")]
     InvalidUri(String),
     /// The client id is empty.
     #[error("the client id is empty")]

@@ -104,7 +104,7 @@ impl GenesysAuth {
     /// The secondary secret belongs to the [`Credentials`], so the builder has no method that
     /// could be ignored for credentials given this way:
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0599
     /// use genesys_auth_layer::{Credentials, GenesysAuth};
     ///
     /// let store = Credentials::new("my-client-id", "my-client-secret").unwrap();
@@ -356,7 +356,8 @@ impl GenesysAuthBuilder {
 
     /// The login host's base URI, instead of the region's: token requests go to
     /// `<login_uri>/oauth/token` (a path in it is kept, for a gateway that serves Genesys
-    /// under a prefix). For proxies, gateways and local fakes; `genesys-fake` hands out a
+    /// under a prefix; a URI whose path already ends in `/oauth/token` is taken as the token
+    /// URL itself). For proxies, gateways and local fakes; `genesys-fake` hands out a
     /// builder already pointed at itself. Plain `http` is accepted only on loopback: the
     /// secret must not cross the network in clear. A URI that does not parse, is not
     /// absolute http(s), or carries `user:password@` fails [`build`](Self::build) with a
@@ -509,7 +510,17 @@ impl GenesysAuthBuilder {
     /// token endpoint or origin off loopback, or a URI that is not absolute.
     pub fn build<S: TokenHttpService>(self, token_http: S) -> Result<GenesysAuth, ConfigError> {
         let store = self.credentials.into_store()?;
-        let token_url = join(&self.login_uri?, "/oauth/token");
+        let login_uri = self.login_uri?;
+        // A token URL given as the login URI (as `Endpoints::custom` took) is used as it is.
+        let token_url = if login_uri
+            .path()
+            .trim_end_matches('/')
+            .ends_with("/oauth/token")
+        {
+            login_uri
+        } else {
+            join(&login_uri, "/oauth/token")
+        };
         let source = ClientCredentials::new(token_http, token_url, store.clone())?
             .max_response_bytes(self.max_response_bytes);
         let mut scope = Scope::new([self.api_uri?])?;
@@ -542,7 +553,10 @@ where
     let uri = uri
         .try_into()
         .map_err(|e| ConfigError::InvalidUri(format!("{what} ({})", e.into())))?;
-    check_absolute(uri)
+    check_absolute(uri).map_err(|e| match e {
+        ConfigError::InvalidUri(shown) => ConfigError::InvalidUri(format!("{what} {shown}")),
+        other => other,
+    })
 }
 
 impl fmt::Debug for GenesysAuthBuilder {
@@ -627,6 +641,16 @@ mod tests {
         auth.token().await.unwrap();
         assert_eq!(seen.lock().unwrap()[0], Region::EuWest1.token_url());
         assert!(!auth.scope().contains(&Region::EuWest1.api_uri()));
+
+        // A full token URL given as the login URI is the token URL.
+        let (http, seen) = recording();
+        let auth = GenesysAuth::client_credentials("id", "secret")
+            .login_uri("http://127.0.0.1:8081/genesys/oauth/token")
+            .build(http)
+            .unwrap();
+        auth.token().await.unwrap();
+        let token_url = seen.lock().unwrap()[0].to_string();
+        assert_eq!(token_url, "http://127.0.0.1:8081/genesys/oauth/token");
     }
 
     #[test]
@@ -639,18 +663,34 @@ mod tests {
                 .unwrap_err()
         };
         let ok = "https://api.example.com";
-        for (login, api, names) in [
-            ("not a uri", ok, "the login URI"),
-            (ok, "https://exa mple.com", "the API URI"),
-            ("/oauth", ok, "/oauth"),
-            ("ftp://login.example.com", ok, "ftp://login.example.com"),
-            ("https://gwuser:GWPASS@login.example.com", ok, "[redacted]"),
-            (ok, "https://gwuser:GWPASS@api.example.com", "[redacted]"),
+        for (login, api, names, shows) in [
+            ("not a uri", ok, "the login URI", "invalid uri"),
+            (ok, "https://exa mple.com", "the API URI", "invalid uri"),
+            ("/oauth", ok, "the login URI", "/oauth"),
+            (ok, "/api", "the API URI", "/api"),
+            (
+                "ftp://login.example.com",
+                ok,
+                "the login URI",
+                "ftp://login.example.com",
+            ),
+            (
+                "https://gwuser:GWPASS@login.example.com",
+                ok,
+                "the login URI",
+                "[redacted]",
+            ),
+            (
+                ok,
+                "https://gwuser:GWPASS@api.example.com",
+                "the API URI",
+                "[redacted]",
+            ),
         ] {
             let err = build(login, api);
             let shown = format!("{err} {err:?}");
             assert!(matches!(err, ConfigError::InvalidUri(_)), "{shown}");
-            assert!(shown.contains(names), "{shown}");
+            assert!(shown.contains(names) && shown.contains(shows), "{shown}");
             assert!(
                 !shown.contains("GWPASS") && !shown.contains("gwuser"),
                 "{shown}"
