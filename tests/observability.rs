@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use genesys_auth_layer::{CacheConfig, Credentials, GenesysAuth, OAuthErrorCode};
 use genesys_fake::FakeGenesys;
-use http::Request;
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -155,31 +155,40 @@ async fn a_named_cache_names_its_fetch_span() {
     );
 }
 
-// Both stacks, the fused `auth.layers()` and tower's `Retry` over `auth.layer()`, tell an
-// operator the same story about a refused token: one 401 event, one replay event naming
-// the refused generation, one token fetched "after-401", and the same counters.
+// Every stack, the fused `auth.layers()`, tower's `Retry` over `auth.layer()` and reqwest
+// through `AuthMiddleware`, tells an operator the same story about a refused token: one
+// 401 event, one replay event naming the refused generation, one token fetched
+// "after-401", and the same counters.
 #[tokio::test]
-async fn both_stacks_log_and_count_a_replay_alike() {
-    for (name, make) in [
-        (
-            "fused",
-            common::stack::<common::HttpClient, _> as fn(&GenesysAuth, _) -> _,
-        ),
-        ("tower", common::tower_stack::<common::HttpClient, _>),
-    ] {
+async fn every_stack_logs_and_counts_a_replay_alike() {
+    for name in ["fused", "tower", "reqwest"] {
         let (captured, _guard) = capture(tracing::Level::DEBUG);
         let fake = FakeGenesys::start().await.unwrap();
         let auth = fake.auth_builder().build(h2_client()).unwrap();
-        let client = make(&auth, h2_client());
-        let ping = Request::get(format!("{}api/v2/ping", fake.api_uri()))
-            .body(Full::<Bytes>::default())
-            .unwrap();
-        assert_eq!(
-            client.clone().oneshot(ping.clone()).await.unwrap().status(),
-            200
-        );
-        fake.revoke_all_tokens();
-        assert_eq!(client.oneshot(ping).await.unwrap().status(), 200);
+        let url = format!("{}api/v2/ping", fake.api_uri());
+        let statuses = if name == "reqwest" {
+            let http = reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .build()
+                .unwrap();
+            let client = reqwest_middleware::ClientBuilder::new(http)
+                .with(auth.middleware())
+                .build();
+            let first = client.get(&url).send().await.unwrap().status();
+            fake.revoke_all_tokens();
+            (first, client.get(&url).send().await.unwrap().status())
+        } else {
+            let client = if name == "fused" {
+                common::stack(&auth, h2_client())
+            } else {
+                common::tower_stack(&auth, h2_client())
+            };
+            let ping = Request::get(&url).body(Full::<Bytes>::default()).unwrap();
+            let first = client.clone().oneshot(ping.clone()).await.unwrap().status();
+            fake.revoke_all_tokens();
+            (first, client.oneshot(ping).await.unwrap().status())
+        };
+        assert_eq!(statuses, (StatusCode::OK, StatusCode::OK), "{name}");
 
         let answered = captured.events("API answered 401 for a token this layer attached");
         assert_eq!(answered.len(), 1, "{name}: {}", captured.text());
