@@ -7,12 +7,13 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::body::{self, FakeBody};
+use crate::limit::Refused;
 use crate::state::{ceil_secs, Inner, RecordedRequest};
 use crate::{BoxError, ConnectionClosed, TokenFault};
 
@@ -20,6 +21,10 @@ use crate::{BoxError, ConnectionClosed, TokenFault};
 const TOKEN_BODY_CAP: usize = 64 * 1024;
 /// Cap on API request bodies.
 const API_BODY_CAP: usize = 16 * 1024 * 1024;
+
+/// The id Genesys puts on its API answers (GENESYS.md names it on 429s; the fake sends
+/// one on every API answer, a new one each time).
+const ININ_CORRELATION_ID: HeaderName = HeaderName::from_static("inin-correlation-id");
 
 /// Which host a request arrived at.
 #[derive(Clone, Copy, Debug)]
@@ -101,10 +106,27 @@ fn rate_limited(retry_after: Option<&str>) -> Response<FakeBody> {
         "rate_limited",
         "Rate limit exceeded",
     );
+    insert_retry_after(&mut res, retry_after);
+    res
+}
+
+/// Genesys' 429 for an API request (GENESYS.md, "Rate limits"; normalised since
+/// November 2021): `Retry-After` in whole seconds and the same number in the message.
+/// `contextId` is the request's correlation id.
+fn too_many_requests(retry_after_secs: u64, correlation_id: &str) -> Response<FakeBody> {
+    let body = format!(
+        r#"{{"message":"Rate limit exceeded the maximum. Retry the request in [{retry_after_secs}] seconds","code":"too.many.requests.retry.after","status":429,"contextId":"{correlation_id}","details":[],"errors":[]}}"#
+    );
+    let mut res = json(StatusCode::TOO_MANY_REQUESTS, body);
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    res
+}
+
+fn insert_retry_after(res: &mut Response<FakeBody>, retry_after: Option<&str>) {
     if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
         res.headers_mut().insert(RETRY_AFTER, v);
     }
-    res
 }
 
 fn invalid_client() -> Response<FakeBody> {
@@ -345,18 +367,28 @@ where
         ),
     };
 
-    let token = bearer(&parts.headers).filter(|t| inner.token_valid(t));
-    let res = match (token, read_error) {
-        (None, _) => {
+    // The limits count only requests with a valid token, and a refused one reaches no
+    // route.
+    let correlation_id = inner.new_correlation_id();
+    let mut res = match bearer(&parts.headers).and_then(|t| Some((t, inner.token_client(t)?))) {
+        None => {
             inner.api_unauthorized.fetch_add(1, Ordering::Relaxed);
             json(
                 StatusCode::UNAUTHORIZED,
                 r#"{"message":"Invalid login credentials.","code":"bad.credentials","status":401}"#,
             )
         }
-        (Some(_), Some(err)) => err,
-        (Some(token), None) => route(inner, &parts, &bytes, token),
+        Some((token, client)) => match (inner.admit_api(token, &client), read_error) {
+            (Err(Refused { retry_after, .. }), _) => {
+                too_many_requests(ceil_secs(retry_after).max(1), &correlation_id)
+            }
+            (Ok(()), Some(err)) => err,
+            (Ok(()), None) => route(inner, &parts, &bytes, token),
+        },
     };
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        res.headers_mut().insert(ININ_CORRELATION_ID, v);
+    }
 
     inner.record(RecordedRequest {
         method: parts.method,
