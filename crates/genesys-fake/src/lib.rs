@@ -21,11 +21,12 @@
 //! * a rate limit on the token endpoint ([`FakeBuilder::rate_limit`]);
 //! * API rate limits like Genesys', per token, per client and per org ([`ApiLimits`]; off
 //!   by default, [`ApiLimits::genesys`] for the real ones), answered with Genesys' 429;
-//! * scripted [`TokenFault`]s on the token endpoint;
+//! * scripted [`TokenFault`]s on the token endpoint and [`ApiFault`]s (502, 503, 504,
+//!   429, with or without `Retry-After`) on the API host;
 //! * revocation, secret rotation, client deletion.
 //!
-//! Counters (token requests, tokens issued, API requests, 401s, 429s by scope,
-//! connections) are readable from the handle. [`FakeGenesys::service`]
+//! Counters (token requests, tokens issued, API requests, 401s, 429s by scope, scripted
+//! faults answered, connections) are readable from the handle. [`FakeGenesys::service`]
 //! gives the same behaviour as an in-process [`tower::Service`] for tests that run with
 //! paused tokio time.
 //!
@@ -60,7 +61,7 @@ use http::{Request, Response, Uri};
 use tokio::task::JoinHandle;
 
 pub use body::FakeBody;
-pub use fault::{ConnectionClosed, TokenFault};
+pub use fault::{ApiFault, ConnectionClosed, TokenFault};
 pub use limit::{
     ApiLimitScope, ApiLimits, GENESYS_CLIENT_RATE_PER_MINUTE, GENESYS_TOKEN_RATE_PER_MINUTE,
 };
@@ -387,12 +388,13 @@ impl FakeGenesys {
     }
 
     /// Requests to the API host (in-process: to paths under `/api`), whatever the
-    /// answer (including 401s and 429s).
+    /// answer (including 401s, 429s and scripted faults).
     pub fn api_requests(&self) -> u64 {
         self.inner().api_requests.load(Ordering::Relaxed)
     }
 
-    /// API requests refused with 429 by the [`ApiLimits`].
+    /// API requests refused with 429 by the [`ApiLimits`] (not counting
+    /// [`ApiFault::RateLimited`]).
     pub fn api_rate_limited(&self) -> u64 {
         self.inner().api_rate_limited.load(Ordering::Relaxed)
     }
@@ -404,6 +406,11 @@ impl FakeGenesys {
         self.inner()
             .api_rate_limited_by(scope)
             .load(Ordering::Relaxed)
+    }
+
+    /// API requests answered with a scripted [`ApiFault`].
+    pub fn api_faults_answered(&self) -> u64 {
+        self.inner().api_faults_answered.load(Ordering::Relaxed)
     }
 
     /// 401s answered by the API host.
@@ -426,6 +433,7 @@ impl FakeGenesys {
             &i.api_requests,
             &i.api_unauthorized,
             &i.api_rate_limited,
+            &i.api_faults_answered,
             &i.connections,
         ]
         .into_iter()
@@ -516,6 +524,22 @@ impl FakeGenesys {
         lock(&self.inner().api_limiter).limits()
     }
 
+    /// Queues API faults: each following API request consumes one, in order (see
+    /// [`ApiFault`]).
+    pub fn push_api_faults(&self, faults: impl IntoIterator<Item = ApiFault>) {
+        lock(&self.inner().api_faults).extend(faults);
+    }
+
+    /// Queued API faults not yet consumed.
+    pub fn pending_api_faults(&self) -> usize {
+        lock(&self.inner().api_faults).len()
+    }
+
+    /// Drops every queued API fault.
+    pub fn clear_api_faults(&self) {
+        lock(&self.inner().api_faults).clear();
+    }
+
     /// Queues faults: each following token request consumes one, in order.
     pub fn push_token_faults(&self, faults: impl IntoIterator<Item = TokenFault>) {
         lock(&self.inner().faults).queue.extend(faults);
@@ -594,7 +618,7 @@ impl FakeGenesys {
     }
 
     /// The API requests answered so far (the last 100,000 at most), oldest first,
-    /// including the ones answered 401 or refused with 429.
+    /// including the ones answered 401, refused with 429 or answered with an [`ApiFault`].
     pub fn recorded_api_requests(&self) -> Vec<RecordedRequest> {
         lock(&self.inner().recorded).iter().cloned().collect()
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::limit::{ApiLimitScope, ApiLimiter, Refused};
-use crate::{ApiLimits, TokenFault};
+use crate::{ApiFault, ApiLimits, TokenFault};
 
 /// At most this many API requests are kept for [`crate::FakeGenesys::recorded_api_requests`].
 pub(crate) const MAX_RECORDED: usize = 100_000;
@@ -70,6 +70,7 @@ pub(crate) struct Inner {
     pub(crate) rate: Mutex<RateState>,
     pub(crate) faults: Mutex<FaultState>,
     pub(crate) api_limiter: Mutex<ApiLimiter>,
+    pub(crate) api_faults: Mutex<VecDeque<ApiFault>>,
     pub(crate) tokens: RwLock<HashMap<String, IssuedToken>>,
     pub(crate) recorded: Mutex<VecDeque<RecordedRequest>>,
     pub(crate) token_requests: AtomicU64,
@@ -80,6 +81,7 @@ pub(crate) struct Inner {
     pub(crate) api_rate_limited: AtomicU64,
     /// Refusals by scope, indexed by [`ApiLimitScope::index`].
     pub(crate) api_rate_limited_by: [AtomicU64; 3],
+    pub(crate) api_faults_answered: AtomicU64,
     pub(crate) connections: AtomicU64,
     token_counter: AtomicU64,
     correlation_counter: AtomicU64,
@@ -143,6 +145,7 @@ impl Inner {
             }),
             faults: Mutex::new(FaultState::default()),
             api_limiter: Mutex::new(ApiLimiter::new(api_limits)),
+            api_faults: Mutex::new(VecDeque::new()),
             tokens: RwLock::new(HashMap::new()),
             recorded: Mutex::new(VecDeque::new()),
             token_requests: AtomicU64::new(0),
@@ -151,6 +154,7 @@ impl Inner {
             api_unauthorized: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
             api_rate_limited_by: Default::default(),
+            api_faults_answered: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             token_counter: AtomicU64::new(0),
             correlation_counter: AtomicU64::new(0),
@@ -192,6 +196,11 @@ impl Inner {
             r.count += 1;
             None
         }
+    }
+
+    /// The next queued API fault, if any.
+    pub(crate) fn next_api_fault(&self) -> Option<ApiFault> {
+        lock(&self.api_faults).pop_front()
     }
 
     /// Admits an API request carrying a valid `token` issued to `client`, or refuses it

@@ -1,11 +1,11 @@
-//! API rate limits: in process with paused tokio time where time
+//! API rate limits and scripted API faults: in process with paused tokio time where time
 //! matters, and once over loopback.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use genesys_fake::{ApiLimitScope, ApiLimits, FakeGenesys, FakeService};
+use genesys_fake::{ApiFault, ApiLimitScope, ApiLimits, FakeGenesys, FakeService};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
@@ -260,6 +260,84 @@ async fn limits_change_at_run_time() {
     assert_eq!(refused_by(&fake), [0, 0, 0]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn scripted_api_faults_come_in_order_before_auth_and_limits() {
+    let fake = FakeGenesys::builder()
+        .api_limits(limits(Some((1, SEC)), None, None))
+        .build_in_process();
+    let svc = fake.service();
+    let token = fake.issue_token();
+    let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+    fake.push_api_faults([
+        ApiFault::Status {
+            status: 503,
+            retry_after: Some("2".into()),
+        },
+        ApiFault::Status {
+            status: 502,
+            retry_after: None,
+        },
+        ApiFault::Status {
+            status: 504,
+            retry_after: Some(date.into()),
+        },
+        ApiFault::RateLimited {
+            retry_after: Some("7".into()),
+        },
+        ApiFault::RateLimited { retry_after: None },
+    ]);
+    fake.push_api_faults([ApiFault::Status {
+        status: 503,
+        retry_after: None,
+    }]);
+    assert_eq!(fake.pending_api_faults(), 6);
+
+    let a = ping(&fake, &token).await;
+    assert_eq!(
+        (a.status, a.retry_after()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("2"))
+    );
+    assert_eq!(a.json()["status"], 503);
+    assert_eq!(a.json()["code"], "fake.fault");
+    // No token at all: the fault still comes first, not a 401.
+    let a = call(&svc, api(Method::GET, "/api/v2/ping", None)).await;
+    assert_eq!((a.status, a.retry_after()), (StatusCode::BAD_GATEWAY, None));
+    // A faulted DELETE revokes nothing.
+    let a = call(&svc, api(Method::DELETE, "/api/v2/tokens/me", Some(&token))).await;
+    assert_eq!(
+        (a.status, a.retry_after()),
+        (StatusCode::GATEWAY_TIMEOUT, Some(date))
+    );
+    assert!(fake.token_is_valid(&token));
+    let a = ping(&fake, &token).await;
+    assert_genesys_429(&a, 7);
+    let a = ping(&fake, &token).await;
+    assert_eq!(
+        (a.status, a.retry_after()),
+        (StatusCode::TOO_MANY_REQUESTS, None)
+    );
+    assert_eq!(a.json()["code"], "too.many.requests");
+    assert_eq!(a.json()["contextId"], a.correlation_id());
+    assert_eq!(fake.pending_api_faults(), 1);
+    fake.clear_api_faults();
+    assert_eq!(fake.pending_api_faults(), 0);
+
+    // The faults used none of the token's budget of 1, and are not counted as refusals.
+    pings_ok(&fake, &token, 1).await;
+    assert_eq!(ping(&fake, &token).await.status, 429);
+    assert_eq!(fake.api_faults_answered(), 5);
+    assert_eq!(fake.api_rate_limited(), 1);
+    assert_eq!(fake.api_unauthorized(), 0);
+    let statuses: Vec<u16> = fake
+        .recorded_api_requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [503, 502, 504, 429, 429, 200, 429]);
+    fake.reset_counters();
+    assert_eq!(fake.api_faults_answered(), 0);
+}
+
 #[tokio::test]
 async fn every_api_answer_has_its_own_correlation_id() {
     let fake = FakeGenesys::builder().build_in_process();
@@ -320,6 +398,16 @@ async fn limits_and_faults_over_loopback() {
     assert!((1..=600).contains(&secs), "{secs}");
     assert_genesys_429(&refused, secs);
 
+    fake.push_api_faults([ApiFault::Status {
+        status: 503,
+        retry_after: Some("3".into()),
+    }]);
+    let a = send(client.clone()).await;
+    assert_eq!(
+        (a.status, a.retry_after()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("3"))
+    );
     assert_eq!(fake.api_rate_limited_by(ApiLimitScope::Token), 1);
+    assert_eq!(fake.api_faults_answered(), 1);
     fake.shutdown().await;
 }
