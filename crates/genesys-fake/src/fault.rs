@@ -1,4 +1,4 @@
-//! Scripted misbehaviour of the token endpoint.
+//! Scripted misbehaviour of the token endpoint and of the API host.
 
 use std::fmt;
 use std::time::Duration;
@@ -80,3 +80,54 @@ impl fmt::Display for ConnectionClosed {
 }
 
 impl std::error::Error for ConnectionClosed {}
+
+/// A scripted misbehaviour of the API host (any path under `/api/`).
+///
+/// Queue faults with [`FakeGenesys::push_api_faults`](crate::FakeGenesys::push_api_faults):
+/// each following API request consumes one, in order, whatever its token (a request
+/// without a valid token gets the fault too, not a 401). The fault is answered before
+/// the token is checked and before routing, so the request has no effect (a
+/// `DELETE /api/v2/tokens/me` revokes nothing) and consumes no [`ApiLimits`] budget. It
+/// is counted in [`api_requests`](crate::FakeGenesys::api_requests) and
+/// [`api_faults_answered`](crate::FakeGenesys::api_faults_answered), and recorded with
+/// its status.
+///
+/// Every answer carries an `ININ-Correlation-Id` header, like every API answer.
+///
+/// ```
+/// use genesys_fake::{ApiFault, FakeGenesys};
+/// let fake = FakeGenesys::builder().build_in_process();
+/// fake.push_api_faults([
+///     ApiFault::Status { status: 503, retry_after: Some("2".into()) },
+///     ApiFault::Status { status: 502, retry_after: None },
+///     ApiFault::RateLimited { retry_after: None },
+/// ]);
+/// assert_eq!(fake.pending_api_faults(), 3);
+/// ```
+///
+/// [`ApiLimits`]: crate::ApiLimits
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiFault {
+    /// Answer with this status (e.g. 502, 503 or 504) and a small Genesys-style JSON body
+    /// (`{"message":"scripted fault: status N","code":"fake.fault","status":N}`; what
+    /// Genesys' gateways put in such bodies is not documented). Statuses outside
+    /// `200..=999` are answered as 500.
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The `Retry-After` header value, sent as is when `Some` (`"2"` or an
+        /// HTTP-date). A value that is not a valid header value is left out.
+        retry_after: Option<String>,
+    },
+    /// 429 as Genesys answers it. With a `retry_after` of whole seconds, exactly what the
+    /// API limits send: `Retry-After: N` and the `too.many.requests.retry.after` body
+    /// naming `[N]` seconds. With any other value (an HTTP-date, sent as is) or `None`
+    /// (no `Retry-After`), the other code Genesys has, `too.many.requests`, with the
+    /// message `Rate limit exceeded the maximum` (the fake's wording: Genesys' exact
+    /// message for that code is not documented).
+    RateLimited {
+        /// The `Retry-After` header value.
+        retry_after: Option<String>,
+    },
+}

@@ -7,19 +7,24 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::body::{self, FakeBody};
+use crate::limit::Refused;
 use crate::state::{ceil_secs, Inner, RecordedRequest};
-use crate::{BoxError, ConnectionClosed, TokenFault};
+use crate::{ApiFault, BoxError, ConnectionClosed, TokenFault};
 
 /// Cap on token request bodies.
 const TOKEN_BODY_CAP: usize = 64 * 1024;
 /// Cap on API request bodies.
 const API_BODY_CAP: usize = 16 * 1024 * 1024;
+
+/// The id Genesys puts on its API answers (GENESYS.md names it on 429s; the fake sends
+/// one on every API answer, a new one each time).
+const ININ_CORRELATION_ID: HeaderName = HeaderName::from_static("inin-correlation-id");
 
 /// Which host a request arrived at.
 #[derive(Clone, Copy, Debug)]
@@ -101,10 +106,65 @@ fn rate_limited(retry_after: Option<&str>) -> Response<FakeBody> {
         "rate_limited",
         "Rate limit exceeded",
     );
+    insert_retry_after(&mut res, retry_after);
+    res
+}
+
+/// Genesys' 429 for an API request (GENESYS.md, "Rate limits"; normalised since
+/// November 2021): `Retry-After` in whole seconds and the same number in the message.
+/// `contextId` is the request's correlation id.
+fn too_many_requests(retry_after_secs: u64, correlation_id: &str) -> Response<FakeBody> {
+    let body = format!(
+        r#"{{"message":"Rate limit exceeded the maximum. Retry the request in [{retry_after_secs}] seconds","code":"too.many.requests.retry.after","status":429,"contextId":"{correlation_id}","details":[],"errors":[]}}"#
+    );
+    let mut res = json(StatusCode::TOO_MANY_REQUESTS, body);
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    res
+}
+
+/// A 429 with Genesys' other rate-limit code and no number of seconds (see
+/// [`ApiFault::RateLimited`]).
+fn too_many_requests_without_seconds(
+    retry_after: Option<&str>,
+    correlation_id: &str,
+) -> Response<FakeBody> {
+    let body = format!(
+        r#"{{"message":"Rate limit exceeded the maximum","code":"too.many.requests","status":429,"contextId":"{correlation_id}","details":[],"errors":[]}}"#
+    );
+    let mut res = json(StatusCode::TOO_MANY_REQUESTS, body);
+    insert_retry_after(&mut res, retry_after);
+    res
+}
+
+fn insert_retry_after(res: &mut Response<FakeBody>, retry_after: Option<&str>) {
     if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
         res.headers_mut().insert(RETRY_AFTER, v);
     }
-    res
+}
+
+fn api_fault_response(fault: ApiFault, correlation_id: &str) -> Response<FakeBody> {
+    match fault {
+        ApiFault::Status {
+            status,
+            retry_after,
+        } => {
+            let status = status_or(status, StatusCode::INTERNAL_SERVER_ERROR);
+            let mut res = genesys_error(
+                status,
+                "fake.fault",
+                &format!("scripted fault: status {}", status.as_u16()),
+            );
+            insert_retry_after(&mut res, retry_after.as_deref());
+            res
+        }
+        ApiFault::RateLimited { retry_after } => {
+            match retry_after.as_deref().map(str::parse::<u64>) {
+                Some(Ok(secs)) => too_many_requests(secs, correlation_id),
+                _ => too_many_requests_without_seconds(retry_after.as_deref(), correlation_id),
+            }
+        }
+    }
 }
 
 fn invalid_client() -> Response<FakeBody> {
@@ -345,18 +405,33 @@ where
         ),
     };
 
-    let token = bearer(&parts.headers).filter(|t| inner.token_valid(t));
-    let res = match (token, read_error) {
-        (None, _) => {
-            inner.api_unauthorized.fetch_add(1, Ordering::Relaxed);
-            json(
-                StatusCode::UNAUTHORIZED,
-                r#"{"message":"Invalid login credentials.","code":"bad.credentials","status":401}"#,
-            )
+    // Order: a scripted fault stands for the gateway failing before anything else; the
+    // limits count only requests with a valid token, and a refused one reaches no route.
+    let correlation_id = inner.new_correlation_id();
+    let mut res = if let Some(fault) = inner.next_api_fault() {
+        inner.api_faults_answered.fetch_add(1, Ordering::Relaxed);
+        api_fault_response(fault, &correlation_id)
+    } else {
+        match bearer(&parts.headers).and_then(|t| Some((t, inner.token_client(t)?))) {
+            None => {
+                inner.api_unauthorized.fetch_add(1, Ordering::Relaxed);
+                json(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"message":"Invalid login credentials.","code":"bad.credentials","status":401}"#,
+                )
+            }
+            Some((token, client)) => match (inner.admit_api(token, &client), read_error) {
+                (Err(Refused { retry_after, .. }), _) => {
+                    too_many_requests(ceil_secs(retry_after).max(1), &correlation_id)
+                }
+                (Ok(()), Some(err)) => err,
+                (Ok(()), None) => route(inner, &parts, &bytes, token),
+            },
         }
-        (Some(_), Some(err)) => err,
-        (Some(token), None) => route(inner, &parts, &bytes, token),
     };
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        res.headers_mut().insert(ININ_CORRELATION_ID, v);
+    }
 
     inner.record(RecordedRequest {
         method: parts.method,

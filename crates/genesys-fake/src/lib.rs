@@ -13,12 +13,22 @@
 //! * API host: every path under `/api/` checks `Authorization: Bearer …` and answers
 //!   Genesys' 401 body otherwise. Routes: `GET /api/v2/organizations/me`,
 //!   `GET`/`DELETE /api/v2/tokens/me`, `/api/v2/echo` (any method, returns the body),
-//!   `GET /api/v2/ping`.
+//!   `GET /api/v2/ping`. Every API answer carries an `ININ-Correlation-Id` header.
 //!
-//! Knobs (token lifetime, latencies, a rate limit, scripted [`TokenFault`]s, revocation,
-//! secret rotation) can all be changed while the fake runs, and counters are readable
-//! from the handle. [`FakeGenesys::service`] gives the same behaviour as an in-process
-//! [`tower::Service`] for tests that run with paused tokio time.
+//! Knobs, all changeable while the fake runs:
+//!
+//! * token lifetime, token-endpoint and API latencies;
+//! * a rate limit on the token endpoint ([`FakeBuilder::rate_limit`]);
+//! * API rate limits like Genesys', per token, per client and per org ([`ApiLimits`]; off
+//!   by default, [`ApiLimits::genesys`] for the real ones), answered with Genesys' 429;
+//! * scripted [`TokenFault`]s on the token endpoint and [`ApiFault`]s (502, 503, 504,
+//!   429, with or without `Retry-After`) on the API host;
+//! * revocation, secret rotation, client deletion.
+//!
+//! Counters (token requests, tokens issued, API requests, 401s, 429s by scope, scripted
+//! faults answered, connections) are readable from the handle. [`FakeGenesys::service`]
+//! gives the same behaviour as an in-process [`tower::Service`] for tests that run with
+//! paused tokio time.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -35,6 +45,7 @@
 mod body;
 mod fault;
 mod handler;
+mod limit;
 mod server;
 mod state;
 
@@ -50,7 +61,10 @@ use http::{Request, Response, Uri};
 use tokio::task::JoinHandle;
 
 pub use body::FakeBody;
-pub use fault::{ConnectionClosed, TokenFault};
+pub use fault::{ApiFault, ConnectionClosed, TokenFault};
+pub use limit::{
+    ApiLimitScope, ApiLimits, GENESYS_CLIENT_RATE_PER_MINUTE, GENESYS_TOKEN_RATE_PER_MINUTE,
+};
 pub use state::RecordedRequest;
 
 use handler::Host;
@@ -152,6 +166,7 @@ pub struct FakeBuilder {
     token_latency: Duration,
     api_latency: Duration,
     rate_limit: Option<(u32, Duration)>,
+    api_limits: ApiLimits,
 }
 
 impl Default for FakeBuilder {
@@ -163,6 +178,7 @@ impl Default for FakeBuilder {
             token_latency: Duration::ZERO,
             api_latency: Duration::ZERO,
             rate_limit: None,
+            api_limits: ApiLimits::default(),
         }
     }
 }
@@ -200,6 +216,15 @@ impl FakeBuilder {
         self
     }
 
+    /// Rate limits on API requests, per token, per client and per org. Default
+    /// [`ApiLimits::default`]: none, so tests and benchmarks that push thousands of
+    /// requests through one token keep working; [`ApiLimits::genesys`] gives Genesys'
+    /// documented limits. See [`FakeGenesys::set_api_limits`].
+    pub fn api_limits(mut self, limits: ApiLimits) -> Self {
+        self.api_limits = limits;
+        self
+    }
+
     fn inner(self) -> Arc<Inner> {
         Arc::new(Inner::new(
             self.client_id,
@@ -208,6 +233,7 @@ impl FakeBuilder {
             self.token_latency,
             self.api_latency,
             self.rate_limit,
+            self.api_limits,
         ))
     }
 
@@ -361,9 +387,30 @@ impl FakeGenesys {
         self.inner().tokens_issued.load(Ordering::Relaxed)
     }
 
-    /// Requests to the API host (in-process: to paths under `/api`).
+    /// Requests to the API host (in-process: to paths under `/api`), whatever the
+    /// answer (including 401s, 429s and scripted faults).
     pub fn api_requests(&self) -> u64 {
         self.inner().api_requests.load(Ordering::Relaxed)
+    }
+
+    /// API requests refused with 429 by the [`ApiLimits`] (not counting
+    /// [`ApiFault::RateLimited`]).
+    pub fn api_rate_limited(&self) -> u64 {
+        self.inner().api_rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// API requests refused because this scope's window was full. A request refused by
+    /// two full scopes at once counts in both (and once in
+    /// [`api_rate_limited`](Self::api_rate_limited)).
+    pub fn api_rate_limited_by(&self, scope: ApiLimitScope) -> u64 {
+        self.inner()
+            .api_rate_limited_by(scope)
+            .load(Ordering::Relaxed)
+    }
+
+    /// API requests answered with a scripted [`ApiFault`].
+    pub fn api_faults_answered(&self) -> u64 {
+        self.inner().api_faults_answered.load(Ordering::Relaxed)
     }
 
     /// 401s answered by the API host.
@@ -385,8 +432,13 @@ impl FakeGenesys {
             &i.tokens_issued,
             &i.api_requests,
             &i.api_unauthorized,
+            &i.api_rate_limited,
+            &i.api_faults_answered,
             &i.connections,
-        ] {
+        ]
+        .into_iter()
+        .chain(&i.api_rate_limited_by)
+        {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -421,6 +473,71 @@ impl FakeGenesys {
         r.limit = limit;
         r.window_end = None;
         r.count = 0;
+    }
+
+    /// Replaces the API rate limits (see [`ApiLimits`]) and starts every window afresh.
+    ///
+    /// Requests that carry a valid token count against the limits of their token, of the
+    /// client the token was issued to, and of the org. A request beyond any of them is
+    /// not processed (it reaches no route) and is answered as Genesys does (GENESYS.md,
+    /// "Rate limits"): status 429, `Retry-After` in whole seconds until the full window
+    /// ends (at least 1; with several full windows, the one that ends last), an
+    /// `ININ-Correlation-Id` header and the body
+    /// `{"message":"Rate limit exceeded the maximum. Retry the request in [N] seconds","code":"too.many.requests.retry.after","status":429,"contextId":"<the correlation id>","details":[],"errors":[]}`.
+    /// It is counted in [`api_rate_limited`](Self::api_rate_limited) and
+    /// [`api_rate_limited_by`](Self::api_rate_limited_by), and recorded. Requests without
+    /// a valid token get their 401 and count nowhere.
+    ///
+    /// Windows run on tokio's clock, so tests with paused time control them.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use genesys_fake::{ApiLimitScope, ApiLimits, FakeGenesys};
+    /// use tower::ServiceExt;
+    ///
+    /// let fake = FakeGenesys::builder().build_in_process();
+    /// fake.set_api_limits(ApiLimits {
+    ///     per_token: Some((1, Duration::from_secs(10))),
+    ///     ..ApiLimits::default()
+    /// });
+    /// let token = fake.issue_token();
+    /// let ping = || {
+    ///     http::Request::get("/api/v2/ping")
+    ///         .header("authorization", format!("Bearer {token}"))
+    ///         .body(http_body_util::Empty::<bytes::Bytes>::new())
+    ///         .unwrap()
+    /// };
+    /// assert_eq!(fake.service().oneshot(ping()).await.unwrap().status(), 200);
+    /// let res = fake.service().oneshot(ping()).await.unwrap();
+    /// assert_eq!(res.status(), 429);
+    /// assert_eq!(res.headers()["retry-after"], "10");
+    /// assert_eq!(fake.api_rate_limited_by(ApiLimitScope::Token), 1);
+    /// # });
+    /// ```
+    pub fn set_api_limits(&self, limits: ApiLimits) {
+        lock(&self.inner().api_limiter).set_limits(limits);
+    }
+
+    /// The API rate limits in force.
+    pub fn api_limits(&self) -> ApiLimits {
+        lock(&self.inner().api_limiter).limits()
+    }
+
+    /// Queues API faults: each following API request consumes one, in order (see
+    /// [`ApiFault`]).
+    pub fn push_api_faults(&self, faults: impl IntoIterator<Item = ApiFault>) {
+        lock(&self.inner().api_faults).extend(faults);
+    }
+
+    /// Queued API faults not yet consumed.
+    pub fn pending_api_faults(&self) -> usize {
+        lock(&self.inner().api_faults).len()
+    }
+
+    /// Drops every queued API fault.
+    pub fn clear_api_faults(&self) {
+        lock(&self.inner().api_faults).clear();
     }
 
     /// Queues faults: each following token request consumes one, in order.
@@ -501,7 +618,7 @@ impl FakeGenesys {
     }
 
     /// The API requests answered so far (the last 100,000 at most), oldest first,
-    /// including the ones answered 401.
+    /// including the ones answered 401, refused with 429 or answered with an [`ApiFault`].
     pub fn recorded_api_requests(&self) -> Vec<RecordedRequest> {
         lock(&self.inner().recorded).iter().cloned().collect()
     }

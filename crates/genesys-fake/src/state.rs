@@ -4,7 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -12,7 +12,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::TokenFault;
+use crate::limit::{ApiLimitScope, ApiLimiter, Refused};
+use crate::{ApiFault, ApiLimits, TokenFault};
 
 /// At most this many API requests are kept for [`crate::FakeGenesys::recorded_api_requests`].
 pub(crate) const MAX_RECORDED: usize = 100_000;
@@ -54,6 +55,13 @@ pub(crate) struct FaultState {
     pub(crate) persistent: Option<TokenFault>,
 }
 
+/// What the fake knows about a token it issued.
+pub(crate) struct IssuedToken {
+    expires_at: Instant,
+    /// The OAuth client it was issued to (the key of [`ApiLimits::per_client`]).
+    client_id: Arc<str>,
+}
+
 pub(crate) struct Inner {
     pub(crate) client: Mutex<ClientState>,
     pub(crate) token_lifetime: AtomicU64,
@@ -61,14 +69,22 @@ pub(crate) struct Inner {
     pub(crate) api_latency: AtomicU64,
     pub(crate) rate: Mutex<RateState>,
     pub(crate) faults: Mutex<FaultState>,
-    pub(crate) tokens: RwLock<HashMap<String, Instant>>,
+    pub(crate) api_limiter: Mutex<ApiLimiter>,
+    pub(crate) api_faults: Mutex<VecDeque<ApiFault>>,
+    pub(crate) tokens: RwLock<HashMap<String, IssuedToken>>,
     pub(crate) recorded: Mutex<VecDeque<RecordedRequest>>,
     pub(crate) token_requests: AtomicU64,
     pub(crate) tokens_issued: AtomicU64,
     pub(crate) api_requests: AtomicU64,
     pub(crate) api_unauthorized: AtomicU64,
+    /// API requests refused by the limits.
+    pub(crate) api_rate_limited: AtomicU64,
+    /// Refusals by scope, indexed by [`ApiLimitScope::index`].
+    pub(crate) api_rate_limited_by: [AtomicU64; 3],
+    pub(crate) api_faults_answered: AtomicU64,
     pub(crate) connections: AtomicU64,
     token_counter: AtomicU64,
+    correlation_counter: AtomicU64,
     hasher: RandomState,
     pub(crate) org_id: String,
 }
@@ -95,6 +111,7 @@ impl Inner {
         token_latency: Duration,
         api_latency: Duration,
         rate_limit: Option<(u32, Duration)>,
+        api_limits: ApiLimits,
     ) -> Self {
         let hasher = RandomState::new();
         let a = hasher.hash_one(("org", 1u8)).to_le_bytes();
@@ -127,14 +144,20 @@ impl Inner {
                 ..RateState::default()
             }),
             faults: Mutex::new(FaultState::default()),
+            api_limiter: Mutex::new(ApiLimiter::new(api_limits)),
+            api_faults: Mutex::new(VecDeque::new()),
             tokens: RwLock::new(HashMap::new()),
             recorded: Mutex::new(VecDeque::new()),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
             api_unauthorized: AtomicU64::new(0),
+            api_rate_limited: AtomicU64::new(0),
+            api_rate_limited_by: Default::default(),
+            api_faults_answered: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             token_counter: AtomicU64::new(0),
+            correlation_counter: AtomicU64::new(0),
             hasher,
             org_id,
         }
@@ -175,6 +198,44 @@ impl Inner {
         }
     }
 
+    /// The next queued API fault, if any.
+    pub(crate) fn next_api_fault(&self) -> Option<ApiFault> {
+        lock(&self.api_faults).pop_front()
+    }
+
+    /// Admits an API request carrying a valid `token` issued to `client`, or refuses it
+    /// and counts the refusal.
+    pub(crate) fn admit_api(&self, token: &str, client: &str) -> Result<(), Refused> {
+        let decision = lock(&self.api_limiter).admit(token, client, Instant::now());
+        if let Err(refused) = &decision {
+            self.api_rate_limited.fetch_add(1, Ordering::Relaxed);
+            for scope in &refused.scopes {
+                self.api_rate_limited_by[scope.index()].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        decision
+    }
+
+    pub(crate) fn api_rate_limited_by(&self, scope: ApiLimitScope) -> &AtomicU64 {
+        &self.api_rate_limited_by[scope.index()]
+    }
+
+    /// A new unique id in UUID form (8-4-4-4-12 lowercase hex), for
+    /// `ININ-Correlation-Id`: a hash of a counter, then the counter itself, so no two
+    /// ids of one fake are equal.
+    pub(crate) fn new_correlation_id(&self) -> String {
+        let n = self.correlation_counter.fetch_add(1, Ordering::Relaxed);
+        let h = self.hasher.hash_one(("correlation", n));
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            h >> 32,
+            (h >> 16) & 0xffff,
+            h & 0xffff,
+            n >> 48,
+            n & 0xffff_ffff_ffff
+        )
+    }
+
     /// A new unique, URL-safe token (54 characters).
     pub(crate) fn new_token_string(&self) -> String {
         let n = self.token_counter.fetch_add(1, Ordering::Relaxed);
@@ -190,21 +251,36 @@ impl Inner {
     pub(crate) fn issue_token(&self) -> (String, Duration) {
         let lifetime = Self::duration(&self.token_lifetime);
         let token = self.new_token_string();
+        let client_id: Arc<str> = lock(&self.client).id.as_str().into();
         let now = Instant::now();
         let expires_at = now
             .checked_add(lifetime)
             .unwrap_or_else(crate::body::far_future);
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         if tokens.len() >= 100_000 {
-            tokens.retain(|_, exp| *exp > now);
+            tokens.retain(|_, t| t.expires_at > now);
         }
-        tokens.insert(token.clone(), expires_at);
+        tokens.insert(
+            token.clone(),
+            IssuedToken {
+                expires_at,
+                client_id,
+            },
+        );
         (token, lifetime)
     }
 
     pub(crate) fn token_valid(&self, token: &str) -> bool {
+        self.token_client(token).is_some()
+    }
+
+    /// The client a token was issued to, if the token is valid now.
+    pub(crate) fn token_client(&self, token: &str) -> Option<Arc<str>> {
         let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
-        tokens.get(token).is_some_and(|exp| Instant::now() < *exp)
+        tokens
+            .get(token)
+            .filter(|t| Instant::now() < t.expires_at)
+            .map(|t| t.client_id.clone())
     }
 
     pub(crate) fn revoke(&self, token: &str) {
