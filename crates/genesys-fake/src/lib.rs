@@ -30,6 +30,9 @@
 //! gives the same behaviour as an in-process [`tower::Service`] for tests that run with
 //! paused tokio time.
 //!
+//! With the cargo feature `auth-layer`, [`FakeGenesys::auth_builder`] hands back a
+//! `genesys_auth_layer::GenesysAuthBuilder` already pointed at the fake.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use genesys_fake::FakeGenesys;
@@ -41,6 +44,8 @@
 //! fake.shutdown().await;
 //! # });
 //! ```
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod fault;
@@ -345,6 +350,7 @@ impl FakeGenesys {
     /// # });
     /// ```
     #[cfg(feature = "auth-layer")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "auth-layer")))]
     pub fn auth_builder(&self) -> genesys_auth_layer::GenesysAuthBuilder {
         genesys_auth_layer::GenesysAuth::client_credentials(self.client_id(), self.client_secret())
             .login_uri(self.login_uri())
