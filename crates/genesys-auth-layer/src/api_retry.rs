@@ -73,8 +73,8 @@ pub const IDEMPOTENT_METHODS: [Method; 5] = [
 /// * **Retries, across requests** ([`retry_budget`](Self::retry_budget), default tower's
 ///   [`TpsBudget::default`]: over the last 10 s, 20 % of the requests sent plus 10 a
 ///   second): each request sent deposits, each retry of a 5xx withdraws. In an outage where
-///   every answer is a 503, `n` requests cost about `n × 1.2 + 100` attempts, not `n ×` the
-///   retries that fit in the time budget. 429s do not draw on it: they wait the time the
+///   every answer is a 503, the requests sent in any 10 s cost at most 20 % more attempts
+///   plus 100, not `×` the retries that fit in the time budget. 429s do not draw on it: they wait the time the
 ///   server asked for, which is the server's own load control, and a rate limit that lasts
 ///   is what the time budget is for.
 ///
@@ -233,7 +233,7 @@ impl ApiRetry {
     }
 
     /// A layer that wraps a service in tower's `Retry` with this policy (sharing its
-    /// budget and counters).
+    /// budget and counters); `ServiceBuilder::retry(policy.clone())` is the same.
     pub fn layer(&self) -> RetryLayer<Self> {
         RetryLayer::new(self.fresh())
     }
@@ -310,7 +310,9 @@ impl ApiRetry {
         .max(MIN_RETRY_WAIT);
         let now = Instant::now();
         let started = *self.started.get_or_insert(now);
-        if now + wait > started + self.config.time_budget {
+        // Saturating, so that no configured duration (`Duration::MAX` included) overflows.
+        let spent = now.saturating_duration_since(started);
+        if spent.saturating_add(wait) > self.config.time_budget {
             counters.over_time_budget.fetch_add(1, Ordering::Relaxed);
             not_retried("the wait would end past the request's time budget");
             return None;
@@ -895,6 +897,26 @@ mod tests {
         assert_eq!(retry.stats().retries_after_429, 1);
         let stats = auth.stats();
         assert_eq!((stats.api_401s, stats.replays_after_401), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_configured_duration_overflows() {
+        let api = Api::new(&[(429, None), (503, None)], (200, None));
+        let retry = ApiRetry::new()
+            .rate_limited_wait(Duration::MAX)
+            .backoff(Duration::MAX, Duration::MAX)
+            .time_budget(Duration::MAX - secs(1));
+        let res = client(&retry, &api).oneshot(get()).await.unwrap();
+        assert_eq!(
+            res.status(),
+            429,
+            "a wait past the budget: the answer at once"
+        );
+        let res = client(&retry.time_budget(secs(1)), &api)
+            .oneshot(get())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 503);
     }
 
     #[test]
