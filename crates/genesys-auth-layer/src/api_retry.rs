@@ -919,6 +919,76 @@ mod tests {
         assert_eq!(res.status(), 503);
     }
 
+    /// Records the events of `genesys_auth_layer::api_retry` as `field=value` lists.
+    #[derive(Clone, Default)]
+    struct Events(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Events {
+        fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+            metadata.target() == "genesys_auth_layer::api_retry"
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Fields(Vec<String>);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    self.0.push(format!("{}={value:?}", field.name()));
+                }
+            }
+            let mut fields = Fields(Vec::new());
+            event.record(&mut fields);
+            let level = event.metadata().level();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{level} {}", fields.0.join(" ")));
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_retry_is_a_debug_event_without_headers() {
+        let scenario = || async {
+            let api = Api::new(&[(429, Some("1")), (503, Some("2"))], (503, Some("60")));
+            let mut req = get();
+            req.headers_mut()
+                .insert("x-api-key", "hunter2".parse().unwrap());
+            client(&ApiRetry::new(), &api).oneshot(req).await.unwrap()
+        };
+        // tracing caches each callsite's interest when it is first hit, and while a single
+        // dispatcher is registered, as seen by the thread that hits it: another test's
+        // thread, with no subscriber, would switch these events off for this test too. So:
+        // the callsites are hit (registered) first; then two dispatchers make every thread
+        // ask both; then what was cached is recomputed.
+        scenario().await;
+        let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        let events = Events::default();
+        let _guard = tracing::subscriber::set_default(events.clone());
+        tracing::callsite::rebuild_interest_cache();
+
+        let res = scenario().await;
+        assert_eq!(res.status(), 503);
+        let events = events.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            [
+                "DEBUG message=retrying after the wait status=429 wait_ms=1000 attempt=1 \
+                 method=GET path=\"/api/v2/users\"",
+                "DEBUG message=retrying after the wait status=503 wait_ms=2000 attempt=2 \
+                 method=GET path=\"/api/v2/users\"",
+                "DEBUG message=answer not retried status=503 method=GET \
+                 path=\"/api/v2/users\" \
+                 reason=\"the wait would end past the request's time budget\"",
+            ]
+        );
+        assert!(!events.concat().contains("hunter2"));
+    }
+
     #[test]
     fn debug_shows_the_configuration_and_the_counters() {
         let retry = ApiRetry::new().time_budget(secs(30));
