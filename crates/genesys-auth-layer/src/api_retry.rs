@@ -40,7 +40,7 @@ pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(16);
 /// so that no answer or configuration turns into a loop of requests.
 pub const MIN_RETRY_WAIT: Duration = Duration::from_millis(100);
 /// The methods whose 502/503/504 are retried by default: those HTTP defines as idempotent,
-/// except `TRACE` (which the Genesys API does not serve). A `POST` or `PATCH` that met a 5xx
+/// except `TRACE`, which API clients do not send. A `POST` or `PATCH` that met a 5xx
 /// may have been processed, so it goes back to the caller unless configured otherwise with
 /// [`ApiRetry::retry_5xx_methods`].
 pub const IDEMPOTENT_METHODS: [Method; 5] = [
