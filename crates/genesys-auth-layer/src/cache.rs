@@ -254,14 +254,18 @@ impl CacheConfig {
             // The server knows best, within reason (a 429's or a 503's `Retry-After`).
             return asked.max(self.backoff_initial).min(RETRY_AFTER_CAP);
         }
-        let doubled = self
-            .backoff_initial
-            .saturating_mul(1u32 << consecutive.saturating_sub(1).min(20));
-        let capped = doubled.min(self.backoff_max);
-        // "Equal jitter": between half and all of the capped wait, so that a fleet that
-        // failed together spreads its retries, yet never retries sooner than half of it.
-        (capped / 2 + (capped / 2).mul_f64(random_fraction())).max(MIN_BACKOFF)
+        equal_jitter_backoff(self.backoff_initial, self.backoff_max, consecutive).max(MIN_BACKOFF)
     }
+}
+
+/// The wait before the `attempt`-th retry (from 1): `initial` doubled per attempt, capped at
+/// `max`, with "equal jitter": between half and all of that, so that a fleet that failed
+/// together spreads its retries, yet never retries sooner than half of it. Shared by the
+/// token cache's backoff and [`ApiRetry`](crate::ApiRetry)'s.
+pub(crate) fn equal_jitter_backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let doubled = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let capped = doubled.min(max);
+    capped / 2 + (capped / 2).mul_f64(random_fraction())
 }
 
 /// A number in `[0, 1)` that differs from call to call: enough randomness to spread a

@@ -39,6 +39,7 @@
 //! | [`AuthLayer`], [`AuthService`] | attach the token to in-scope requests |
 //! | [`AuthReplayLayer`], [`AuthReplayService`] | both: attach, and on a 401 refresh and replay once |
 //! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once, with tower's `Retry` |
+//! | [`ApiRetry`] | a `tower::retry::Policy`: wait out 429s (`Retry-After`) and 502/503/504s, within a time and a retry budget; outside the auth layers |
 //! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
 //! | `AuthMiddleware` (feature `reqwest`) | the same for a `reqwest` client, as a `reqwest_middleware::Middleware` |
@@ -52,6 +53,7 @@
 //! and gets the new token. Both stacks behave the same; the single service costs less per
 //! request, since tower's `Retry` clones the whole service below it for every request.
 
+mod api_retry;
 mod auth;
 mod buffered;
 mod cache;
@@ -74,6 +76,10 @@ mod token;
 
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::AuthMiddleware;
+pub use api_retry::{
+    ApiRetry, ApiRetryStats, DEFAULT_RATE_LIMITED_WAIT, DEFAULT_RETRY_BACKOFF_INITIAL,
+    DEFAULT_RETRY_BACKOFF_MAX, DEFAULT_RETRY_TIME_BUDGET, IDEMPOTENT_METHODS, MIN_RETRY_WAIT,
+};
 pub use auth::{
     AuthLayer, AuthReplayFuture, AuthReplayLayer, AuthReplayService, AuthService, ResponseFuture,
     Scope,

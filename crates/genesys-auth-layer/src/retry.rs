@@ -187,7 +187,7 @@ pub(crate) struct Stamp {
 pub(crate) struct Refused(pub(crate) Stamp);
 
 /// A copy of `request`'s head around `body`.
-fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
+pub(crate) fn copy_request<B>(request: &Request<B>, body: B) -> Request<B> {
     let mut copy = Request::new(body);
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
