@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use genesys_auth_layer::default_client::https_client;
+use genesys_auth_layer::GenesysAuth;
 use genesys_fake::FakeGenesys;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -31,8 +32,9 @@ async fn main() -> Result<(), BoxError> {
         .token_lifetime(Duration::from_secs(3600))
         .start()
         .await?;
-    let auth = fake
-        .auth_builder()
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         .backoff(Duration::from_millis(200), Duration::from_secs(2))
         .build_with_default_client()?;
     let client = ServiceBuilder::new()

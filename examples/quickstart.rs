@@ -112,8 +112,9 @@ async fn fake_genesys() -> Result<(), BoxError> {
     );
     println!("  token lifetime {LIFETIME:?}\n");
 
-    let auth = fake
-        .auth_builder()
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
         // Refresh in the last second of the token's life, for a short demo.
         .refresh_ahead(Duration::from_secs(1), 0.0)
         .build_with_default_client()?;

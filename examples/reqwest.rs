@@ -35,7 +35,10 @@ async fn main() -> Result<(), BoxError> {
     let api = api.trim_end_matches('/');
 
     // The three lines of the README.
-    let auth = fake.auth_builder().build_with_default_client()?;
+    let auth = GenesysAuth::client_credentials(fake.client_id(), fake.client_secret())
+        .login_uri(fake.login_uri())
+        .api_uri(fake.api_uri())
+        .build_with_default_client()?;
     let client = ClientBuilder::new(reqwest::Client::new())
         .with(auth.middleware())
         .build();
