@@ -274,8 +274,8 @@ impl ApiRetry {
         let refusal = Self::refusal(status)?;
         let counters = &self.counters;
         match refusal {
-            Refusal::RateLimited => counters.rate_limited.fetch_add(1, Ordering::Relaxed),
-            Refusal::Unavailable => counters.unavailable.fetch_add(1, Ordering::Relaxed),
+            Refusal::RateLimited => counters.rate_limited.add(1),
+            Refusal::Unavailable => counters.unavailable.add(1),
         };
         if refusal == Refusal::Unavailable && !self.config.methods_5xx.contains(request.method()) {
             return None;
@@ -313,23 +313,21 @@ impl ApiRetry {
         // Saturating, so that no configured duration (`Duration::MAX` included) overflows.
         let spent = now.saturating_duration_since(started);
         if spent.saturating_add(wait) > self.config.time_budget {
-            counters.over_time_budget.fetch_add(1, Ordering::Relaxed);
+            counters.over_time_budget.add(1);
             not_retried("the wait would end past the request's time budget");
             return None;
         }
         if refusal == Refusal::Unavailable && !self.budget.withdraw() {
-            counters.over_retry_budget.fetch_add(1, Ordering::Relaxed);
+            counters.over_retry_budget.add(1);
             not_retried("retry budget spent");
             return None;
         }
         self.retries += 1;
         match refusal {
-            Refusal::RateLimited => counters.retries_after_429.fetch_add(1, Ordering::Relaxed),
-            Refusal::Unavailable => counters.retries_after_5xx.fetch_add(1, Ordering::Relaxed),
+            Refusal::RateLimited => counters.retries_after_429.add(1),
+            Refusal::Unavailable => counters.retries_after_5xx.add(1),
         };
-        counters
-            .waited_micros
-            .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+        counters.waited(wait);
         tracing::debug!(
             target: "genesys_auth_layer::api_retry",
             status = status.as_u16(),
@@ -419,28 +417,98 @@ pub struct ApiRetryStats {
     pub waited: Duration,
 }
 
-#[derive(Default)]
+/// `genesys_auth_api_refusals_total{status}`: 429 (`status="429"`) and 502/503/504
+/// (`status="5xx"`) answers [`ApiRetry`] saw, retried or not.
+pub const METRIC_API_REFUSALS: &str = "genesys_auth_api_refusals_total";
+/// `genesys_auth_api_retries_total{status}`: retries sent after a 429 (`status="429"`) or a
+/// 502/503/504 (`status="5xx"`).
+pub const METRIC_API_RETRIES: &str = "genesys_auth_api_retries_total";
+/// `genesys_auth_api_retries_given_up_total{reason}`: answers returned because a budget was
+/// spent: `reason="time_budget"` or `reason="retry_budget"`.
+pub const METRIC_API_GIVEN_UP: &str = "genesys_auth_api_retries_given_up_total";
+/// `genesys_auth_api_retry_wait_ms_total`: the waits before retries, summed, in
+/// milliseconds.
+pub const METRIC_API_RETRY_WAIT: &str = "genesys_auth_api_retry_wait_ms_total";
+
+/// One counter of [`ApiRetryStats`], and its `metrics` series with the `metrics` feature.
+struct Count {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Count {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn new(name: &'static str, label: Option<(&'static str, &'static str)>) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: match label {
+                Some((key, value)) => metrics::counter!(name, key => value),
+                None => metrics::counter!(name),
+            },
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// The counters of an [`ApiRetry`] and its clones; their `metrics` series are registered
+/// when it is built (install the recorder first).
 struct Counters {
-    rate_limited: AtomicU64,
-    unavailable: AtomicU64,
-    retries_after_429: AtomicU64,
-    retries_after_5xx: AtomicU64,
-    over_time_budget: AtomicU64,
-    over_retry_budget: AtomicU64,
+    rate_limited: Count,
+    unavailable: Count,
+    retries_after_429: Count,
+    retries_after_5xx: Count,
+    over_time_budget: Count,
+    over_retry_budget: Count,
     waited_micros: AtomicU64,
+    #[cfg(feature = "metrics")]
+    waited_ms: metrics::Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            rate_limited: Count::new(METRIC_API_REFUSALS, Some(("status", "429"))),
+            unavailable: Count::new(METRIC_API_REFUSALS, Some(("status", "5xx"))),
+            retries_after_429: Count::new(METRIC_API_RETRIES, Some(("status", "429"))),
+            retries_after_5xx: Count::new(METRIC_API_RETRIES, Some(("status", "5xx"))),
+            over_time_budget: Count::new(METRIC_API_GIVEN_UP, Some(("reason", "time_budget"))),
+            over_retry_budget: Count::new(METRIC_API_GIVEN_UP, Some(("reason", "retry_budget"))),
+            waited_micros: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            waited_ms: metrics::counter!(METRIC_API_RETRY_WAIT),
+        }
+    }
 }
 
 impl Counters {
+    fn waited(&self, wait: Duration) {
+        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        self.waited_micros.fetch_add(micros, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.waited_ms
+            .increment(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+    }
+
     fn snapshot(&self) -> ApiRetryStats {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         ApiRetryStats {
-            rate_limited: load(&self.rate_limited),
-            unavailable: load(&self.unavailable),
-            retries_after_429: load(&self.retries_after_429),
-            retries_after_5xx: load(&self.retries_after_5xx),
-            over_time_budget: load(&self.over_time_budget),
-            over_retry_budget: load(&self.over_retry_budget),
-            waited: Duration::from_micros(load(&self.waited_micros)),
+            rate_limited: self.rate_limited.get(),
+            unavailable: self.unavailable.get(),
+            retries_after_429: self.retries_after_429.get(),
+            retries_after_5xx: self.retries_after_5xx.get(),
+            over_time_budget: self.over_time_budget.get(),
+            over_retry_budget: self.over_retry_budget.get(),
+            waited: Duration::from_micros(self.waited_micros.load(Ordering::Relaxed)),
         }
     }
 }
@@ -987,6 +1055,58 @@ mod tests {
             ]
         );
         assert!(!events.concat().contains("hunter2"));
+    }
+
+    /// With the `metrics` feature, the counters also reach a `metrics` recorder installed
+    /// before the policy is built.
+    #[cfg(feature = "metrics")]
+    #[tokio::test(start_paused = true)]
+    async fn counters_reach_a_metrics_recorder() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let retry = metrics::with_local_recorder(&recorder, ApiRetry::new);
+        let api = Api::new(&[(429, Some("2")), (503, Some("1"))], (200, None));
+        let res = client(&retry, &api).oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let counters: std::collections::HashMap<String, u64> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(n) => {
+                    let key = key.key();
+                    let labels: Vec<String> = key
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect();
+                    Some((format!("{}{labels:?}", key.name()), n))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            counters[&format!("{METRIC_API_REFUSALS}[\"status=429\"]")],
+            1
+        );
+        assert_eq!(
+            counters[&format!("{METRIC_API_REFUSALS}[\"status=5xx\"]")],
+            1
+        );
+        assert_eq!(
+            counters[&format!("{METRIC_API_RETRIES}[\"status=429\"]")],
+            1
+        );
+        assert_eq!(
+            counters[&format!("{METRIC_API_RETRIES}[\"status=5xx\"]")],
+            1
+        );
+        assert_eq!(
+            counters[&format!("{METRIC_API_GIVEN_UP}[\"reason=time_budget\"]")],
+            0
+        );
+        assert_eq!(counters[&format!("{METRIC_API_RETRY_WAIT}[]")], 3_000);
     }
 
     #[test]

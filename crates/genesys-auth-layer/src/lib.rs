@@ -78,7 +78,8 @@ mod token;
 pub use self::reqwest::AuthMiddleware;
 pub use api_retry::{
     ApiRetry, ApiRetryStats, DEFAULT_RATE_LIMITED_WAIT, DEFAULT_RETRY_BACKOFF_INITIAL,
-    DEFAULT_RETRY_BACKOFF_MAX, DEFAULT_RETRY_TIME_BUDGET, IDEMPOTENT_METHODS, MIN_RETRY_WAIT,
+    DEFAULT_RETRY_BACKOFF_MAX, DEFAULT_RETRY_TIME_BUDGET, IDEMPOTENT_METHODS, METRIC_API_GIVEN_UP,
+    METRIC_API_REFUSALS, METRIC_API_RETRIES, METRIC_API_RETRY_WAIT, MIN_RETRY_WAIT,
 };
 pub use auth::{
     AuthLayer, AuthReplayFuture, AuthReplayLayer, AuthReplayService, AuthService, ResponseFuture,
