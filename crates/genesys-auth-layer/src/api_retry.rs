@@ -1062,7 +1062,7 @@ mod tests {
     #[cfg(feature = "metrics")]
     #[tokio::test(start_paused = true)]
     async fn counters_reach_a_metrics_recorder() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
 
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
@@ -1070,22 +1070,7 @@ mod tests {
         let api = Api::new(&[(429, Some("2")), (503, Some("1"))], (200, None));
         let res = client(&retry, &api).oneshot(get()).await.unwrap();
         assert_eq!(res.status(), 200);
-        let counters: std::collections::HashMap<String, u64> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| match value {
-                DebugValue::Counter(n) => {
-                    let key = key.key();
-                    let labels: Vec<String> = key
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect();
-                    Some((format!("{}{labels:?}", key.name()), n))
-                }
-                _ => None,
-            })
-            .collect();
+        let counters = crate::test_support::counter_values(&snapshotter);
         assert_eq!(
             counters[&format!("{METRIC_API_REFUSALS}[\"status=429\"]")],
             1

@@ -397,30 +397,6 @@ mod tests {
         assert!(health.has_valid_token());
     }
 
-    /// Every counter the recorder holds, as `name["label=value", …]` (labels sorted).
-    #[cfg(feature = "metrics")]
-    fn counter_values(
-        snapshotter: &metrics_util::debugging::Snapshotter,
-    ) -> std::collections::HashMap<String, u64> {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter_map(|(key, _, _, value)| match value {
-                metrics_util::debugging::DebugValue::Counter(n) => {
-                    let key = key.key();
-                    let mut labels: Vec<String> = key
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect();
-                    labels.sort();
-                    Some((format!("{}{:?}", key.name(), labels), n))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
     #[cfg(feature = "metrics")]
     #[tokio::test]
     async fn counters_reach_a_metrics_recorder() {
@@ -456,7 +432,7 @@ mod tests {
         // A 401 to its token, as `AuthService` reports one.
         let generation = cache.current().unwrap().generation();
         assert!(cache.answered_401(generation, false));
-        let counters = counter_values(&snapshotter);
+        let counters = crate::test_support::counter_values(&snapshotter);
         assert_eq!(counters[&format!("{METRIC_TOKENS_RETRIEVED}[]")], 1);
         assert_eq!(
             counters[&format!("{METRIC_FAILURES}[\"cause=timeout\"]")],
@@ -499,7 +475,7 @@ mod tests {
             assert!(emea.header().is_some());
         }
         assert!(apac.header().is_some());
-        let series = counter_values(&snapshotter);
+        let series = crate::test_support::counter_values(&snapshotter);
         assert_eq!(
             series[&format!("{METRIC_REQUESTS_AUTHORIZED}[\"cache=emea\"]")],
             3

@@ -74,3 +74,27 @@ where
         ),
     }
 }
+
+/// Every counter the recorder holds, as `name["label=value", …]` (labels sorted).
+#[cfg(feature = "metrics")]
+pub(crate) fn counter_values(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> std::collections::HashMap<String, u64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => {
+                let key = key.key();
+                let mut labels: Vec<String> = key
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                labels.sort();
+                Some((format!("{}{:?}", key.name(), labels), n))
+            }
+            _ => None,
+        })
+        .collect()
+}
