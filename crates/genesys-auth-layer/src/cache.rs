@@ -402,6 +402,16 @@ impl TokenCache {
     /// A cache that obtains its tokens from `source`. Nothing is fetched until a token is
     /// needed.
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
+        Self::with_source(Arc::new(source), config)
+    }
+
+    /// Another cache for the same source and configuration, with its own token, single
+    /// flight, backoff and counters: the next slot of a [`TokenPool`](crate::TokenPool).
+    pub(crate) fn sibling(&self) -> Self {
+        Self::with_source(self.inner.source.clone(), self.inner.config.clone())
+    }
+
+    fn with_source(source: Arc<dyn TokenSource>, config: CacheConfig) -> Self {
         let counters = Counters::new(config.name_value());
         Self {
             inner: Arc::new(Inner {
@@ -417,7 +427,7 @@ impl TokenCache {
                     last_error: None,
                     idle_task: None,
                 }),
-                source: Arc::new(source),
+                source,
                 config,
                 counters,
             }),

@@ -12,6 +12,7 @@ use crate::cache::{CacheConfig, TokenCache};
 use crate::credentials::{ClientId, ClientSecret, Credentials};
 use crate::error::{AuthError, ConfigError};
 use crate::observe::{CacheStats, Health};
+use crate::pool::{TokenPool, TokenPoolConfig};
 use crate::region::{check_absolute, join, Region};
 use crate::retry::RefreshOn401;
 use crate::rotation::CredentialStore;
@@ -176,6 +177,24 @@ impl GenesysAuth {
             }
             None => false,
         }
+    }
+
+    /// A [`TokenPool`] of up to `config`'s `max_tokens` tokens of this client, the first
+    /// being this auth's own: its [`layer`](TokenPool::layer) paces requests under
+    /// Genesys' per-token limit and spreads them over the tokens. Build it once and clone
+    /// it (each call makes a new pool with its own budgets), and send the requests it
+    /// paces through its layer only, not through [`layers`](Self::layers) as well.
+    ///
+    /// ```
+    /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
+    /// use genesys_auth_layer::TokenPoolConfig;
+    ///
+    /// let pool = auth.token_pool(TokenPoolConfig::new().max_tokens(4));
+    /// assert_eq!(pool.stats().tokens, 1); // it grows when one token's budget is not enough
+    /// # }
+    /// ```
+    pub fn token_pool(&self, config: TokenPoolConfig) -> TokenPool {
+        TokenPool::new(self.cache().clone(), self.scope().clone(), config)
     }
 
     /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer);

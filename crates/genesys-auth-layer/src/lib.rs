@@ -39,6 +39,7 @@
 //! | [`AuthLayer`], [`AuthService`] | attach the token to in-scope requests |
 //! | [`AuthReplayLayer`], [`AuthReplayService`] | both: attach, and on a 401 refresh and replay once |
 //! | [`RefreshOn401`] | a `tower::retry::Policy`: refresh and replay once, with tower's `Retry` |
+//! | [`TokenPool`], [`TokenPoolLayer`] | up to `max` tokens of one client, each paced under Genesys' per-token limit; a 429 parks its token and the request goes on another |
 //! | [`ApiRetry`] | a `tower::retry::Policy`: wait out 429s (`Retry-After`) and 502/503/504s, within a time and a retry budget; outside the auth layers |
 //! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
@@ -64,6 +65,7 @@ pub mod default_client;
 mod error;
 mod genesys;
 mod observe;
+mod pool;
 mod region;
 #[cfg(feature = "reqwest")]
 mod reqwest;
@@ -100,6 +102,12 @@ pub use genesys::{GenesysAuth, GenesysAuthBuilder};
 pub use observe::{
     CacheStats, FailureCounts, Health, METRIC_FAILURES, METRIC_REPLAYS, METRIC_REQUESTS_AUTHORIZED,
     METRIC_REQUESTS_WAITED, METRIC_TOKENS_RETRIEVED, METRIC_UNAUTHORIZED, UNHEALTHY_AFTER_FAILURES,
+};
+pub use pool::{
+    PoolStats, RateLimited, TokenPool, TokenPoolConfig, TokenPoolLayer, TokenPoolService,
+    DEFAULT_BUDGET_WINDOW, DEFAULT_GROWTH_HOLD, DEFAULT_MAX_BUDGET_WAIT, DEFAULT_MAX_QUEUED,
+    DEFAULT_PARK, DEFAULT_POOL_MAX_TOKENS, DEFAULT_TOKEN_BUDGET, METRIC_POOL_BUDGET_WAIT,
+    METRIC_POOL_RATE_LIMITED, METRIC_POOL_REJECTED, METRIC_POOL_REPLAYS, METRIC_POOL_TOKENS,
 };
 pub use region::{Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
