@@ -179,11 +179,12 @@ impl GenesysAuth {
         }
     }
 
-    /// A [`TokenPool`] of up to `config`'s `max_tokens` tokens of this client, the first
-    /// being this auth's own: its [`layer`](TokenPool::layer) paces requests under
-    /// Genesys' per-token limit and spreads them over the tokens. Build it once and clone
-    /// it (each call makes a new pool with its own budgets), and send the requests it
-    /// paces through its layer only, not through [`layers`](Self::layers) as well.
+    /// A [`TokenPool`] of up to `config`'s `max_tokens` tokens of this client: its
+    /// [`layer`](TokenPool::layer) paces requests under Genesys' per-token limit and
+    /// spreads them over the tokens. The pool's tokens are its own (new caches with this
+    /// auth's source and configuration), so [`layers`](Self::layers) and
+    /// [`token`](Self::token) do not spend their budget. Build it once and clone it: each
+    /// call makes a new pool, with new tokens and budgets.
     ///
     /// ```
     /// # fn demo(auth: genesys_auth_layer::GenesysAuth) {
@@ -194,7 +195,7 @@ impl GenesysAuth {
     /// # }
     /// ```
     pub fn token_pool(&self, config: TokenPoolConfig) -> TokenPool {
-        TokenPool::new(self.cache().clone(), self.scope().clone(), config)
+        TokenPool::new(self.cache(), self.scope().clone(), config)
     }
 
     /// The layer that attaches tokens. Put it *inside* [`retry_layer`](Self::retry_layer);

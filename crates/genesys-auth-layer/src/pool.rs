@@ -5,24 +5,7 @@
 //! its own single flight, refresh ahead and generation-scoped 401) and sends each request on
 //! a slot that has budget left, so that no token goes over its limit.
 //!
-//! The whole schedule is one small state under one lock, taken once or twice per request:
-//!
-//! * **Pacing.** Each slot keeps the send times of its last `budget` requests. A request
-//!   may go on a slot at `max(now, oldest of those + window)`: no window of that length
-//!   ever holds more than `budget` of the slot's requests (with 1 % of the window as margin
-//!   for the network's jitter). A request takes the slot that frees first and *reserves*
-//!   its instant there, then sleeps until it: waiting requests are served in order, with no
-//!   wake-up machinery.
-//! * **Growth.** When no slot is free now, the pool adds one (up to `max_tokens`) rather
-//!   than make the request wait.
-//! * **429.** A 429 parks its slot until the answer's `Retry-After` (3 s when absent) and
-//!   the request is replayed once, on the slot that frees first. If another slot is parked
-//!   at that moment, tokens with budget are being refused: the limit is wider than a token
-//!   (the client's or the org's), so the pool stops growing for a while and gives up its
-//!   newest slot (at most one per window), and requests wait out the `Retry-After`.
-//! * **Bounded wait.** A request that would wait longer than `max_wait`, or find
-//!   `max_queued` requests already waiting, fails at once with [`RateLimited`] instead of
-//!   being sent to a certain 429.
+//! The rules are on [`TokenPool`].
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -38,7 +21,7 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::api_retry::MIN_RETRY_WAIT;
 use crate::auth::{AuthReplayLayer, Scope};
-use crate::cache::{TokenCache, RETRY_AFTER_CAP};
+use crate::cache::TokenCache;
 use crate::retry::{replayable_copy, ReplayableBody};
 use crate::source::parse::parse_retry_after;
 use crate::source::BoxFuture;
@@ -56,13 +39,17 @@ pub const DEFAULT_MAX_QUEUED: usize = 4_096;
 /// How long the pool stops growing after it saw that the limit is wider than a token.
 pub const DEFAULT_GROWTH_HOLD: Duration = Duration::from_secs(10 * 60);
 /// How long a 429 without a readable `Retry-After` parks its token (as Genesys' SDKs wait).
-/// A `Retry-After` is honoured from [`MIN_RETRY_WAIT`] up to
-/// [`RETRY_AFTER_CAP`](crate::RETRY_AFTER_CAP).
+/// A `Retry-After` is honoured from [`MIN_RETRY_WAIT`] up to one pacing period (the
+/// budget's window and its margin): a token's own window is free by then, and a longer
+/// wait, such as one endpoint's limit, should not take a whole token out of the pool.
 pub const DEFAULT_PARK: Duration = Duration::from_secs(3);
 
 /// The longest window, wait or hold a [`TokenPoolConfig`] takes: a day, so that no instant
 /// computed from them overflows.
 const LONGEST: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The least margin added to a pacing window.
+const MIN_MARGIN: Duration = Duration::from_millis(20);
 
 /// `genesys_auth_pool_tokens`: a gauge, the slots a pool is using.
 pub const METRIC_POOL_TOKENS: &str = "genesys_auth_pool_tokens";
@@ -162,10 +149,11 @@ impl TokenPoolConfig {
         self
     }
 
-    /// The pacing period: the window and 1 % of it as margin, so that requests sent a
-    /// window apart do not land in one server window by the network's jitter.
+    /// The pacing period: the window and a margin (1 % of it, at least [`MIN_MARGIN`]),
+    /// so that requests sent a window apart do not land in one server window by the
+    /// network's (or a busy machine's) jitter.
     fn period(&self) -> Duration {
-        self.window + self.window / 100
+        self.window + (self.window / 100).max(MIN_MARGIN)
     }
 }
 
@@ -176,7 +164,10 @@ impl TokenPoolConfig {
 /// back. Not to be confused with [`AuthError::RateLimited`](crate::AuthError::RateLimited),
 /// a 429 from the *token* endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("every pooled token is out of budget: the next request could be sent in {retry_after:?}, past the pool's wait bound")]
+#[error(
+    "every pooled token is out of budget: the next request could be sent in {retry_after:?}, {}",
+    if *queue_full { "but the queue of waiting requests is full" } else { "past the pool's wait bound" }
+)]
 #[non_exhaustive]
 pub struct RateLimited {
     /// When the pool could have sent the request.
@@ -217,13 +208,42 @@ pub struct PoolStats {
 
 /// Up to `max_tokens` tokens of one client, each paced under its budget; its
 /// [`layer`](Self::layer) sends each request on a token with budget. Cheap to clone: clones
-/// share the pool. The module docs (above) give the rules.
+/// share the pool.
 ///
 /// Build it once from a [`GenesysAuth`](crate::GenesysAuth) with
-/// [`GenesysAuth::token_pool`](crate::GenesysAuth::token_pool): its first slot is the
-/// auth's own cache, the others are created as the pool grows. Use the pool's layer
-/// *instead of* [`GenesysAuth::layers`](crate::GenesysAuth::layers) for the API calls it
-/// paces; requests sent through both share the first token's budget unknowingly.
+/// [`GenesysAuth::token_pool`](crate::GenesysAuth::token_pool). Each slot is a
+/// [`TokenCache`] of its own (single flight, refresh ahead, generation-scoped 401 and
+/// replay), created as the pool grows; the auth's own cache is not one of them.
+///
+/// The whole schedule is one small state under one lock:
+///
+/// * **Pacing.** Each slot logs its requests of the last period (the budget's window plus
+///   a margin of 1 % of it, at least 20 ms), each as the latest instant the server may
+///   have counted it: its send instant until its answer arrives, then the answer's
+///   instant (a token fetch or a 401 replay can delay a send). A request may go at `x`
+///   when the log holds fewer than `budget` entries in the period before `x`, so no window
+///   of that length holds more than `budget` of the slot's requests. A request *reserves*
+///   the earliest such instant on the slot that frees first, after every earlier
+///   reservation there (in order), and sleeps until it; it checks the rule again when it
+///   wakes, since answers may have moved entries later, and reserves again if it fails.
+///   A request dropped while it waits gives its instant up to the next one.
+/// * **Growth.** When no slot is free now, the pool adds one (up to `max_tokens`) rather
+///   than make the request wait.
+/// * **429.** A 429 parks its slot until the answer's `Retry-After` (3 s when absent; at
+///   most one period) and the request is replayed once, on the slot that frees first.
+///   The limit is wider than a token (the client's or the org's) when a token with budget
+///   is refused: another slot was already parked when the refused request was sent, or
+///   the slot is refused again within a period after its park ended. Then the pool stops
+///   growing for `growth_hold`, gives up its newest slot (at most one per period), and
+///   requests wait out the `Retry-After` instead.
+/// * **Bounded wait.** A request that would wait longer than `max_wait` in all, or find
+///   `max_queued` requests already waiting, fails at once with [`RateLimited`] instead of
+///   being sent to a certain 429. A replay that cannot go within the bound returns the
+///   API's 429 at once.
+///
+/// Costs, beside the token cache's: one mutex taken two or three times per request, a
+/// boxed future, and a copy of a replayable body for the 429 replay (besides the one for
+/// the 401 replay). At Genesys' 300 requests a minute per token, none of it shows.
 ///
 /// ```
 /// # async fn demo(auth: genesys_auth_layer::GenesysAuth) -> Result<(), tower::BoxError> {
@@ -252,8 +272,10 @@ struct PoolInner {
 }
 
 /// The schedule. Invariants, kept under the lock:
-/// * `1 <= usable <= slots.len() <= max_tokens`; requests are reserved on `slots[..usable]`.
-/// * each slot's `sent` is non-decreasing and holds at most `budget` instants.
+/// * `1 <= usable <= slots.len() <= max_tokens`; new requests go on `slots[..usable]`.
+/// * each slot's `sent` is sorted; its `given_up` instants each stand for one entry of
+///   `sent` (entries are dropped only once a period old, and given-up ones in the past
+///   are never taken over).
 struct PoolState {
     slots: Vec<Slot>,
     usable: usize,
@@ -264,9 +286,18 @@ struct PoolState {
 
 struct Slot {
     layer: AuthReplayLayer,
-    /// The instants the last `budget` requests were (or are to be) sent at.
+    /// The slot's requests of the last period and the ones reserved, each as the latest
+    /// instant the server may have counted it: its reserved send instant until its answer
+    /// arrives, then the instant of the answer (a token fetch or a 401 replay can delay a
+    /// send past its reservation; the answer bounds it). Sorted.
     sent: VecDeque<Instant>,
+    /// Reserved instants of requests dropped before they were sent: a new request may
+    /// take one over (it is in `sent` already), so a caller's timeout wastes no budget.
+    given_up: Vec<Instant>,
+    /// The end of the current or last park.
     parked_until: Option<Instant>,
+    /// When the current or last park began.
+    parked_since: Option<Instant>,
 }
 
 impl Slot {
@@ -274,7 +305,9 @@ impl Slot {
         Self {
             layer: AuthReplayLayer::new(cache, scope),
             sent: VecDeque::new(),
+            given_up: Vec::new(),
             parked_until: None,
+            parked_since: None,
         }
     }
 
@@ -288,10 +321,51 @@ impl Slot {
         if let Some(&last) = self.sent.back() {
             at = at.max(last);
         }
-        if self.sent.len() >= config.budget as usize {
-            at = at.max(self.sent[0] + config.period());
+        let budget = config.budget as usize;
+        if self.sent.len() >= budget {
+            at = at.max(self.sent[self.sent.len() - budget] + config.period());
         }
         at
+    }
+
+    /// Puts `at` in `sent` at its place.
+    fn insert(&mut self, at: Instant) {
+        let i = self.sent.partition_point(|&t| t <= at);
+        self.sent.insert(i, at);
+    }
+
+    /// Takes one entry `at` out of `sent`.
+    fn withdraw(&mut self, at: Instant) {
+        if let Some(i) = self.sent.iter().rposition(|&t| t == at) {
+            self.sent.remove(i);
+        }
+    }
+
+    /// Drops the entries a period old or older: no window from `now` on holds them.
+    fn prune(&mut self, now: Instant, config: &TokenPoolConfig) {
+        let Some(horizon) = now.checked_sub(config.period()) else {
+            return;
+        };
+        while self.sent.front().is_some_and(|&t| t <= horizon) {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Whether a request may go now: the entries of the period up to `now` (its own
+    /// included) are within budget. Answers that came after its reservation may have moved
+    /// entries later since.
+    fn fits(&self, now: Instant, config: &TokenPoolConfig) -> bool {
+        let from = now.checked_sub(config.period());
+        let first = from.map_or(0, |from| self.sent.partition_point(|&t| t <= from));
+        let last = self.sent.partition_point(|&t| t <= now);
+        last - first <= config.budget as usize
+    }
+
+    /// The request reserved at `reserved` was answered (or failed, or was dropped) at
+    /// `now`: its entry moves to `now`.
+    fn answered(&mut self, reserved: Instant, now: Instant) {
+        self.withdraw(reserved);
+        self.insert(now.max(reserved));
     }
 
     fn is_parked(&self, now: Instant) -> bool {
@@ -303,19 +377,22 @@ impl Slot {
 struct Reservation {
     slot: usize,
     at: Instant,
+    /// Counted in the queue: the instant was in the future when reserved.
+    queued: bool,
     layer: AuthReplayLayer,
 }
 
 impl TokenPool {
-    /// A pool whose first slot is `cache` (the others are its siblings: same source and
-    /// configuration), attaching tokens to requests in `scope`.
-    pub fn new(cache: TokenCache, scope: Scope, config: TokenPoolConfig) -> Self {
+    /// A pool of tokens from `cache`'s source, with its configuration, attached to
+    /// requests in `scope`. Every slot is a new cache (`cache` itself is left alone), so
+    /// the pool's tokens and budgets are its own.
+    pub fn new(cache: &TokenCache, scope: Scope, config: TokenPoolConfig) -> Self {
         let counters = Counters::default();
         counters.tokens(1);
         Self {
             inner: Arc::new(PoolInner {
                 state: Mutex::new(PoolState {
-                    slots: vec![Slot::new(cache, scope.clone())],
+                    slots: vec![Slot::new(cache.sibling(), scope.clone())],
                     usable: 1,
                     growth_stopped_until: None,
                     last_shrink: None,
@@ -381,13 +458,19 @@ impl TokenPool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reserves the slot that frees first (growing the pool when none is free now), or
-    /// fails when that is past `deadline` or the queue is full.
+    /// Reserves the slot instant that comes first: an instant given up by a dropped
+    /// request, or the next free one of a slot (growing the pool when none is free now).
+    /// Fails when that is past `deadline` or the queue is full.
     fn reserve(&self, now: Instant, deadline: Instant) -> Result<Reservation, RateLimited> {
         let config = &self.inner.config;
         let mut state = self.lock();
+        for slot in &mut state.slots {
+            slot.prune(now, config);
+        }
         let (mut slot, mut at) = state.first_free(now, config);
-        if at > now && state.can_grow(now, config) {
+        let taken_over = state.first_given_up(now);
+        let first = taken_over.map_or(at, |(_, t)| t.min(at));
+        if first > now && state.can_grow(now, config) {
             state.grow(&self.inner.scope);
             self.inner.counters.tokens(state.usable);
             tracing::debug!(
@@ -396,6 +479,10 @@ impl TokenPool {
                 "every pooled token is out of budget; the pool grows"
             );
             (slot, at) = state.first_free(now, config);
+        }
+        let take_over = taken_over.filter(|&(_, t)| t < at);
+        if let Some((given_up_slot, t)) = take_over {
+            (slot, at) = (given_up_slot, t);
         }
         if at > now {
             let full = state.queued >= config.max_queued;
@@ -416,56 +503,91 @@ impl TokenPool {
             state.queued += 1;
         }
         let chosen = &mut state.slots[slot];
-        chosen.sent.push_back(at);
-        if chosen.sent.len() > config.budget as usize {
-            chosen.sent.pop_front();
+        if take_over.is_some() {
+            let i = chosen.given_up.iter().position(|&t| t == at);
+            chosen
+                .given_up
+                .swap_remove(i.expect("the instant just found"));
+        } else {
+            chosen.insert(at);
         }
         Ok(Reservation {
             slot,
             at,
+            queued: at > now,
             layer: chosen.layer.clone(),
         })
     }
 
-    /// A slot with budget, waiting for it up to the configured bound: a reservation, then
-    /// a sleep until it; if the slot was parked meanwhile, another reservation.
-    async fn acquire(&self) -> Result<(usize, AuthReplayLayer), RateLimited> {
-        let start = Instant::now();
-        let deadline = start + self.inner.config.max_wait;
+    /// Waits for `reservation` (counted in the queue meanwhile); if its slot was parked by
+    /// then, reserves again, until `deadline`. Returns the reservation to send on.
+    async fn wait(
+        &self,
+        mut reservation: Reservation,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<Reservation, RateLimited> {
         loop {
-            let now = Instant::now();
-            let reservation = self.reserve(now, deadline)?;
-            if reservation.at > now {
-                let _queued = Queued(self);
+            if reservation.queued {
+                let mut waiting = Waiting {
+                    pool: self,
+                    slot: reservation.slot,
+                    at: reservation.at,
+                    done: false,
+                };
                 tokio::time::sleep_until(reservation.at).await;
+                waiting.done = true;
             }
             let now = Instant::now();
-            if !self.lock().slots[reservation.slot].is_parked(now) {
-                if now > start {
-                    self.inner.counters.waited(now - start);
+            {
+                let mut state = self.lock();
+                let slot = &mut state.slots[reservation.slot];
+                if !slot.is_parked(now) && slot.fits(now, &self.inner.config) {
+                    drop(state);
+                    if now > start {
+                        self.inner.counters.waited(now - start);
+                    }
+                    return Ok(reservation);
                 }
-                return Ok((reservation.slot, reservation.layer));
+                // Parked while this request waited, or answers moved the slot's entries
+                // later: its instant is given back, and it reserves another.
+                slot.withdraw(reservation.at);
             }
+            reservation = self.reserve(now, deadline)?;
         }
     }
 
-    /// The API answered 429 to slot `slot`: park it for `wait`. If another slot is parked
-    /// too, the limit is wider than a token: stop growing, and give up the newest slot (at
-    /// most once per window).
-    fn refused(&self, slot: usize, wait: Duration) {
+    /// The request reserved at `at` on `slot` was answered, failed or dropped.
+    fn answered(&self, slot: usize, at: Instant) {
+        let now = Instant::now();
+        self.lock().slots[slot].answered(at, now);
+    }
+
+    /// The API answered 429 to a request sent on slot `slot` at `sent_at`: park the slot
+    /// for `wait` (at most a pacing period). A token with budget was refused, and the
+    /// limit is wider than a token, when another slot was parked already when that request
+    /// was sent, or when this slot is refused again within a period of its last park's
+    /// end (a token's own window is free by then). Then stop growing, and give up the
+    /// newest slot (at most once per period).
+    fn refused(&self, slot: usize, sent_at: Instant, wait: Duration) {
         let config = &self.inner.config;
         let now = Instant::now();
         let mut state = self.lock();
-        let others_parked = state
-            .slots
-            .iter()
-            .enumerate()
-            .any(|(i, s)| i != slot && s.is_parked(now));
-        let until = now + wait.clamp(MIN_RETRY_WAIT, RETRY_AFTER_CAP);
-        let parked = &mut state.slots[slot].parked_until;
-        *parked = Some(parked.map_or(until, |earlier| earlier.max(until)));
+        let usable = state.usable;
+        let other_parked = state.slots[..usable].iter().enumerate().any(|(i, s)| {
+            i != slot && s.is_parked(now) && s.parked_since.is_some_and(|at| at < sent_at)
+        });
+        let refused = &mut state.slots[slot];
+        let again = refused
+            .parked_until
+            .is_some_and(|end| end <= sent_at && sent_at < end + config.period());
+        let until = now + wait.min(config.period()).max(MIN_RETRY_WAIT);
+        if !refused.is_parked(now) {
+            refused.parked_since = Some(now);
+        }
+        refused.parked_until = Some(refused.parked_until.map_or(until, |end| end.max(until)));
         self.inner.counters.rate_limited.add(1);
-        if !others_parked {
+        if !(other_parked || again) {
             tracing::debug!(
                 target: "genesys_auth_layer::pool",
                 slot,
@@ -489,7 +611,7 @@ impl TokenPool {
             slot,
             tokens = state.usable,
             wait_ms = wait.as_millis() as u64,
-            "429 to a token with budget while another is parked: the limit is wider than a token; the pool stops growing"
+            "429 to a token with budget: the limit is wider than a token; the pool stops growing"
         );
     }
 }
@@ -502,6 +624,21 @@ impl PoolState {
             let at = slot.free_at(now, config);
             if at < best.1 {
                 best = (i, at);
+            }
+        }
+        best
+    }
+
+    /// The earliest instant given up on a usable slot that is still to come, if any;
+    /// the passed ones are dropped (their budget is spent).
+    fn first_given_up(&mut self, now: Instant) -> Option<(usize, Instant)> {
+        let mut best: Option<(usize, Instant)> = None;
+        for (i, slot) in self.slots[..self.usable].iter_mut().enumerate() {
+            slot.given_up.retain(|&t| t > now);
+            if let Some(&t) = slot.given_up.iter().min() {
+                if best.is_none_or(|(_, b)| t < b) {
+                    best = Some((i, t));
+                }
             }
         }
         best
@@ -522,12 +659,36 @@ impl PoolState {
     }
 }
 
-/// A request waiting for its reserved instant; counted in the queue until dropped.
-struct Queued<'a>(&'a TokenPool);
+/// A request waiting for its reserved instant, counted in the queue; dropped before that
+/// instant, it gives the instant up for another request to take over.
+struct Waiting<'a> {
+    pool: &'a TokenPool,
+    slot: usize,
+    at: Instant,
+    done: bool,
+}
 
-impl Drop for Queued<'_> {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.lock().queued -= 1;
+        let mut state = self.pool.lock();
+        state.queued -= 1;
+        if !self.done && self.at > Instant::now() {
+            state.slots[self.slot].given_up.push(self.at);
+        }
+    }
+}
+
+/// A request sent on a slot: when its answer arrives (or it fails, or is dropped), its
+/// entry in the slot's log moves to that instant.
+struct InFlight<'a> {
+    pool: &'a TokenPool,
+    slot: usize,
+    at: Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.pool.answered(self.slot, self.at);
     }
 }
 
@@ -584,6 +745,11 @@ impl<S> TokenPoolService<S> {
         &self.inner
     }
 
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// The inner service.
     pub fn into_inner(self) -> S {
         self.inner
@@ -614,45 +780,65 @@ where
             if !applies {
                 return inner.oneshot(request).await.map_err(Into::into);
             }
+            let start = Instant::now();
+            let deadline = start + pool.inner.config.max_wait;
             let copy = replayable_copy(&request);
-            let (slot, response) = send(&pool, inner.clone(), request).await?;
+            let first = pool.reserve(start, deadline)?;
+            let (slot, sent_at, response) =
+                send(&pool, inner.clone(), request, first, start, deadline).await?;
             if response.status() != StatusCode::TOO_MANY_REQUESTS {
                 return Ok(response);
             }
-            pool.refused(slot, park_for(&response));
+            pool.refused(slot, sent_at, park_for(&response));
             let Some(copy) = copy else {
+                tracing::debug!(
+                    target: "genesys_auth_layer::pool",
+                    reason = "body cannot be copied",
+                    "429 not replayed"
+                );
                 return Ok(response);
             };
-            match send(&pool, inner, copy).await {
-                Ok((slot, replayed)) => {
-                    pool.inner.counters.replays.add(1);
-                    if replayed.status() == StatusCode::TOO_MANY_REQUESTS {
-                        pool.refused(slot, park_for(&replayed));
-                    }
-                    Ok(replayed)
-                }
-                // No slot within the wait bound: the API's own 429 is the better answer.
-                Err(e) if e.is::<RateLimited>() => Ok(response),
-                Err(e) => Err(e),
+            // No instant within the wait bound: the API's own 429 is the caller's, at once.
+            // Else the 429 is dropped before the wait, so that its connection is free.
+            let Ok(replay) = pool.reserve(Instant::now(), deadline) else {
+                return Ok(response);
+            };
+            drop(response);
+            let (slot, sent_at, replayed) =
+                send(&pool, inner, copy, replay, start, deadline).await?;
+            pool.inner.counters.replays.add(1);
+            if replayed.status() == StatusCode::TOO_MANY_REQUESTS {
+                pool.refused(slot, sent_at, park_for(&replayed));
             }
+            Ok(replayed)
         })
     }
 }
 
-/// Sends `request` on a slot with budget, through that slot's auth-and-replay service.
+/// Waits for `reservation`, then sends `request` on its slot, through that slot's
+/// auth-and-replay service. Returns the slot, when the request went, and the answer.
 async fn send<S, B, R>(
     pool: &TokenPool,
     inner: S,
     request: Request<B>,
-) -> Result<(usize, Response<R>), BoxError>
+    reservation: Reservation,
+    start: Instant,
+    deadline: Instant,
+) -> Result<(usize, Instant, Response<R>), BoxError>
 where
     S: Service<Request<B>, Response = Response<R>> + Clone,
     S::Error: Into<BoxError>,
     B: ReplayableBody,
 {
-    let (slot, layer) = pool.acquire().await?;
-    let response = layer.layer(inner).oneshot(request).await?;
-    Ok((slot, response))
+    let reservation = pool.wait(reservation, start, deadline).await?;
+    let sent_at = Instant::now();
+    let _in_flight = InFlight {
+        pool,
+        slot: reservation.slot,
+        at: reservation.at,
+    };
+    let response = reservation.layer.layer(inner).oneshot(request).await?;
+    Ok((reservation.slot, sent_at, response))
 }
 
 /// How long a 429 parks its token: its `Retry-After`, else [`DEFAULT_PARK`].
@@ -762,8 +948,9 @@ mod tests {
         assert!(config.period() > LONGEST);
     }
 
-    /// A hostile `Retry-After` (a century) parks the token for the documented cap, not
-    /// longer, and a request that would wait for it fails at once with `RateLimited`.
+    /// A hostile `Retry-After` (a century) parks the token for one pacing period, not
+    /// longer; the replay, which could not go within the wait bound, is not sent, and the
+    /// caller gets the 429 at once.
     #[tokio::test(start_paused = true)]
     async fn a_hostile_retry_after_is_capped() {
         let auth = auth(Counter::default());
@@ -792,7 +979,11 @@ mod tests {
             .await
             .unwrap_err();
         let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
-        assert_eq!(limited.retry_after, RETRY_AFTER_CAP);
+        assert_eq!(
+            limited.retry_after,
+            pool.config().period(),
+            "a park is one period at most"
+        );
         assert!(err.to_string().contains("out of budget"), "{err}");
         assert!(!format!("{pool:?}").contains("token-1"), "{pool:?}");
     }
