@@ -115,6 +115,11 @@ pub use rotation::{CredentialStore, CredentialsWatcher, DEFAULT_WATCH_INTERVAL};
 pub use source::{
     parse, BoxFuture, ClientCredentials, TokenHttpService, TokenSource, DEFAULT_MAX_RESPONSE_BYTES,
 };
+pub use source::{
+    AuthorizationCode, AuthorizationState, AuthorizeRequest, AuthorizeUrl, ClientAuth, LoginError,
+    PkceChallenge, PkceVerifier, RefreshToken, RefreshTokenSource, UserGrant, UserTokens,
+    PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN,
+};
 pub use token::{IssuedToken, Token, TokenGeneration};
 
 /// The README's code blocks, compiled as doc tests.

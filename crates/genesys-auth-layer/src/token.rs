@@ -67,6 +67,12 @@ impl IssuedToken {
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }
+
+    /// The `Authorization` header value to send, `Bearer …`, marked sensitive: for a token
+    /// used without a cache (one a code exchange returned).
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
 }
 
 impl fmt::Debug for IssuedToken {

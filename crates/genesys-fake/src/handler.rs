@@ -49,9 +49,11 @@ where
 {
     let path = req.uri().path();
     let is_token = path == "/oauth/token";
+    let is_authorize = path == "/oauth/authorize";
     let is_api = path == "/api" || path.starts_with("/api/");
     match host {
         Host::Login if is_token => token(&inner, req).await,
+        Host::Login if is_authorize => Ok(crate::login::authorize(&inner, req).await),
         Host::Login => Ok(genesys_error(
             StatusCode::NOT_FOUND,
             "not.found",
@@ -59,11 +61,12 @@ where
         )),
         Host::Api => Ok(api(&inner, req).await),
         Host::Any if is_token => token(&inner, req).await,
+        Host::Any if is_authorize => Ok(crate::login::authorize(&inner, req).await),
         Host::Any if is_api => Ok(api(&inner, req).await),
         Host::Any => Ok(genesys_error(
             StatusCode::NOT_FOUND,
             "not.found",
-            "no such path (expected /oauth/token or /api/...)",
+            "no such path (expected /oauth/token, /oauth/authorize or /api/...)",
         )),
     }
 }
@@ -74,7 +77,7 @@ async fn sleep_if(d: Duration) {
     }
 }
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<FakeBody> {
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<FakeBody> {
     let mut res = Response::new(body::full(body));
     *res.status_mut() = status;
     res.headers_mut()
@@ -82,7 +85,11 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<FakeBody> {
     res
 }
 
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<FakeBody> {
+pub(crate) fn oauth_error(
+    status: StatusCode,
+    error: &str,
+    description: &str,
+) -> Response<FakeBody> {
     let body = serde_json::json!({
         "error": error,
         "description": description,
@@ -91,7 +98,7 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<F
     json(status, body.to_string())
 }
 
-fn genesys_error(status: StatusCode, code: &str, message: &str) -> Response<FakeBody> {
+pub(crate) fn genesys_error(status: StatusCode, code: &str, message: &str) -> Response<FakeBody> {
     let body = serde_json::json!({
         "message": message,
         "code": code,
@@ -257,7 +264,7 @@ fn hex(c: u8) -> Option<u8> {
 }
 
 /// `None`: no Authorization header. `Some(None)`: present but not usable Basic.
-fn basic_credentials(headers: &HeaderMap) -> Option<Option<(String, String)>> {
+pub(crate) fn basic_credentials(headers: &HeaderMap) -> Option<Option<(String, String)>> {
     let value = headers.get(AUTHORIZATION)?;
     Some((|| {
         let value = value.to_str().ok()?.trim();
@@ -326,6 +333,12 @@ where
             _ => {}
         }
     }
+    if matches!(
+        grant_type.as_deref(),
+        Some("authorization_code" | "refresh_token")
+    ) {
+        return Ok(crate::login::token(inner, &parts.headers, &bytes));
+    }
     let creds = match basic_credentials(&parts.headers) {
         Some(basic) => basic,
         None => form_id.zip(form_secret),
@@ -347,7 +360,7 @@ where
             return Ok(oauth_error(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
-                "only client_credentials is supported",
+                "only client_credentials, authorization_code and refresh_token are supported",
             ))
         }
     }
@@ -475,6 +488,8 @@ fn route(
             json(StatusCode::OK, body.to_string())
         }
         (&Method::DELETE, "/api/v2/tokens/me") => {
+            // A user's token: the whole login session ends, refresh token included.
+            crate::login::logout(inner, token);
             inner.revoke(token);
             let mut res = Response::new(body::empty());
             *res.status_mut() = StatusCode::NO_CONTENT;
@@ -487,6 +502,7 @@ fn route(
             }
             res
         }
+        (&Method::GET, "/api/v2/users/me") => crate::users::me(inner, token),
         (&Method::GET, "/api/v2/ping") => json(StatusCode::OK, r#"{"ok":true}"#),
         _ => genesys_error(
             StatusCode::NOT_FOUND,

@@ -10,9 +10,18 @@
 //!   authentication with HTTP Basic (id and secret form-urlencoded, RFC 6749 §2.3.1) or
 //!   `client_id`/`client_secret` form fields; a primary and an optional secondary secret;
 //!   Genesys' error JSON (`error`, `description`, `error_description`).
+//! * Login for a person: `GET /oauth/authorize` shows a login page (pick one of the
+//!   [`FakeUser`]s, submit) or, with [`FakeGenesys::set_auto_approve`], sends the browser
+//!   straight back with a code; `POST /oauth/token` also takes the `authorization_code`
+//!   grant (HTTP Basic, or PKCE with `client_id` and `code_verifier`) and the
+//!   `refresh_token` grant. Codes are single-use, bound to the client, `redirect_uri` and
+//!   PKCE challenge, and short-lived ([`DEFAULT_CODE_LIFETIME`]); refresh tokens rotate
+//!   (configurable) and a superseded one is refused and counted.
 //! * API host: every path under `/api/` checks `Authorization: Bearer …` and answers
 //!   Genesys' 401 body otherwise. Routes: `GET /api/v2/organizations/me`,
-//!   `GET`/`DELETE /api/v2/tokens/me`, `/api/v2/echo` (any method, returns the body),
+//!   `GET /api/v2/users/me` (the user a token was issued for; `400` for a
+//!   client-credentials token), `GET`/`DELETE /api/v2/tokens/me` (`DELETE` with a user's
+//!   token ends that login session, its refresh token included), `/api/v2/echo` (any method, returns the body),
 //!   `GET /api/v2/ping`. Every API answer carries an `ININ-Correlation-Id` header.
 //!
 //! Knobs, all changeable while the fake runs:
@@ -51,8 +60,10 @@ mod body;
 mod fault;
 mod handler;
 mod limit;
+mod login;
 mod server;
 mod state;
+mod users;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,7 +81,9 @@ pub use fault::{ApiFault, ConnectionClosed, TokenFault};
 pub use limit::{
     ApiLimitScope, ApiLimits, GENESYS_CLIENT_RATE_PER_MINUTE, GENESYS_TOKEN_RATE_PER_MINUTE,
 };
+pub use login::DEFAULT_CODE_LIFETIME;
 pub use state::RecordedRequest;
+pub use users::FakeUser;
 
 use handler::Host;
 use state::{lock, nanos, Inner};
@@ -567,7 +580,8 @@ impl FakeGenesys {
         lock(&self.inner().faults).persistent = fault;
     }
 
-    /// Every token issued so far gets 401 at the API from now on.
+    /// Every token issued so far gets 401 at the API from now on. Refresh tokens stay
+    /// valid (see [`revoke_user`](Self::revoke_user) to end a user's sessions).
     pub fn revoke_all_tokens(&self) {
         self.inner().revoke_all();
     }

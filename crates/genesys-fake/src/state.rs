@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     correlation_counter: AtomicU64,
     hasher: RandomState,
     pub(crate) org_id: String,
+    /// Codes, refresh tokens and users of the person-facing grants.
+    pub(crate) login: crate::login::LoginState,
 }
 
 /// Locks a mutex, ignoring poisoning (state stays usable after a panicking test thread).
@@ -160,6 +162,7 @@ impl Inner {
             correlation_counter: AtomicU64::new(0),
             hasher,
             org_id,
+            login: crate::login::LoginState::default(),
         }
     }
 

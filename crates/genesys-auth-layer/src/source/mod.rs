@@ -3,6 +3,10 @@
 //! This module owns the [`TokenSource`] trait (one method: fetch a fresh token) and the
 //! client-credentials grant, [`ClientCredentials`], over any tower HTTP service. A source
 //! does one request per call and never retries: when to ask again is the cache's decision.
+//!
+//! The grants that act for a user live beside it: the authorization URL and its callback
+//! (`authorize`), PKCE (`pkce`), the code exchange and the refresh-token source (`user`),
+//! and their errors (`login_error`).
 
 use std::fmt;
 use std::future::Future;
@@ -23,7 +27,16 @@ use crate::error::{AuthError, ConfigError, OAuthErrorCode};
 use crate::rotation::CredentialStore;
 use crate::token::IssuedToken;
 
+mod authorize;
+mod login_error;
 pub mod parse;
+mod pkce;
+mod user;
+
+pub use authorize::{AuthorizationCode, AuthorizationState, AuthorizeRequest, AuthorizeUrl};
+pub use login_error::LoginError;
+pub use pkce::{PkceChallenge, PkceVerifier, PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN};
+pub use user::{ClientAuth, RefreshToken, RefreshTokenSource, UserGrant, UserTokens};
 
 /// A boxed, `Send` future, as [`TokenSource::fetch`] returns (the trait's docs show one
 /// built with `Box::pin(async { … })`).
@@ -352,8 +365,15 @@ fn without_secret(description: String, credentials: &Credentials, secret: &Clien
         zeroize::Zeroizing::new(form_urlencoded::byte_serialize(raw.as_bytes()).collect());
     let basic = credentials.basic_value(secret);
     let basic = basic.trim_start_matches("Basic ");
-    let mut shown = description;
-    for echoed in [basic, encoded.as_str(), raw] {
+    scrub(description, &[basic, encoded.as_str(), raw])
+}
+
+/// `text` with every one of `echoed` replaced by `[redacted]`, also when the text ends
+/// with the start of one (a server's text is cut at 512 bytes, which may cut a secret in
+/// two). Give each secret in every form it was sent in (as it is, form-encoded, …).
+pub(crate) fn scrub(text: String, echoed: &[&str]) -> String {
+    let mut shown = text;
+    for &echoed in echoed {
         if !echoed.is_empty() && shown.contains(echoed) {
             shown = shown.replace(echoed, "[redacted]");
         }
@@ -379,6 +399,20 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    let body = read_token_body(response, max_bytes).await?;
+    Ok(parse::parse_token_response(&body)?)
+}
+
+/// A token endpoint's successful answer's body (read up to `max_bytes`), or the typed
+/// error its status and body say: what every grant parses its token from.
+pub(crate) async fn read_token_body<B>(
+    response: Response<B>,
+    max_bytes: usize,
+) -> Result<Bytes, AuthError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     let status = response.status();
     let retry_after = response
         .headers()
@@ -394,8 +428,7 @@ where
         .await
         .map(|collected| collected.to_bytes());
     if status.is_success() {
-        let body = body.map_err(|e| body_error(e, max_bytes))?;
-        return Ok(parse::parse_token_response(&body)?);
+        return body.map_err(|e| body_error(e, max_bytes));
     }
     // An error status: its body, if readable, may say which OAuth error it is.
     match body.ok().as_deref().and_then(parse::parse_error_body) {
