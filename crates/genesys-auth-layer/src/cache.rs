@@ -827,6 +827,22 @@ impl TokenCache {
         outcome
     }
 
+    /// Makes `issued` (requested at `requested_at`, e.g. by a login's code exchange) the
+    /// current token, as a refresh would: the next generation, refreshed ahead in time.
+    /// Fails, and changes nothing, if it would expire before it could be used.
+    pub(crate) fn seed(&self, issued: IssuedToken, requested_at: Instant) -> Result<(), AuthError> {
+        let now = Instant::now();
+        let mut state = self.lock_state();
+        let generation = TokenGeneration(state.last_generation + 1);
+        let token = self.new_token(issued, generation, requested_at, now)?;
+        state.last_generation = generation.0;
+        state.last_success = Some(now);
+        state.refused = None;
+        self.inner.current.store(Some(token));
+        self.keep_idle_task(&mut state);
+        Ok(())
+    }
+
     /// A token for `issued`, or an error if it would expire before it could be used.
     fn new_token(
         &self,

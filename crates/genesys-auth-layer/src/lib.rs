@@ -42,6 +42,7 @@
 //! | [`TokenPool`], [`TokenPoolLayer`] | up to `max` tokens of one client, each paced under Genesys' per-token limit; a 429 parks its token and the request goes on another |
 //! | [`ApiRetry`] | a `tower::retry::Policy`: wait out 429s (`Retry-After`) and 502/503/504s, within a time and a retry budget; outside the auth layers |
 //! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
+//! | [`UserTokenCache`], [`UserAuthLayer`] | one token per logged-in user (authorization code or PKCE, refreshed with the user's refresh token), picked by the request's [`UserKey`] |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
 //! | `AuthMiddleware` (feature `reqwest`) | the same for a `reqwest` client, as a `reqwest_middleware::Middleware` |
 //!
@@ -75,6 +76,7 @@ mod source;
 #[cfg(test)]
 mod test_support;
 mod token;
+mod users;
 
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::AuthMiddleware;
@@ -121,6 +123,10 @@ pub use source::{
     PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN,
 };
 pub use token::{IssuedToken, Token, TokenGeneration};
+pub use users::{
+    UserAuthError, UserAuthFuture, UserAuthLayer, UserAuthService, UserCacheConfig, UserCacheStats,
+    UserKey, UserTokenCache, DEFAULT_USER_IDLE_TIMEOUT,
+};
 
 /// The README's code blocks, compiled as doc tests.
 #[cfg(doctest)]

@@ -118,12 +118,35 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let applies = self.auth.shared.scope.applies_to(&request);
+        self.call_checked(request, applies)
+    }
+}
+
+impl<S> AuthReplayService<S> {
+    /// A service over `inner` for `shared`'s cache, whose scope its caller checks.
+    pub(crate) fn with_shared(inner: S, shared: Arc<Shared>) -> Self {
+        Self {
+            auth: AuthService::new(inner, shared),
+        }
+    }
+
+    /// `call`, with the scope already checked: `applies` says whether this service
+    /// authorizes `request` (in scope, no `Authorization` of its own).
+    pub(crate) fn call_checked<ReqBody, ResBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        applies: bool,
+    ) -> AuthReplayFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ReqBody: ReplayableBody,
+    {
         // Only a request this service may authorize can be replayed: one to another host
         // is not copied (for a `String` or `Vec` body, that would copy every byte). Nor is
         // one that is itself a replay for this cache (a `RefreshOn401` of the same auth
         // stacked outside this service): a request is replayed once per cache.
         let cache = &self.auth.shared.cache;
-        let applies = self.auth.shared.scope.applies_to(&request);
         let copy = if applies && !is_replay_for(&request, cache.id()) {
             replayable_copy(&request)
         } else {

@@ -65,6 +65,14 @@ impl Origin {
 }
 
 impl Scope {
+    /// A scope of no origin (no allocation), for state whose scope is checked elsewhere.
+    pub(crate) fn empty() -> Self {
+        Self {
+            origins: Vec::new(),
+            spellings: Vec::new(),
+        }
+    }
+
     /// A scope of the given origins; only the scheme, host and port of each URI count.
     ///
     /// Plain `http` origins are refused unless they are loopback, since the token would

@@ -74,6 +74,22 @@ pub struct UserTokens {
     pub requested_at: Instant,
 }
 
+impl UserTokens {
+    /// Tokens obtained elsewhere (restored from the application's own store, say): an
+    /// access token requested at `requested_at`, and its refresh token if any.
+    pub fn new(
+        access_token: IssuedToken,
+        refresh_token: Option<RefreshToken>,
+        requested_at: Instant,
+    ) -> Self {
+        Self {
+            access_token,
+            refresh_token,
+            requested_at,
+        }
+    }
+}
+
 /// How an OAuth client authenticates to the token endpoint.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -176,6 +192,11 @@ impl<S> UserGrant<S> {
     /// The token endpoint.
     pub fn token_url(&self) -> &Uri {
         &self.token_url
+    }
+
+    /// The HTTP service token requests go through.
+    pub(crate) fn http(&self) -> &S {
+        &self.http
     }
 
     /// How the client authenticates.

@@ -1,0 +1,632 @@
+//! [`UserTokenCache`]: one token per logged-in user, and [`UserAuthLayer`], which attaches
+//! the token of the user a request is for.
+//!
+//! Each user's entry is a [`TokenCache`] of its own whose source is the user's
+//! [`RefreshTokenSource`]: the same lock-free read, single flight, refresh ahead (with the
+//! refresh token), generation-scoped 401 and replay once as the client-credentials cache,
+//! per user. The entries live in a concurrent map (`papaya`, lock-free reads) keyed by the
+//! application's [`UserKey`]; a request names its user with that key in its extensions.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::auth::{AuthReplayFuture, AuthReplayService, Scope, Shared};
+use crate::cache::{CacheConfig, TokenCache};
+use crate::error::{AuthError, ConfigError, OAuthErrorCode};
+use crate::region::join;
+use crate::retry::ReplayableBody;
+use crate::source::{
+    BoxFuture, RefreshTokenSource, TokenHttpService, TokenSource, UserGrant, UserTokens,
+};
+use crate::token::IssuedToken;
+
+/// How long a user's entry stays cached without a request, unless told otherwise.
+pub const DEFAULT_USER_IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 60 * 60);
+
+/// The application's key for one user's tokens: a session id, or a user id. Insert it in
+/// each request's extensions; [`UserAuthService`] attaches that user's token.
+///
+/// Its `Debug` shows only its length: a session id is a secret.
+///
+/// ```
+/// use genesys_auth_layer::UserKey;
+///
+/// let mut request = http::Request::get("https://api.mypurecloud.ie/api/v2/users/me")
+///     .body(String::new())?;
+/// request.extensions_mut().insert(UserKey::new("session-4f9c"));
+/// # Ok::<(), http::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UserKey(Arc<str>);
+
+impl UserKey {
+    /// A key.
+    pub fn new(key: impl Into<Arc<str>>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserKey([{} bytes])", self.0.len())
+    }
+}
+
+/// Why [`UserAuthService`] did not send a request. It comes boxed in the service's
+/// [`BoxError`]; `downcast_ref::<UserAuthError>()` gets it back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UserAuthError {
+    /// The request is for the API but carries no [`UserKey`] extension: it is not sent,
+    /// rather than sent with no token or another user's.
+    #[error("the request carries no UserKey extension, so it has no user to act for")]
+    MissingKey,
+    /// No user is logged in under the request's key (never, logged out, or evicted after
+    /// being idle): the user must log in.
+    #[error("no user is logged in under this key: the user must log in")]
+    NotLoggedIn,
+}
+
+/// How a [`UserTokenCache`] caches.
+///
+/// ```
+/// use std::time::Duration;
+/// use genesys_auth_layer::{CacheConfig, UserCacheConfig};
+///
+/// let config = UserCacheConfig::new()
+///     .idle_timeout(Duration::from_secs(30 * 60))
+///     .cache(CacheConfig::default().name("agents"));
+/// assert_eq!(config.idle_timeout_value(), Duration::from_secs(30 * 60));
+/// ```
+#[derive(Clone, Debug)]
+pub struct UserCacheConfig {
+    cache: CacheConfig,
+    idle_timeout: Duration,
+}
+
+impl Default for UserCacheConfig {
+    fn default() -> Self {
+        Self {
+            cache: CacheConfig::default(),
+            idle_timeout: DEFAULT_USER_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl UserCacheConfig {
+    /// The defaults: each user's cache as [`CacheConfig::default`], evicted after
+    /// [`DEFAULT_USER_IDLE_TIMEOUT`] without a request.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Each user's token cache (refresh ahead, fetch timeout, backoff).
+    pub fn cache(mut self, config: CacheConfig) -> Self {
+        self.cache = config;
+        self
+    }
+
+    /// How long an entry stays without a request before it is evicted (at least a
+    /// second, at most a year). Eviction forgets the tokens; it does not revoke them.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle.clamp(Duration::from_secs(1), Duration::from_secs(365 * 86_400));
+        self
+    }
+
+    /// How long an entry stays without a request.
+    pub fn idle_timeout_value(&self) -> Duration {
+        self.idle_timeout
+    }
+}
+
+/// A snapshot of a [`UserTokenCache`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UserCacheStats {
+    /// Users cached now.
+    pub users: usize,
+    /// Users added (logins).
+    pub logins: u64,
+    /// Users removed by [`UserTokenCache::logout`] or [`UserTokenCache::remove`].
+    pub logouts: u64,
+    /// Users evicted after being idle.
+    pub evicted: u64,
+    /// Requests refused: no [`UserKey`], or no user under it.
+    pub refused: u64,
+}
+
+/// One token per logged-in user, each refreshed with that user's refresh token.
+///
+/// * [`insert`](Self::insert) a user after the login's code exchange, under the key the
+///   application will put in that user's requests ([`UserKey`]);
+/// * send the requests through [`layer`](Self::layer) ([`UserAuthLayer`]);
+/// * [`logout`](Self::logout) removes the user and revokes the token
+///   (`DELETE /api/v2/tokens/me`).
+///
+/// Each entry is a [`TokenCache`] of its own, so per user: one refresh at a time (a
+/// rotating refresh token is never sent twice), refresh ahead, a 401 to the current token
+/// refreshes once and replays once. Entries idle past
+/// [`UserCacheConfig::idle_timeout`] are evicted (checked as users are added, or by
+/// [`evict_idle`](Self::evict_idle)). Cheap to clone: clones share the entries.
+///
+/// ```no_run
+/// # async fn demo(
+/// #     grant: genesys_auth_layer::UserGrant<genesys_auth_layer::default_client::HttpsClient<http_body_util::Full<bytes::Bytes>>>,
+/// #     code: genesys_auth_layer::AuthorizationCode,
+/// # ) -> Result<(), tower::BoxError> {
+/// use genesys_auth_layer::{Region, UserCacheConfig, UserKey, UserTokenCache};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// let users = UserTokenCache::new(grant.clone(), Region::EuWest1.api_uri(), UserCacheConfig::new())?;
+/// // On the login callback:
+/// let tokens = grant.exchange(&code, "https://app.example.com/callback").await?;
+/// users.insert(UserKey::new("session-4f9c"), tokens)?;
+/// // For each request the application sends for that user:
+/// let client = ServiceBuilder::new()
+///     .layer(users.layer())
+///     .service(genesys_auth_layer::default_client::https_client::<http_body_util::Full<bytes::Bytes>>());
+/// let mut request = http::Request::get("https://api.mypurecloud.ie/api/v2/users/me")
+///     .body(http_body_util::Full::default())?;
+/// request.extensions_mut().insert(UserKey::new("session-4f9c"));
+/// let response = client.oneshot(request).await?;
+/// # let _ = response; Ok(()) }
+/// ```
+pub struct UserTokenCache<S> {
+    inner: Arc<Users<S>>,
+}
+
+impl<S> Clone for UserTokenCache<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Users<S> {
+    grant: UserGrant<S>,
+    api_uri: Uri,
+    config: UserCacheConfig,
+    shared: Arc<Lookup>,
+    logins: AtomicU64,
+    logouts: AtomicU64,
+    evicted: AtomicU64,
+    /// When the last sweep for idle entries ran, in ms since `Lookup::epoch`.
+    last_sweep: AtomicU64,
+}
+
+/// What the layer needs: the entries and the API's scope.
+struct Lookup {
+    entries: papaya::HashMap<UserKey, Entry>,
+    scope: Scope,
+    /// The instant `Entry::last_used` counts from.
+    epoch: Instant,
+    refused: AtomicU64,
+}
+
+struct Entry {
+    /// The user's cache, with an empty scope: the layer checks the scope once.
+    shared: Arc<Shared>,
+    /// When a request last used this entry, in ms since `Lookup::epoch`.
+    last_used: AtomicU64,
+}
+
+impl Lookup {
+    fn now_ms(&self) -> u64 {
+        u64::try_from((Instant::now() - self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The user's shared state, marking the entry used.
+    fn get(&self, key: &UserKey) -> Option<Arc<Shared>> {
+        let entries = self.entries.pin();
+        let entry = entries.get(key)?;
+        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        Some(entry.shared.clone())
+    }
+}
+
+/// The source of a user logged in without a refresh token: the token cannot be renewed.
+struct NoRefreshToken;
+
+impl TokenSource for NoRefreshToken {
+    fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+        Box::pin(async {
+            Err(AuthError::OAuth {
+                status: StatusCode::BAD_REQUEST,
+                code: OAuthErrorCode::InvalidGrant,
+                description: Some("no refresh token: the user must log in again".into()),
+            })
+        })
+    }
+}
+
+impl<S: TokenHttpService> UserTokenCache<S> {
+    /// A cache of users' tokens refreshed through `grant`, attached to requests for
+    /// `api_uri` (the region's API origin, such as [`Region::api_uri`](crate::Region::api_uri)).
+    /// Fails with a [`ConfigError`] if `api_uri` is not an absolute https URI (or http on
+    /// loopback).
+    pub fn new(
+        grant: UserGrant<S>,
+        api_uri: Uri,
+        config: UserCacheConfig,
+    ) -> Result<Self, ConfigError> {
+        let scope = Scope::new([api_uri.clone()])?;
+        Ok(Self {
+            inner: Arc::new(Users {
+                grant,
+                api_uri,
+                config,
+                shared: Arc::new(Lookup {
+                    entries: papaya::HashMap::new(),
+                    scope,
+                    epoch: Instant::now(),
+                    refused: AtomicU64::new(0),
+                }),
+                logins: AtomicU64::new(0),
+                logouts: AtomicU64::new(0),
+                evicted: AtomicU64::new(0),
+                last_sweep: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Caches the tokens of a user who just logged in, under `key` (replacing whatever was
+    /// under it). The access token is used as it is, refreshed ahead of its expiry with
+    /// the refresh token; without a refresh token, the user must log in again when it
+    /// expires. Fails, caching nothing, if the access token is already (nearly) expired.
+    pub fn insert(&self, key: UserKey, tokens: UserTokens) -> Result<(), AuthError> {
+        let config = self.inner.config.cache.clone();
+        let cache = match tokens.refresh_token {
+            Some(refresh) => TokenCache::new(
+                RefreshTokenSource::new(self.inner.grant.clone(), refresh),
+                config,
+            ),
+            None => TokenCache::new(NoRefreshToken, config),
+        };
+        cache.seed(tokens.access_token, tokens.requested_at)?;
+        let lookup = &self.inner.shared;
+        let entry = Entry {
+            shared: Arc::new(Shared::new(cache, Scope::empty())),
+            last_used: AtomicU64::new(lookup.now_ms()),
+        };
+        lookup.entries.pin().insert(key, entry);
+        self.inner.logins.fetch_add(1, Ordering::Relaxed);
+        self.sweep_if_due();
+        Ok(())
+    }
+
+    /// The token cache of the user under `key`, if one is logged in.
+    pub fn token_cache(&self, key: &UserKey) -> Option<TokenCache> {
+        self.inner
+            .shared
+            .get(key)
+            .map(|shared| shared.cache.clone())
+    }
+
+    /// Whether a user is cached under `key`.
+    pub fn contains(&self, key: &UserKey) -> bool {
+        self.inner.shared.entries.pin().contains_key(key)
+    }
+
+    /// The users cached now.
+    pub fn len(&self) -> usize {
+        self.inner.shared.entries.len()
+    }
+
+    /// Whether no user is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets the user under `key` without revoking anything; returns whether one was
+    /// cached. Requests already sent with its token finish.
+    pub fn remove(&self, key: &UserKey) -> bool {
+        let removed = self.inner.shared.entries.pin().remove(key).is_some();
+        if removed {
+            self.inner.logouts.fetch_add(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Logs the user under `key` out: removes the entry at once, then revokes its access
+    /// token (`DELETE /api/v2/tokens/me`, which Genesys applies to the session). Returns
+    /// `false` if no user was cached under `key`. A token the API already refuses (401)
+    /// counts as revoked; another answer is an [`AuthError::UnexpectedStatus`], and the
+    /// entry stays removed.
+    pub async fn logout(&self, key: &UserKey) -> Result<bool, AuthError> {
+        let shared = {
+            let entries = self.inner.shared.entries.pin();
+            let Some(entry) = entries.remove(key) else {
+                return Ok(false);
+            };
+            entry.shared.clone()
+        };
+        self.inner.logouts.fetch_add(1, Ordering::Relaxed);
+        let Some(token) = shared.cache.current() else {
+            return Ok(true);
+        };
+        if !token.is_valid_at(Instant::now()) {
+            return Ok(true);
+        }
+        let uri = join(&self.inner.api_uri, "/api/v2/tokens/me");
+        let mut request = Request::delete(uri)
+            .body(Full::<Bytes>::default())
+            .map_err(|e| AuthError::Transport(Arc::new(e)))?;
+        request
+            .headers_mut()
+            .insert(AUTHORIZATION, token.header().clone());
+        let response = self
+            .inner
+            .grant
+            .http()
+            .clone()
+            .oneshot(request)
+            .await
+            .map_err(|e| AuthError::Transport(Arc::from(e.into())))?;
+        let status = response.status();
+        if status.is_success() || status == StatusCode::UNAUTHORIZED {
+            tracing::info!(target: "genesys_auth_layer::users", "user logged out; token revoked");
+            Ok(true)
+        } else {
+            Err(AuthError::UnexpectedStatus {
+                status,
+                retry_after: None,
+            })
+        }
+    }
+
+    /// Evicts the users idle past the configured time; returns how many.
+    pub fn evict_idle(&self) -> usize {
+        let lookup = &self.inner.shared;
+        let now = lookup.now_ms();
+        self.inner.last_sweep.store(now, Ordering::Relaxed);
+        let idle = u64::try_from(self.inner.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut evicted = 0;
+        lookup.entries.pin().retain(|_, entry| {
+            let keep = now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) < idle;
+            evicted += usize::from(!keep);
+            keep
+        });
+        if evicted > 0 {
+            self.inner
+                .evicted
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+            tracing::debug!(target: "genesys_auth_layer::users", evicted, "idle users evicted");
+        }
+        evicted
+    }
+
+    /// Sweeps for idle entries if none ran for half the idle time: memory stays bounded
+    /// by the users active within about one idle time, without a background task.
+    fn sweep_if_due(&self) {
+        let now = self.inner.shared.now_ms();
+        let half =
+            u64::try_from(self.inner.config.idle_timeout.as_millis() / 2).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.inner.last_sweep.load(Ordering::Relaxed)) >= half {
+            self.evict_idle();
+        }
+    }
+
+    /// The layer that attaches to each request its user's token (by its [`UserKey`]).
+    pub fn layer(&self) -> UserAuthLayer {
+        UserAuthLayer {
+            lookup: self.inner.shared.clone(),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> UserCacheStats {
+        UserCacheStats {
+            users: self.len(),
+            logins: self.inner.logins.load(Ordering::Relaxed),
+            logouts: self.inner.logouts.load(Ordering::Relaxed),
+            evicted: self.inner.evicted.load(Ordering::Relaxed),
+            refused: self.inner.shared.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<S> fmt::Debug for UserTokenCache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserTokenCache")
+            .field("api_uri", &self.inner.api_uri)
+            .field("config", &self.inner.config)
+            .field("users", &self.inner.shared.entries.len())
+            .finish()
+    }
+}
+
+/// The layer of a [`UserTokenCache`]: [`UserTokenCache::layer`].
+#[derive(Clone)]
+pub struct UserAuthLayer {
+    lookup: Arc<Lookup>,
+}
+
+impl fmt::Debug for UserAuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserAuthLayer")
+            .field("scope", &self.lookup.scope)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for UserAuthLayer {
+    type Service = UserAuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UserAuthService {
+            inner,
+            lookup: self.lookup.clone(),
+        }
+    }
+}
+
+/// The service of a [`UserAuthLayer`].
+///
+/// * A request for the API origin, without an `Authorization` of its own, goes out with
+///   the token of the user its [`UserKey`] extension names, exactly as
+///   [`AuthReplayService`](crate::AuthReplayService) would send it with that user's cache:
+///   a `401` to that token refreshes it (once for any number of 401s) and the request is
+///   replayed once.
+/// * Without a `UserKey`, or with one no user is logged in under, it is not sent: a
+///   [`UserAuthError`] (boxed).
+/// * Other requests pass through untouched.
+#[derive(Clone)]
+pub struct UserAuthService<S> {
+    inner: S,
+    lookup: Arc<Lookup>,
+}
+
+impl<S> fmt::Debug for UserAuthService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserAuthService")
+            .field("scope", &self.lookup.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> UserAuthService<S> {
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for UserAuthService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    ReqBody: ReplayableBody,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = UserAuthFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if !self.lookup.scope.applies_to(&request) {
+            return UserAuthFuture::new(State::Pass {
+                future: self.inner.call(request),
+            });
+        }
+        let shared = match request.extensions().get::<UserKey>() {
+            None => Err(UserAuthError::MissingKey),
+            Some(key) => self.lookup.get(key).ok_or(UserAuthError::NotLoggedIn),
+        };
+        match shared {
+            Ok(shared) => {
+                // The ready service goes with this request; the next call readies a clone.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let future =
+                    AuthReplayService::with_shared(ready, shared).call_checked(request, true);
+                UserAuthFuture::new(State::Auth { future })
+            }
+            Err(error) => {
+                self.lookup.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(target: "genesys_auth_layer::users", %error, "request not sent");
+                UserAuthFuture::new(State::Refused { error: Some(error) })
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`UserAuthService`].
+    pub struct UserAuthFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = Projected]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        // With the user's token.
+        Auth { #[pin] future: AuthReplayFuture<S, B> },
+        // Not for the API: passed through.
+        Pass { #[pin] future: S::Future },
+        // Not sent; the error is taken when polled.
+        Refused { error: Option<UserAuthError> },
+    }
+}
+
+impl<S, B> UserAuthFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn new(state: State<S, B>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S, B, ResBody> Future for UserAuthFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    B: ReplayableBody,
+{
+    type Output = Result<Response<ResBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            Projected::Auth { future } => future.poll(cx),
+            Projected::Pass { future } => Poll::Ready(ready!(future.poll(cx)).map_err(Into::into)),
+            Projected::Refused { error } => Poll::Ready(Err(match error.take() {
+                Some(error) => error.into(),
+                None => "UserAuthFuture polled after it completed".into(),
+            })),
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for UserAuthFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Auth { .. } => "Auth",
+            State::Pass { .. } => "Pass",
+            State::Refused { .. } => "Refused",
+        };
+        f.debug_tuple("UserAuthFuture").field(&state).finish()
+    }
+}
