@@ -147,7 +147,7 @@ async fn a_request_without_its_user_is_not_sent() {
 
 /// 1,000 concurrent requests for one user after her token was revoked: one refresh, and
 /// every request answered with her name.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_401s_for_one_user_cost_one_refresh() {
     let fake = FakeGenesys::start().await.unwrap();
     let users = users(&fake);
@@ -169,6 +169,11 @@ async fn a_thousand_401s_for_one_user_cost_one_refresh() {
         assert_eq!(task.await.unwrap().unwrap(), ada.name);
     }
     assert_eq!(fake.refreshes(), 1);
+    assert_eq!(
+        fake.user_token_requests(&ada.id),
+        2,
+        "login, then one refresh"
+    );
     assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
 }
 
@@ -176,7 +181,7 @@ async fn a_thousand_401s_for_one_user_cost_one_refresh() {
 /// refreshes, each user's requests answered with her own name (the fake never saw one
 /// user's token on another's request), and no superseded refresh token sent though the
 /// fake rotates them.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_users_storm_costs_one_refresh_each() {
     let fake = FakeGenesys::start().await.unwrap();
     let people: Vec<FakeUser> = (0..100)
@@ -301,4 +306,100 @@ async fn idle_users_are_evicted() {
 fn a_key_is_not_shown() {
     let key = UserKey::new("session-secret-4f9c");
     assert!(!format!("{key:?}").contains("secret"));
+}
+
+/// The rotated refresh token can be read and kept; a user restored from it alone works,
+/// with one refresh, and the superseded one is never sent.
+#[tokio::test]
+async fn a_kept_refresh_token_restores_the_user() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let users = users(&fake);
+    let ada = fake.users()[0].clone();
+    log_in(&fake, &users, &ada.id, "session-ada").await;
+    let key = UserKey::new("session-ada");
+    let client = client(&users);
+    fake.revoke_all_tokens();
+    assert_eq!(
+        name(client.clone(), me(&fake, Some("session-ada")))
+            .await
+            .unwrap(),
+        ada.name
+    );
+    assert_eq!(fake.refreshes(), 1);
+    let kept = users.refresh_token(&key).await.expect("a refresh token");
+    assert!(
+        fake.refresh_token_is_valid(kept.expose_secret()),
+        "the rotated one"
+    );
+
+    // A restart: a new cache, the user restored from the kept refresh token.
+    let restored = self::users(&fake);
+    restored.insert_refresh_token(key.clone(), kept);
+    let client = self::client(&restored);
+    assert_eq!(
+        name(client, me(&fake, Some("session-ada"))).await.unwrap(),
+        ada.name
+    );
+    assert_eq!(fake.refreshes(), 2);
+    assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
+}
+
+/// A user whose refresh token Genesys refused (revoked): her request fails at once with the
+/// typed `invalid_grant` error (she must log in again), and no second refresh is sent.
+#[tokio::test]
+async fn a_refused_refresh_token_is_a_typed_error() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let users = users(&fake);
+    let ada = fake.users()[0].clone();
+    log_in(&fake, &users, &ada.id, "session-ada").await;
+    fake.revoke_user(&ada.id);
+    let client = client(&users);
+    let before = fake.token_requests();
+
+    for _ in 0..3 {
+        let err = name(client.clone(), me(&fake, Some("session-ada")))
+            .await
+            .unwrap_err();
+        let auth = err
+            .downcast_ref::<genesys_auth_layer::AuthError>()
+            .expect("an AuthError");
+        assert_eq!(
+            auth.oauth_code(),
+            Some(&genesys_auth_layer::OAuthErrorCode::InvalidGrant),
+            "{auth}"
+        );
+    }
+    assert_eq!(
+        fake.token_requests() - before,
+        1,
+        "one refused refresh, then none"
+    );
+}
+
+/// Logout of a user whose token a 401 withdrew: a fresh token is had first, so the
+/// revocation (and the end of the session) is not skipped.
+#[tokio::test]
+async fn logout_revokes_even_after_the_token_was_withdrawn() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let users = users(&fake);
+    let ada = fake.users()[0].clone();
+    log_in(&fake, &users, &ada.id, "session-ada").await;
+    let key = UserKey::new("session-ada");
+    let kept = users.refresh_token(&key).await.unwrap();
+    // Her token is revoked behind the cache's back and a request sees the 401 and refreshes.
+    fake.revoke_all_tokens();
+    assert_eq!(
+        name(client(&users), me(&fake, Some("session-ada")))
+            .await
+            .unwrap(),
+        ada.name
+    );
+    let rotated = users.refresh_token(&key).await.unwrap();
+    assert_ne!(rotated.expose_secret(), kept.expose_secret());
+
+    assert!(users.logout(&key).await.unwrap());
+    assert!(
+        !fake.refresh_token_is_valid(rotated.expose_secret()),
+        "the session ended"
+    );
 }

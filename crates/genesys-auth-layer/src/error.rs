@@ -79,9 +79,10 @@ impl OAuthErrorCode {
     }
 
     /// Whether asking again with the same credentials cannot succeed: the configuration
-    /// (client, secret, grant, scope) has to change first. True for `invalid_client`,
-    /// `unauthorized_client`, `invalid_scope` and `unsupported_grant_type`; false for
-    /// `invalid_request`, `invalid_grant` and codes outside the RFC.
+    /// (client, secret, grant, scope) or the grant itself has to change first. True for
+    /// `invalid_client`, `unauthorized_client`, `invalid_scope`, `unsupported_grant_type`
+    /// and `invalid_grant` (a refused authorization code or refresh token: the user must
+    /// log in again); false for `invalid_request` and codes outside the RFC.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -89,6 +90,7 @@ impl OAuthErrorCode {
                 | Self::UnauthorizedClient
                 | Self::InvalidScope
                 | Self::UnsupportedGrantType
+                | Self::InvalidGrant
         )
     }
 }

@@ -120,7 +120,7 @@ pub use source::{
 pub use source::{
     AuthorizationCode, AuthorizationState, AuthorizeRequest, AuthorizeUrl, ClientAuth, LoginError,
     PkceChallenge, PkceVerifier, RefreshToken, RefreshTokenSource, UserGrant, UserTokens,
-    PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN,
+    DETACHED_REFRESH_BOUND, PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN,
 };
 pub use token::{IssuedToken, Token, TokenGeneration};
 pub use users::{

@@ -29,7 +29,8 @@ use crate::error::{AuthError, ConfigError, OAuthErrorCode};
 use crate::region::join;
 use crate::retry::ReplayableBody;
 use crate::source::{
-    BoxFuture, RefreshTokenSource, TokenHttpService, TokenSource, UserGrant, UserTokens,
+    BoxFuture, RefreshToken, RefreshTokenSource, TokenHttpService, TokenSource, UserGrant,
+    UserTokens,
 };
 use crate::token::IssuedToken;
 
@@ -225,6 +226,8 @@ struct Lookup {
 struct Entry {
     /// The user's cache, with an empty scope: the layer checks the scope once.
     shared: Arc<Shared>,
+    /// The user's refresh token, as the cache's source holds it (none without one).
+    refresh: Option<Arc<dyn HoldsRefreshToken>>,
     /// When a request last used this entry, in ms since `Lookup::epoch`.
     last_used: AtomicU64,
 }
@@ -238,8 +241,38 @@ impl Lookup {
     fn get(&self, key: &UserKey) -> Option<Arc<Shared>> {
         let entries = self.entries.pin();
         let entry = entries.get(key)?;
-        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        // Written at most once a second, so that a user's requests on several cores do not
+        // fight over the line: the idle time is counted in seconds anyway.
+        let now = self.now_ms();
+        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= 1_000 {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
         Some(entry.shared.clone())
+    }
+}
+
+/// A user's refresh-token source, shared by her cache (which refreshes with it) and her
+/// entry (which reads the current refresh token for the application to keep).
+struct UserSource<S>(Arc<RefreshTokenSource<S>>);
+
+impl<S: TokenHttpService> TokenSource for UserSource<S> {
+    fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
+        self.0.fetch()
+    }
+
+    fn credentials_version(&self) -> u64 {
+        self.0.credentials_version()
+    }
+}
+
+/// Reads a user's current refresh token, whatever the HTTP client type.
+trait HoldsRefreshToken: Send + Sync {
+    fn refresh_token(&self) -> BoxFuture<'_, Option<RefreshToken>>;
+}
+
+impl<S: TokenHttpService> HoldsRefreshToken for RefreshTokenSource<S> {
+    fn refresh_token(&self) -> BoxFuture<'_, Option<RefreshToken>> {
+        Box::pin(RefreshTokenSource::refresh_token(self))
     }
 }
 
@@ -290,27 +323,63 @@ impl<S: TokenHttpService> UserTokenCache<S> {
 
     /// Caches the tokens of a user who just logged in, under `key` (replacing whatever was
     /// under it). The access token is used as it is, refreshed ahead of its expiry with
-    /// the refresh token; without a refresh token, the user must log in again when it
-    /// expires. Fails, caching nothing, if the access token is already (nearly) expired.
+    /// the refresh token. An access token already (nearly) expired is dropped and the first
+    /// request refreshes with the refresh token; without a refresh token that is an error,
+    /// and nothing is cached: the user must log in again.
     pub fn insert(&self, key: UserKey, tokens: UserTokens) -> Result<(), AuthError> {
-        let config = self.inner.config.cache.clone();
-        let cache = match tokens.refresh_token {
-            Some(refresh) => TokenCache::new(
-                RefreshTokenSource::new(self.inner.grant.clone(), refresh),
-                config,
-            ),
-            None => TokenCache::new(NoRefreshToken, config),
+        let (cache, refresh) = self.new_cache(tokens.refresh_token);
+        if let Err(e) = cache.seed(tokens.access_token, tokens.requested_at) {
+            if refresh.is_none() {
+                return Err(e);
+            }
+        }
+        self.put(key, cache, refresh);
+        Ok(())
+    }
+
+    /// Caches a user from a refresh token alone (one the application kept, read with
+    /// [`refresh_token`](Self::refresh_token)): her first request refreshes with it.
+    pub fn insert_refresh_token(&self, key: UserKey, refresh_token: RefreshToken) {
+        let (cache, refresh) = self.new_cache(Some(refresh_token));
+        self.put(key, cache, refresh);
+    }
+
+    /// The refresh token the user under `key` will refresh with next, for the
+    /// application to keep (it changes when the server rotates it); waits for a refresh in
+    /// flight. `None` if no user is cached under `key`, she has none, or it was refused.
+    pub async fn refresh_token(&self, key: &UserKey) -> Option<RefreshToken> {
+        let holder = {
+            let entries = self.inner.shared.entries.pin();
+            entries.get(key)?.refresh.clone()?
         };
-        cache.seed(tokens.access_token, tokens.requested_at)?;
+        holder.refresh_token().await
+    }
+
+    fn new_cache(
+        &self,
+        refresh_token: Option<RefreshToken>,
+    ) -> (TokenCache, Option<Arc<dyn HoldsRefreshToken>>) {
+        let config = self.inner.config.cache.clone();
+        match refresh_token {
+            Some(refresh) => {
+                let source = Arc::new(RefreshTokenSource::new(self.inner.grant.clone(), refresh));
+                let cache = TokenCache::new(UserSource(source.clone()), config);
+                (cache, Some(source))
+            }
+            None => (TokenCache::new(NoRefreshToken, config), None),
+        }
+    }
+
+    fn put(&self, key: UserKey, cache: TokenCache, refresh: Option<Arc<dyn HoldsRefreshToken>>) {
         let lookup = &self.inner.shared;
         let entry = Entry {
             shared: Arc::new(Shared::new(cache, Scope::empty())),
+            refresh,
             last_used: AtomicU64::new(lookup.now_ms()),
         };
         lookup.entries.pin().insert(key, entry);
         self.inner.logins.fetch_add(1, Ordering::Relaxed);
         self.sweep_if_due();
-        Ok(())
     }
 
     /// The token cache of the user under `key`, if one is logged in.
@@ -346,11 +415,15 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         removed
     }
 
-    /// Logs the user under `key` out: removes the entry at once, then revokes its access
-    /// token (`DELETE /api/v2/tokens/me`, which Genesys applies to the session). Returns
-    /// `false` if no user was cached under `key`. A token the API already refuses (401)
-    /// counts as revoked; another answer is an [`AuthError::UnexpectedStatus`], and the
-    /// entry stays removed.
+    /// Logs the user under `key` out: removes the entry at once, then revokes her access
+    /// token with `DELETE /api/v2/tokens/me` (with a fresh one first, if hers was withdrawn
+    /// or expired, so that the revocation is never skipped). Returns `false` if no user was
+    /// cached under `key`.
+    ///
+    /// Each step is bounded by the cache's fetch timeout. A token the API already refuses
+    /// (401) counts as revoked. Errors: no token could be had (the refresh's
+    /// [`AuthError`]), the API answered something else ([`AuthError::UnexpectedStatus`]),
+    /// or did not answer ([`AuthError::Timeout`]); the entry stays removed either way.
     pub async fn logout(&self, key: &UserKey) -> Result<bool, AuthError> {
         let shared = {
             let entries = self.inner.shared.entries.pin();
@@ -360,12 +433,18 @@ impl<S: TokenHttpService> UserTokenCache<S> {
             entry.shared.clone()
         };
         self.inner.logouts.fetch_add(1, Ordering::Relaxed);
-        let Some(token) = shared.cache.current() else {
-            return Ok(true);
+        let bound = self.inner.config.cache.fetch_timeout_value();
+        let valid = shared
+            .cache
+            .current()
+            .filter(|token| token.is_valid_at(Instant::now()));
+        let token = match valid {
+            Some(token) => token,
+            None => match tokio::time::timeout(bound, shared.cache.token()).await {
+                Ok(token) => token?,
+                Err(_) => return Err(AuthError::Timeout(bound)),
+            },
         };
-        if !token.is_valid_at(Instant::now()) {
-            return Ok(true);
-        }
         let uri = join(&self.inner.api_uri, "/api/v2/tokens/me");
         let mut request = Request::delete(uri)
             .body(Full::<Bytes>::default())
@@ -373,14 +452,11 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         request
             .headers_mut()
             .insert(AUTHORIZATION, token.header().clone());
-        let response = self
-            .inner
-            .grant
-            .http()
-            .clone()
-            .oneshot(request)
-            .await
-            .map_err(|e| AuthError::Transport(Arc::from(e.into())))?;
+        let sent = self.inner.grant.http().clone().oneshot(request);
+        let response = match tokio::time::timeout(bound, sent).await {
+            Ok(response) => response.map_err(|e| AuthError::Transport(Arc::from(e.into())))?,
+            Err(_) => return Err(AuthError::Timeout(bound)),
+        };
         let status = response.status();
         if status.is_success() || status == StatusCode::UNAUTHORIZED {
             tracing::info!(target: "genesys_auth_layer::users", "user logged out; token revoked");
@@ -420,7 +496,15 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         let now = self.inner.shared.now_ms();
         let half =
             u64::try_from(self.inner.config.idle_timeout.as_millis() / 2).unwrap_or(u64::MAX);
-        if now.saturating_sub(self.inner.last_sweep.load(Ordering::Relaxed)) >= half {
+        let last = self.inner.last_sweep.load(Ordering::Relaxed);
+        // One caller sweeps: the one that moves `last_sweep`.
+        if now.saturating_sub(last) >= half
+            && self
+                .inner
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             self.evict_idle();
         }
     }

@@ -36,7 +36,9 @@ mod user;
 pub use authorize::{AuthorizationCode, AuthorizationState, AuthorizeRequest, AuthorizeUrl};
 pub use login_error::LoginError;
 pub use pkce::{PkceChallenge, PkceVerifier, PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN};
-pub use user::{ClientAuth, RefreshToken, RefreshTokenSource, UserGrant, UserTokens};
+pub use user::{
+    ClientAuth, RefreshToken, RefreshTokenSource, UserGrant, UserTokens, DETACHED_REFRESH_BOUND,
+};
 
 /// A boxed, `Send` future, as [`TokenSource::fetch`] returns (the trait's docs show one
 /// built with `Box::pin(async { … })`).

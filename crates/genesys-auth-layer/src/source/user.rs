@@ -9,6 +9,8 @@
 //! never sent by two requests at once.
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -270,30 +272,55 @@ impl<S: TokenHttpService> UserGrant<S> {
         RefreshTokenSource::new(self.clone(), refresh_token)
     }
 
-    /// One refresh-token request: the access token and the refresh token of the answer.
+    /// One refresh-token request: the access token of the answer, and its refresh token
+    /// apart, so that a new refresh token is kept even when the access token beside it is
+    /// unusable (the server superseded the one sent either way).
     async fn refresh_once(
         &self,
         refresh_token: &RefreshToken,
-    ) -> Result<(IssuedToken, Option<RefreshToken>), LoginError> {
+    ) -> (Result<IssuedToken, LoginError>, Option<RefreshToken>) {
         let form = [
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose_secret()),
         ];
-        match self.request(&form, &[refresh_token.expose_secret()]).await {
-            Ok(tokens) => Ok((tokens.access_token, tokens.refresh_token)),
-            Err(LoginError::Token(e)) => Err(LoginError::from_refresh(e)),
-            Err(other) => Err(other),
+        let body = match self.post(&form, &[refresh_token.expose_secret()]).await {
+            Ok((body, _)) => body,
+            Err(LoginError::Token(e)) => return (Err(LoginError::from_refresh(e)), None),
+            Err(other) => return (Err(other), None),
+        };
+        let next = refresh_token_of(&body);
+        let access =
+            parse::parse_token_response(&body).map_err(|e| LoginError::Token(AuthError::from(e)));
+        match next {
+            Ok(next) => (access, next),
+            Err(e) => (access.and(Err(e)), None),
         }
     }
 
-    /// One `POST` of `form` (plus the client's id for a public client) to the token
-    /// endpoint. `sent` lists the secret values of the form: they are scrubbed from the
-    /// server's error text.
+    /// One `POST` of `form` to the token endpoint, parsed: the tokens of the answer.
     async fn request(
         &self,
         form: &[(&str, &str)],
         sent: &[&str],
     ) -> Result<UserTokens, LoginError> {
+        let (body, requested_at) = self.post(form, sent).await?;
+        let access_token = parse::parse_token_response(&body).map_err(AuthError::from)?;
+        let refresh_token = refresh_token_of(&body)?;
+        Ok(UserTokens {
+            access_token,
+            refresh_token,
+            requested_at,
+        })
+    }
+
+    /// One `POST` of `form` (plus the client's id for a public client) to the token
+    /// endpoint: the body of a successful answer, and when the request was sent. `sent`
+    /// lists the secret values of the form: they are scrubbed from the server's error text.
+    async fn post(
+        &self,
+        form: &[(&str, &str)],
+        sent: &[&str],
+    ) -> Result<(Bytes, Instant), LoginError> {
         // Built in a block: the serializer is not `Send`, the request future must be.
         let public_id = match &self.client {
             ClientAuth::Public(id) => Some(id.as_str()),
@@ -367,13 +394,7 @@ impl<S: TokenHttpService> UserGrant<S> {
             }
             Err(other) => return Err(LoginError::Token(other)),
         };
-        let access_token = parse::parse_token_response(&body).map_err(AuthError::from)?;
-        let refresh_token = refresh_token_of(&body)?;
-        Ok(UserTokens {
-            access_token,
-            refresh_token,
-            requested_at,
-        })
+        Ok((body, requested_at))
     }
 }
 
@@ -409,10 +430,11 @@ enum Slot {
 /// token, and a token that an answer replaced is never sent again. An answer without a
 /// `refresh_token` keeps the current one (RFC 6749 §6).
 ///
-/// When a refresh fails without the server refusing the token (a transport error, a
-/// timeout, a 5xx, a 429, another OAuth error, the call dropped), the same token is kept
-/// for the next attempt: the server may never have seen it, and if it did, the next
-/// attempt gets `invalid_grant`, which is what the user would face anyway. After
+/// When a refresh fails without the server refusing the token (a transport error, a 5xx,
+/// a 429, another OAuth error, no answer within [`DETACHED_REFRESH_BOUND`]), the same token
+/// is kept for the next attempt: the server may never have seen it. (If it did and rotated
+/// it, that answer was lost, and the next attempt gets `invalid_grant`.) A caller that stops
+/// waiting does not stop the request: its answer's refresh token is kept. After
 /// `invalid_grant` ([`LoginError::RefreshTokenRejected`]) the source sends nothing more and
 /// answers that error: the user must log in again.
 ///
@@ -436,7 +458,7 @@ enum Slot {
 /// ```
 pub struct RefreshTokenSource<S> {
     grant: UserGrant<S>,
-    slot: tokio::sync::Mutex<Slot>,
+    slot: Arc<tokio::sync::Mutex<Slot>>,
 }
 
 impl<S> RefreshTokenSource<S> {
@@ -444,7 +466,7 @@ impl<S> RefreshTokenSource<S> {
     pub fn new(grant: UserGrant<S>, refresh_token: RefreshToken) -> Self {
         Self {
             grant,
-            slot: tokio::sync::Mutex::new(Slot::Held(refresh_token)),
+            slot: Arc::new(tokio::sync::Mutex::new(Slot::Held(refresh_token))),
         }
     }
 
@@ -475,12 +497,12 @@ impl<S> fmt::Debug for RefreshTokenSource<S> {
 /// The refresh token taken out of its source for one request. Dropped without being
 /// consumed (an error that did not refuse the token, or the request's future dropped), it
 /// goes back to the source.
-struct Lease<'a> {
-    slot: tokio::sync::MutexGuard<'a, Slot>,
+struct Lease {
+    slot: tokio::sync::OwnedMutexGuard<Slot>,
     token: Option<RefreshToken>,
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
             *self.slot = Slot::Held(token);
@@ -491,40 +513,74 @@ impl Drop for Lease<'_> {
 impl<S: TokenHttpService> RefreshTokenSource<S> {
     /// Sends the refresh token once and keeps the one the answer brings; returns the new
     /// access token. See the type's docs for what is kept after a failure.
+    ///
+    /// The request runs in a task of its own (on the current Tokio runtime): dropping this
+    /// future (a caller's timeout) stops the waiting, not the request, so a refresh token
+    /// the server rotated is still kept when its answer arrives. The next refresh waits for
+    /// it; the task gives up after [`DETACHED_REFRESH_BOUND`].
     pub async fn refresh(&self) -> Result<IssuedToken, LoginError> {
-        let mut slot = self.slot.lock().await;
-        let token = match std::mem::replace(&mut *slot, Slot::Sending) {
-            Slot::Held(token) => token,
-            Slot::Refused(err) => {
-                *slot = Slot::Refused(err.clone());
-                return Err(err);
-            }
-            // Only a refresh holding the lock sees `Sending`, and it puts a value back
-            // before it lets go (its `Lease`'s drop); this arm is never taken.
-            Slot::Sending => return Err(LoginError::Token(AuthError::RefreshAborted)),
-        };
-        let mut lease = Lease {
-            slot,
-            token: Some(token),
-        };
-        let result = match &lease.token {
-            Some(token) => self.grant.refresh_once(token).await,
-            None => Err(LoginError::Token(AuthError::RefreshAborted)),
-        };
-        match result {
-            Ok((access_token, next)) => {
-                if let Some(next) = next {
-                    lease.token = Some(next);
-                }
-                Ok(access_token)
-            }
-            Err(err @ LoginError::RefreshTokenRejected { .. }) => {
-                lease.token = None;
-                *lease.slot = Slot::Refused(err.clone());
-                Err(err)
-            }
-            Err(err) => Err(err),
+        let work = refresh_with(self.grant.clone(), self.slot.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn(work)
+                .await
+                .unwrap_or(Err(LoginError::Token(AuthError::RefreshAborted))),
+            Err(_) => work.await,
         }
+    }
+}
+
+/// How long a refresh's own task waits for the token endpoint before it gives up (and keeps
+/// the refresh token it sent, since the server may not have seen it).
+pub const DETACHED_REFRESH_BOUND: Duration = Duration::from_secs(120);
+
+/// One refresh: takes the refresh token out of `slot` (waiting for a refresh in flight),
+/// sends it, and puts back the one the answer brings, or the one sent if the server did not
+/// refuse it.
+async fn refresh_with<S: TokenHttpService>(
+    grant: UserGrant<S>,
+    slot: Arc<tokio::sync::Mutex<Slot>>,
+) -> Result<IssuedToken, LoginError> {
+    let mut slot = slot.lock_owned().await;
+    let token = match std::mem::replace(&mut *slot, Slot::Sending) {
+        Slot::Held(token) => token,
+        Slot::Refused(err) => {
+            *slot = Slot::Refused(err.clone());
+            return Err(err);
+        }
+        // Only a refresh holding the lock sees `Sending`, and it puts a value back before
+        // it lets go (its `Lease`'s drop); this arm is never taken.
+        Slot::Sending => return Err(LoginError::Token(AuthError::RefreshAborted)),
+    };
+    let mut lease = Lease {
+        slot,
+        token: Some(token),
+    };
+    let (result, next) = match &lease.token {
+        Some(token) => {
+            match tokio::time::timeout(DETACHED_REFRESH_BOUND, grant.refresh_once(token)).await {
+                Ok(answer) => answer,
+                Err(_) => (
+                    Err(LoginError::Token(AuthError::Timeout(
+                        DETACHED_REFRESH_BOUND,
+                    ))),
+                    None,
+                ),
+            }
+        }
+        None => (Err(LoginError::Token(AuthError::RefreshAborted)), None),
+    };
+    if let Some(next) = next {
+        lease.token = Some(next);
+    }
+    match result {
+        Ok(access_token) => Ok(access_token),
+        Err(err @ LoginError::RefreshTokenRejected { .. }) => {
+            lease.token = None;
+            *lease.slot = Slot::Refused(err.clone());
+            Err(err)
+        }
+        Err(err) => Err(err),
     }
 }
 
@@ -792,16 +848,72 @@ mod tests {
         assert_eq!(recorded.lock().unwrap().len(), 1);
     }
 
-    #[tokio::test]
-    async fn a_dropped_refresh_gives_the_token_back() {
+    /// No answer: the refresh's task gives up after its bound and keeps the token it sent
+    /// (the server may not have seen it).
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_without_an_answer_keeps_the_token_it_sent() {
         let http = tower::service_fn(|_req: Request<Full<Bytes>>| async {
             std::future::pending::<Result<Response<Full<Bytes>>, BoxError>>().await
         });
         let grant = UserGrant::public(http, URL.parse().unwrap(), "cli").unwrap();
         let source = grant.refresh_source(RefreshToken::new("r0"));
-        let attempt = tokio::time::timeout(std::time::Duration::from_millis(10), source.refresh());
-        assert!(attempt.await.is_err());
+        let err = source.refresh().await.unwrap_err();
+        assert!(
+            matches!(err, LoginError::Token(AuthError::Timeout(d)) if d == DETACHED_REFRESH_BOUND),
+            "{err:?}"
+        );
         assert_eq!(source.refresh_token().await.unwrap().expose_secret(), "r0");
+    }
+
+    /// A caller that stops waiting (a fetch timeout) does not stop the request: the refresh
+    /// token the late answer rotates in is kept, so the superseded one is never sent again.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_waiting_keeps_the_rotated_token() {
+        let sent: Recorded = Arc::default();
+        let http = tower::service_fn({
+            let sent = sent.clone();
+            move |req: Request<Full<Bytes>>| {
+                let sent = sent.clone();
+                async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    sent.lock()
+                        .unwrap()
+                        .push((None, String::from_utf8(body.to_vec()).unwrap()));
+                    let n = sent.lock().unwrap().len();
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    let body = format!(
+                        r#"{{"access_token":"a{n}","token_type":"bearer","expires_in":3600,"refresh_token":"r{n}"}}"#
+                    );
+                    Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body))))
+                }
+            }
+        });
+        let grant = UserGrant::public(http, URL.parse().unwrap(), "cli").unwrap();
+        let source = grant.refresh_source(RefreshToken::new("r0"));
+        let attempt = tokio::time::timeout(std::time::Duration::from_millis(10), source.refresh());
+        assert!(attempt.await.is_err(), "the caller gave up");
+        assert_eq!(source.refresh_token().await.unwrap().expose_secret(), "r1");
+        source.refresh().await.unwrap();
+        let sent = sent.lock().unwrap();
+        assert!(sent[0].1.contains("refresh_token=r0"), "{sent:?}");
+        assert!(
+            sent[1].1.contains("refresh_token=r1"),
+            "never r0 again: {sent:?}"
+        );
+    }
+
+    /// A 200 whose access token is unusable still rotates the refresh token: the new one is
+    /// kept.
+    #[tokio::test]
+    async fn an_unusable_access_token_still_rotates_the_refresh_token() {
+        let (http, _) = endpoint(
+            200,
+            r#"{"access_token":"","token_type":"bearer","expires_in":3600,"refresh_token":"r1"}"#,
+        );
+        let grant = UserGrant::public(http, URL.parse().unwrap(), "cli").unwrap();
+        let source = grant.refresh_source(RefreshToken::new("r0"));
+        assert!(source.refresh().await.is_err());
+        assert_eq!(source.refresh_token().await.unwrap().expose_secret(), "r1");
     }
 
     #[test]
