@@ -185,7 +185,16 @@ async fn main() -> Result<(), BoxError> {
             )
         }
     };
-    println!("Open http://{addr}/ (Ctrl-C to stop)");
+    // The app's own origin as the redirect URI names it: cookies set on `localhost` are not
+    // sent to `127.0.0.1`, so the login must start where the callback lands.
+    let redirect: Uri = genesys.redirect_uri.parse()?;
+    let (Some(scheme), Some(authority)) = (redirect.scheme_str(), redirect.authority()) else {
+        return Err("GENESYSCLOUD_REDIRECT_URI must be an absolute URI".into());
+    };
+    if redirect.path() != "/callback" {
+        return Err("GENESYSCLOUD_REDIRECT_URI must end in /callback (this app's route)".into());
+    }
+    println!("Open {scheme}://{authority}/ (listening on {addr}; Ctrl-C to stop)");
     serve(listener, genesys).await?;
     drop(fake);
     Ok(())

@@ -2,7 +2,8 @@
 //! Chromium, through ChromeDriver, opens the app, follows "Log in with Genesys" to the fake's
 //! login page, picks a user, submits, sees that user's name (fetched by the app through
 //! `UserTokenCache::layer`), and logs out. Two browsers with separate profiles are logged in
-//! at once as two users, and each sees its own name throughout.
+//! at once as two users, and each sees its own name throughout. A forged callback is
+//! refused, and a logged-out session's cookie logs nobody in.
 //!
 //! **Ignored by default** (`cargo test --workspace` must pass on a machine without a
 //! browser). `.ci/run` installs Debian's `chromium` and `chromium-driver` and runs it:
@@ -66,6 +67,17 @@ async fn two_users_log_in_see_their_names_and_log_out_in_a_real_browser() {
     let driver = Driver::start(&chromedriver).await;
     let first = driver.session(&chromium).await;
     let second = driver.session(&chromium).await;
+
+    // A forged callback (a pending login, another state) is refused with a page, and logs
+    // nobody in.
+    first.open(&format!("{app}/login")).await;
+    first.find("button#login").await;
+    first
+        .open(&format!("{app}/callback?code=forged&state=forged"))
+        .await;
+    let error = first.text("#error").await;
+    assert!(error.starts_with("Login refused"), "{error}");
+    assert!(first.cookie("session").await.is_none());
 
     // Ada logs in in the first browser, Grace in the second.
     let ada_session = log_in(&first, &app, &ada).await;
