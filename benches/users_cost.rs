@@ -24,6 +24,8 @@
 //!   user's request does besides finding the user, since `users.layer()` replays on 401;
 //! - `cc_auth_layer_keyed`: (3) with a `UserKey` in the request's extensions, which it
 //!   ignores: the application's part of a user's request (the extension map, the key);
+//! - `cc_auth_layers_keyed`: (4) with the same `UserKey`, which its replay copy clones:
+//!   `user_1` less finding the user;
 //! - `user_1`: `users.layer()` with 1 user cached, the request carrying her key;
 //! - `user_100k_same`: 100,000 users cached, always the same user's key;
 //! - `user_100k_spread`: 100,000 users cached, each call for the next user in a shuffled
@@ -181,7 +183,7 @@ fn shuffled_keys(count: usize) -> Vec<UserKey> {
 }
 
 /// The ratios reported: (label, numerator, denominator, bar).
-const RATIOS: [(&str, &str, &str, &str); 7] = [
+const RATIOS: [(&str, &str, &str, &str); 8] = [
     (
         "user_1 / cc_auth_layer",
         "user_1",
@@ -216,6 +218,12 @@ const RATIOS: [(&str, &str, &str, &str); 7] = [
         "user_1 / cc_auth_layers",
         "user_1",
         "cc_auth_layers",
+        "(context)",
+    ),
+    (
+        "user_1 / cc_auth_layers_keyed",
+        "user_1",
+        "cc_auth_layers_keyed",
         "(context)",
     ),
     (
@@ -279,6 +287,14 @@ fn main() {
         let (uri, key) = (uri.clone(), one_key.clone());
         callers.push((
             "cc_auth_layer_keyed",
+            Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
+        ));
+    }
+    {
+        let mut svc = ServiceBuilder::new().layer(auth.layers()).service(inner());
+        let (uri, key) = (uri.clone(), one_key.clone());
+        callers.push((
+            "cc_auth_layers_keyed",
             Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
         ));
     }
