@@ -11,10 +11,14 @@ interleaved in short batches, 1,000 rounds), and the table shows each run's medi
 per-call time and per-round ratio: the process's memory layout still moves a ratio by a
 few percent from one process to the next, which several runs show.
 
+With GROUP `users`, each run is one process of `users_cost` (issue #15: a request for a
+cached user beside a client-credentials one, interleaved the same way, 400 rounds).
+
 Usage: python3 benches/rounds.py [RUNS] [GROUP]
 e.g.   python3 benches/rounds.py 5 one_call      # about 2.5 minutes on a 2-core machine
        python3 benches/rounds.py 5 two_threads
        python3 benches/rounds.py 9 paired        # about 1 minute
+       python3 benches/rounds.py 7 users         # about 2 minutes
 """
 import json
 import pathlib
@@ -41,6 +45,37 @@ BARS = [
     ("(3) / (6)", "3_auth_layer", "6_floor_swap_clock", "(context)"),
     ("(6) / (2)", "6_floor_swap_clock", "2_set_header", "(context)"),
 ]
+
+
+# users_cost's ratios (its own labels), for GROUP `users`.
+USER_BARS = [
+    ("user_1 / cc_auth_layer", "<= 1.5"),
+    ("user_100k_same / cc_auth_layer", "<= 1.5"),
+    ("user_100k_spread / cc_auth_layer", "<= 1.5"),
+    ("cc_auth_layers / cc_auth_layer", "(context)"),
+    ("cc_auth_layer_keyed / cc_auth_layer", "(context)"),
+    ("user_1 / cc_auth_layers", "(context)"),
+    ("user_1 / cc_auth_layers_keyed", "(context)"),
+    ("user_100k_spread / user_1", "(context)"),
+]
+
+
+def users():
+    """One process of `users_cost`: its median ns per variant, and its median ratios."""
+    out = subprocess.run(
+        ["cargo", "bench", "-p", "genesys-auth-benches", "--bench", "users_cost"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    times, ratios = {}, {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.match(r"^\d", cells[2]):
+            times[cells[0]] = float(cells[2])
+        elif len(cells) == 9 and cells[4].startswith("**"):
+            ratios[cells[0]] = float(cells[4].strip("*"))
+    return times, ratios
 
 
 def medians():
@@ -70,8 +105,8 @@ def paired():
 
 runs, paired_ratios = [], []
 for i in range(RUNS):
-    if GROUP == "paired":
-        times, ratios = paired()
+    if GROUP in ("paired", "users"):
+        times, ratios = paired() if GROUP == "paired" else users()
         runs.append(times)
         paired_ratios.append(ratios)
     else:
@@ -96,8 +131,9 @@ for name in names:
 print()
 print("| ratio (same run) | " + " | ".join(f"run {i + 1}" for i in range(RUNS)) + " | median | bar |")
 print("| --- |" + " ---: |" * (RUNS + 1) + " --- |")
-for label, num, den, bar in BARS:
-    if GROUP == "paired":
+bars = [(label, None, None, bar) for label, bar in USER_BARS] if GROUP == "users" else BARS
+for label, num, den, bar in bars:
+    if GROUP in ("paired", "users"):
         # The median of the per-round ratios within each process, not a ratio of medians.
         ratios = [r[label] for r in paired_ratios if label in r]
     else:
