@@ -51,11 +51,12 @@ BARS = [
 USER_BARS = [
     ("user_1 / cc_auth_layer", "<= 1.5"),
     ("user_100k_same / cc_auth_layer", "<= 1.5"),
-    ("user_100k_spread / cc_auth_layer", "<= 1.5"),
+    ("user_layers_1 / cc_auth_layers", "(context: with replay, like for like)"),
+    ("user_1 / cc_auth_layer_keyed", "(context: finding the user)"),
+    ("user_layers_1 / cc_auth_layers_keyed", "(context: finding the user)"),
+    ("cc_auth_layer_keyed / cc_auth_layer", "(context: the key in the request)"),
     ("cc_auth_layers / cc_auth_layer", "(context)"),
-    ("cc_auth_layer_keyed / cc_auth_layer", "(context)"),
-    ("user_1 / cc_auth_layers", "(context)"),
-    ("user_1 / cc_auth_layers_keyed", "(context)"),
+    ("user_100k_spread / cc_auth_layer", "(context: a cold entry each call)"),
     ("user_100k_spread / user_1", "(context)"),
 ]
 

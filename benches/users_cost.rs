@@ -1,6 +1,7 @@
 //! What a request for a cached user costs through `users.layer()`, beside a
-//! client-credentials request through `auth.layer()`, interleaved in one process (issue
-//! #15's bar: ≤ 1.5×).
+//! client-credentials request through `auth.layer()` (each attaches a token and replays
+//! nothing), interleaved in one process (issue #15's bar: ≤ 1.5×); and through
+//! `users.layers()` beside `auth.layers()` (each also replays a 401 once).
 //!
 //! ```text
 //! cargo bench -p genesys-auth-benches --bench users_cost                 # 400 rounds, ~10 s
@@ -25,8 +26,11 @@
 //! - `cc_auth_layer_keyed`: (3) with a `UserKey` in the request's extensions, which it
 //!   ignores: the application's part of a user's request (the extension map, the key);
 //! - `cc_auth_layers_keyed`: (4) with the same `UserKey`, which its replay copy clones:
-//!   `user_1` less finding the user;
-//! - `user_1`: `users.layer()` with 1 user cached, the request carrying her key;
+//!   `user_layers_1` less finding the user;
+//! - `user_layers_1`: `users.layers()` (attach + replay once, like (4)) with 1 user cached,
+//!   the request carrying her key;
+//! - `user_1`: `users.layer()` (attach only, like (3)) with 1 user cached, the request
+//!   carrying her key: the bar's numerator, against `auth.layer()`;
 //! - `user_100k_same`: 100,000 users cached, always the same user's key;
 //! - `user_100k_spread`: 100,000 users cached, each call for the next user in a shuffled
 //!   order of all of them (a lookup that misses the CPU caches, as many users would).
@@ -183,7 +187,7 @@ fn shuffled_keys(count: usize) -> Vec<UserKey> {
 }
 
 /// The ratios reported: (label, numerator, denominator, bar).
-const RATIOS: [(&str, &str, &str, &str); 8] = [
+const RATIOS: [(&str, &str, &str, &str); 9] = [
     (
         "user_1 / cc_auth_layer",
         "user_1",
@@ -197,10 +201,28 @@ const RATIOS: [(&str, &str, &str, &str); 8] = [
         "<= 1.5",
     ),
     (
-        "user_100k_spread / cc_auth_layer",
-        "user_100k_spread",
+        "user_layers_1 / cc_auth_layers",
+        "user_layers_1",
+        "cc_auth_layers",
+        "(context: with replay, like for like)",
+    ),
+    (
+        "user_1 / cc_auth_layer_keyed",
+        "user_1",
+        "cc_auth_layer_keyed",
+        "(context: finding the user)",
+    ),
+    (
+        "user_layers_1 / cc_auth_layers_keyed",
+        "user_layers_1",
+        "cc_auth_layers_keyed",
+        "(context: finding the user)",
+    ),
+    (
+        "cc_auth_layer_keyed / cc_auth_layer",
+        "cc_auth_layer_keyed",
         "cc_auth_layer",
-        "<= 1.5",
+        "(context: the key in the request)",
     ),
     (
         "cc_auth_layers / cc_auth_layer",
@@ -209,22 +231,10 @@ const RATIOS: [(&str, &str, &str, &str); 8] = [
         "(context)",
     ),
     (
-        "cc_auth_layer_keyed / cc_auth_layer",
-        "cc_auth_layer_keyed",
+        "user_100k_spread / cc_auth_layer",
+        "user_100k_spread",
         "cc_auth_layer",
-        "(context)",
-    ),
-    (
-        "user_1 / cc_auth_layers",
-        "user_1",
-        "cc_auth_layers",
-        "(context)",
-    ),
-    (
-        "user_1 / cc_auth_layers_keyed",
-        "user_1",
-        "cc_auth_layers_keyed",
-        "(context)",
+        "(context: a cold entry each call)",
     ),
     (
         "user_100k_spread / user_1",
@@ -295,6 +305,14 @@ fn main() {
         let (uri, key) = (uri.clone(), one_key.clone());
         callers.push((
             "cc_auth_layers_keyed",
+            Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
+        ));
+    }
+    {
+        let mut svc = ServiceBuilder::new().layer(one.layers()).service(inner());
+        let (uri, key) = (uri.clone(), one_key.clone());
+        callers.push((
+            "user_layers_1",
             Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
         ));
     }
@@ -407,7 +425,7 @@ fn main() {
             at(&v, 0.9),
             v[v.len() - 1]
         );
-        if bar != "(context)" {
+        if !bar.starts_with("(context") {
             let cells: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
             per_round_lines.push(format!("{label}: {}", cells.join(" ")));
         }

@@ -153,7 +153,7 @@ async fn log_in(
     let users = UserTokenCache::new(grant, genesys.api_uri.clone(), UserCacheConfig::new())?;
     let key = UserKey::new("cli");
     users.insert(key.clone(), tokens)?;
-    let client = users.layer().layer(https_client::<Full<Bytes>>());
+    let client = users.layers().layer(https_client::<Full<Bytes>>());
     let mut me = Request::get(format!(
         "{}/api/v2/users/me",
         genesys.api_uri.to_string().trim_end_matches('/')

@@ -104,7 +104,7 @@ pub(crate) fn app(genesys: Genesys) -> Result<Router, BoxError> {
         genesys.api_uri.clone(),
         UserCacheConfig::new(),
     )?;
-    let api = users.layer().layer(http);
+    let api = users.layers().layer(http);
     let secure_cookies = genesys.redirect_uri.starts_with("https://");
     let state = Arc::new(App {
         genesys,

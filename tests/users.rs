@@ -86,7 +86,7 @@ fn client(
        + Send
        + 'static {
     ServiceBuilder::new()
-        .layer(users.layer())
+        .layer(users.layers())
         .service(h2_client())
 }
 
@@ -283,22 +283,32 @@ async fn idle_users_are_evicted() {
     };
     users.insert(UserKey::new("idle"), tokens(1)).unwrap();
     users.insert(UserKey::new("active"), tokens(2)).unwrap();
-    tokio::time::sleep(Duration::from_secs(45)).await;
+    // A login counts as a use: the first sweep evicts nobody.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(users.evict_idle(), 0);
+    tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(
         users.token_cache(&UserKey::new("active")).is_some(),
         "used now"
     );
     tokio::time::sleep(Duration::from_secs(30)).await;
 
-    assert_eq!(users.evict_idle(), 1);
+    assert_eq!(users.evict_idle(), 1, "unused since the last sweep");
     assert!(!users.contains(&UserKey::new("idle")));
     assert!(users.contains(&UserKey::new("active")));
     assert_eq!(users.stats().evicted, 1);
 
-    // Adding a user sweeps when half the idle time has passed since the last sweep.
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    users.insert(UserKey::new("new"), tokens(3)).unwrap();
-    assert_eq!(users.len(), 1, "the idle 'active' user went with the sweep");
+    // Adding a user sweeps when an idle time has passed since the last sweep.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    users.insert(UserKey::new("early"), tokens(3)).unwrap();
+    assert_eq!(users.len(), 2, "no sweep yet");
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    users.insert(UserKey::new("new"), tokens(4)).unwrap();
+    assert!(
+        !users.contains(&UserKey::new("active")),
+        "unused for a whole idle time"
+    );
+    assert!(users.contains(&UserKey::new("early")) && users.contains(&UserKey::new("new")));
 }
 
 /// `UserKey`'s `Debug` hides the key (a session id is a secret).

@@ -314,8 +314,10 @@ struct Inner {
     current: ArcSwapOption<Token>,
     state: Mutex<State>,
     source: Arc<dyn TokenSource>,
-    config: CacheConfig,
-    counters: Counters,
+    /// Shared by the caches made alike (a pool's slots, the users of a `UserTokenCache`).
+    config: Arc<CacheConfig>,
+    /// Shared by the users of a `UserTokenCache` (their counters add up there).
+    counters: Arc<Counters>,
 }
 
 /// The slow path's state, changed only under `Inner::state`'s lock.
@@ -402,17 +404,25 @@ impl TokenCache {
     /// A cache that obtains its tokens from `source`. Nothing is fetched until a token is
     /// needed.
     pub fn new(source: impl TokenSource, config: CacheConfig) -> Self {
-        Self::with_source(Arc::new(source), config)
+        let counters = Arc::new(Counters::new(config.name_value()));
+        Self::with_source(Arc::new(source), Arc::new(config), counters)
     }
 
     /// Another cache for the same source and configuration, with its own token, single
     /// flight, backoff and counters: the next slot of a [`TokenPool`](crate::TokenPool).
     pub(crate) fn sibling(&self) -> Self {
-        Self::with_source(self.inner.source.clone(), self.inner.config.clone())
+        let config = self.inner.config.clone();
+        let counters = Arc::new(Counters::new(config.name_value()));
+        Self::with_source(self.inner.source.clone(), config, counters)
     }
 
-    fn with_source(source: Arc<dyn TokenSource>, config: CacheConfig) -> Self {
-        let counters = Counters::new(config.name_value());
+    /// A cache over `source`, with a configuration and counters it may share with other
+    /// caches.
+    pub(crate) fn with_source(
+        source: Arc<dyn TokenSource>,
+        config: Arc<CacheConfig>,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),

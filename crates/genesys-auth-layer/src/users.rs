@@ -10,7 +10,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -23,9 +23,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use crate::auth::{AuthReplayFuture, AuthReplayService, Scope, Shared};
+use crate::auth::{attach, AuthReplayFuture, AuthReplayService, ResponseFuture, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
 use crate::error::{AuthError, ConfigError, OAuthErrorCode};
+use crate::observe::{CacheStats, Counters};
 use crate::region::join;
 use crate::retry::ReplayableBody;
 use crate::source::{
@@ -125,8 +126,10 @@ impl UserCacheConfig {
         self
     }
 
-    /// How long an entry stays without a request before it is evicted (at least a
-    /// second, at most a year). Eviction forgets the tokens; it does not revoke them.
+    /// How long an entry stays at least without a request before it is evicted (at least a
+    /// second, at most a year): a sweep each idle time evicts the entries no request used
+    /// since the sweep before, so an entry goes after one to two idle times without a
+    /// request. Eviction forgets the tokens; it does not revoke them.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle.clamp(Duration::from_secs(1), Duration::from_secs(365 * 86_400));
         self
@@ -158,15 +161,15 @@ pub struct UserCacheStats {
 ///
 /// * [`insert`](Self::insert) a user after the login's code exchange, under the key the
 ///   application will put in that user's requests ([`UserKey`]);
-/// * send the requests through [`layer`](Self::layer) ([`UserAuthLayer`]);
+/// * send the requests through [`layers`](Self::layers) ([`UserAuthLayer`]);
 /// * [`logout`](Self::logout) removes the user and revokes the token
 ///   (`DELETE /api/v2/tokens/me`).
 ///
 /// Each entry is a [`TokenCache`] of its own, so per user: one refresh at a time (a
 /// rotating refresh token is never sent twice), refresh ahead, a 401 to the current token
 /// refreshes once and replays once. Entries idle past
-/// [`UserCacheConfig::idle_timeout`] are evicted (checked as users are added, or by
-/// [`evict_idle`](Self::evict_idle)). Cheap to clone: clones share the entries.
+/// [`UserCacheConfig::idle_timeout`] are evicted (swept at most once an idle time, as users
+/// are added, or by [`evict_idle`](Self::evict_idle)). Cheap to clone: clones share the entries.
 ///
 /// ```no_run
 /// # async fn demo(
@@ -182,7 +185,7 @@ pub struct UserCacheStats {
 /// users.insert(UserKey::new("session-4f9c"), tokens)?;
 /// // For each request the application sends for that user:
 /// let client = ServiceBuilder::new()
-///     .layer(users.layer())
+///     .layer(users.layers())
 ///     .service(genesys_auth_layer::default_client::https_client::<http_body_util::Full<bytes::Bytes>>());
 /// let mut request = http::Request::get("https://api.mypurecloud.ie/api/v2/users/me")
 ///     .body(http_body_util::Full::default())?;
@@ -203,7 +206,12 @@ impl<S> Clone for UserTokenCache<S> {
 }
 
 struct Users<S> {
-    grant: UserGrant<S>,
+    /// One grant for every user's refresh source.
+    grant: Arc<UserGrant<S>>,
+    /// One configuration for every user's cache.
+    cache_config: Arc<CacheConfig>,
+    /// One set of counters for every user's cache: [`UserTokenCache::cache_stats`].
+    counters: Arc<Counters>,
     api_uri: Uri,
     config: UserCacheConfig,
     shared: Arc<Lookup>,
@@ -216,9 +224,11 @@ struct Users<S> {
 
 /// What the layer needs: the entries and the API's scope.
 struct Lookup {
-    entries: papaya::HashMap<UserKey, Entry>,
+    /// Hashed with foldhash (randomly seeded per process): SipHash cost a fifth of a
+    /// cached user's request.
+    entries: papaya::HashMap<UserKey, Entry, foldhash::fast::RandomState>,
     scope: Scope,
-    /// The instant `Entry::last_used` counts from.
+    /// The instant `Users::last_sweep` counts from.
     epoch: Instant,
     refused: AtomicU64,
 }
@@ -228,8 +238,8 @@ struct Entry {
     shared: Arc<Shared>,
     /// The user's refresh token, as the cache's source holds it (none without one).
     refresh: Option<Arc<dyn HoldsRefreshToken>>,
-    /// When a request last used this entry, in ms since `Lookup::epoch`.
-    last_used: AtomicU64,
+    /// Whether a request used this entry since the last sweep.
+    used: AtomicBool,
 }
 
 impl Lookup {
@@ -241,27 +251,18 @@ impl Lookup {
     fn get(&self, key: &UserKey) -> Option<Arc<Shared>> {
         let entries = self.entries.pin();
         let entry = entries.get(key)?;
-        // Written at most once a second, so that a user's requests on several cores do not
-        // fight over the line: the idle time is counted in seconds anyway.
-        let now = self.now_ms();
-        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= 1_000 {
-            entry.last_used.store(now, Ordering::Relaxed);
-        }
+        entry.mark_used();
         Some(entry.shared.clone())
     }
 }
 
-/// A user's refresh-token source, shared by her cache (which refreshes with it) and her
-/// entry (which reads the current refresh token for the application to keep).
-struct UserSource<S>(Arc<RefreshTokenSource<S>>);
-
-impl<S: TokenHttpService> TokenSource for UserSource<S> {
-    fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-        self.0.fetch()
-    }
-
-    fn credentials_version(&self) -> u64 {
-        self.0.credentials_version()
+impl Entry {
+    /// Written once per sweep, so that a user's requests on several cores do not fight
+    /// over the line, and with no clock read.
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -304,11 +305,13 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         let scope = Scope::new([api_uri.clone()])?;
         Ok(Self {
             inner: Arc::new(Users {
-                grant,
+                grant: Arc::new(grant),
+                cache_config: Arc::new(config.cache.clone()),
+                counters: Arc::new(Counters::new(config.cache.name_value())),
                 api_uri,
                 config,
                 shared: Arc::new(Lookup {
-                    entries: papaya::HashMap::new(),
+                    entries: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
                     scope,
                     epoch: Instant::now(),
                     refused: AtomicU64::new(0),
@@ -359,14 +362,21 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         &self,
         refresh_token: Option<RefreshToken>,
     ) -> (TokenCache, Option<Arc<dyn HoldsRefreshToken>>) {
-        let config = self.inner.config.cache.clone();
+        let config = self.inner.cache_config.clone();
+        let counters = self.inner.counters.clone();
         match refresh_token {
             Some(refresh) => {
-                let source = Arc::new(RefreshTokenSource::new(self.inner.grant.clone(), refresh));
-                let cache = TokenCache::new(UserSource(source.clone()), config);
+                let source = Arc::new(RefreshTokenSource::shared(
+                    self.inner.grant.clone(),
+                    refresh,
+                ));
+                let cache = TokenCache::with_source(source.clone(), config, counters);
                 (cache, Some(source))
             }
-            None => (TokenCache::new(NoRefreshToken, config), None),
+            None => (
+                TokenCache::with_source(Arc::new(NoRefreshToken), config, counters),
+                None,
+            ),
         }
     }
 
@@ -375,14 +385,16 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         let entry = Entry {
             shared: Arc::new(Shared::new(cache, Scope::empty())),
             refresh,
-            last_used: AtomicU64::new(lookup.now_ms()),
+            used: AtomicBool::new(true),
         };
         lookup.entries.pin().insert(key, entry);
         self.inner.logins.fetch_add(1, Ordering::Relaxed);
         self.sweep_if_due();
     }
 
-    /// The token cache of the user under `key`, if one is logged in.
+    /// The token cache of the user under `key`, if one is logged in. (Its
+    /// [`stats`](TokenCache::stats) are every user's together, as
+    /// [`cache_stats`](Self::cache_stats) gives them: the users share one set of counters.)
     pub fn token_cache(&self, key: &UserKey) -> Option<TokenCache> {
         self.inner
             .shared
@@ -469,15 +481,18 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         }
     }
 
-    /// Evicts the users idle past the configured time; returns how many.
+    /// A sweep: evicts the users no request used since the previous sweep (or their
+    /// login), and starts counting again; returns how many were evicted. Sweeps run by
+    /// themselves at most once an idle time as users are added; call this on a timer to
+    /// evict without logins.
     pub fn evict_idle(&self) -> usize {
         let lookup = &self.inner.shared;
-        let now = lookup.now_ms();
-        self.inner.last_sweep.store(now, Ordering::Relaxed);
-        let idle = u64::try_from(self.inner.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .last_sweep
+            .store(lookup.now_ms(), Ordering::Relaxed);
         let mut evicted = 0;
         lookup.entries.pin().retain(|_, entry| {
-            let keep = now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) < idle;
+            let keep = entry.used.swap(false, Ordering::Relaxed);
             evicted += usize::from(!keep);
             keep
         });
@@ -490,15 +505,14 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         evicted
     }
 
-    /// Sweeps for idle entries if none ran for half the idle time: memory stays bounded
-    /// by the users active within about one idle time, without a background task.
+    /// Sweeps if none ran for an idle time: memory stays bounded by the users active
+    /// within about two idle times, without a background task.
     fn sweep_if_due(&self) {
         let now = self.inner.shared.now_ms();
-        let half =
-            u64::try_from(self.inner.config.idle_timeout.as_millis() / 2).unwrap_or(u64::MAX);
+        let idle = u64::try_from(self.inner.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         let last = self.inner.last_sweep.load(Ordering::Relaxed);
         // One caller sweeps: the one that moves `last_sweep`.
-        if now.saturating_sub(last) >= half
+        if now.saturating_sub(last) >= idle
             && self
                 .inner
                 .last_sweep
@@ -509,11 +523,31 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         }
     }
 
-    /// The layer that attaches to each request its user's token (by its [`UserKey`]).
+    /// The layer that attaches to each request its user's token (by its [`UserKey`]) and,
+    /// when the API answers 401 to it, refreshes it and replays the request once: what
+    /// [`GenesysAuth::layers`](crate::GenesysAuth::layers) does for the client's token.
+    pub fn layers(&self) -> UserAuthLayer {
+        UserAuthLayer {
+            lookup: self.inner.shared.clone(),
+            replay: true,
+        }
+    }
+
+    /// The layer that attaches to each request its user's token (by its [`UserKey`]) and
+    /// replays nothing: a 401 to that token still starts one refresh, and the caller gets
+    /// the 401. What [`GenesysAuth::layer`](crate::GenesysAuth::layer) does for the client's
+    /// token; [`layers`](Self::layers) is the one to use unless the caller retries itself.
     pub fn layer(&self) -> UserAuthLayer {
         UserAuthLayer {
             lookup: self.inner.shared.clone(),
+            replay: false,
         }
+    }
+
+    /// The token counters of every user's cache, added up (refreshes, failures by cause,
+    /// requests authorized, 401s and replays), as [`TokenCache::stats`] gives one cache's.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.counters.snapshot()
     }
 
     /// A snapshot of the counters.
@@ -538,16 +572,19 @@ impl<S> fmt::Debug for UserTokenCache<S> {
     }
 }
 
-/// The layer of a [`UserTokenCache`]: [`UserTokenCache::layer`].
+/// The layer of a [`UserTokenCache`]: [`UserTokenCache::layers`] (attach, and replay a
+/// 401 once) or [`UserTokenCache::layer`] (attach only).
 #[derive(Clone)]
 pub struct UserAuthLayer {
     lookup: Arc<Lookup>,
+    replay: bool,
 }
 
 impl fmt::Debug for UserAuthLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UserAuthLayer")
             .field("scope", &self.lookup.scope)
+            .field("replay", &self.replay)
             .finish()
     }
 }
@@ -559,6 +596,7 @@ impl<S> Layer<S> for UserAuthLayer {
         UserAuthService {
             inner,
             lookup: self.lookup.clone(),
+            replay: self.replay,
         }
     }
 }
@@ -567,9 +605,10 @@ impl<S> Layer<S> for UserAuthLayer {
 ///
 /// * A request for the API origin, without an `Authorization` of its own, goes out with
 ///   the token of the user its [`UserKey`] extension names, exactly as
-///   [`AuthReplayService`](crate::AuthReplayService) would send it with that user's cache:
-///   a `401` to that token refreshes it (once for any number of 401s) and the request is
-///   replayed once.
+///   [`AuthReplayService`](crate::AuthReplayService) (from [`UserTokenCache::layers`]) or
+///   [`AuthService`](crate::AuthService) (from [`UserTokenCache::layer`]) would send it
+///   with that user's cache: a `401` to that token refreshes it (once for any number of
+///   401s) and, with `layers`, the request is replayed once.
 /// * Without a `UserKey`, or with one no user is logged in under, it is not sent: a
 ///   [`UserAuthError`] (boxed).
 /// * Other requests pass through untouched.
@@ -577,6 +616,7 @@ impl<S> Layer<S> for UserAuthLayer {
 pub struct UserAuthService<S> {
     inner: S,
     lookup: Arc<Lookup>,
+    replay: bool,
 }
 
 impl<S> fmt::Debug for UserAuthService<S> {
@@ -624,18 +664,27 @@ where
                 future: self.inner.call(request),
             });
         }
-        let shared = match request.extensions().get::<UserKey>() {
+        let entries = self.lookup.entries.pin();
+        let entry = match request.extensions().get::<UserKey>() {
             None => Err(UserAuthError::MissingKey),
-            Some(key) => self.lookup.get(key).ok_or(UserAuthError::NotLoggedIn),
+            Some(key) => entries.get(key).ok_or(UserAuthError::NotLoggedIn),
         };
-        match shared {
-            Ok(shared) => {
-                // The ready service goes with this request; the next call readies a clone.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                let future =
-                    AuthReplayService::with_shared(ready, shared).call_checked(request, true);
-                UserAuthFuture::new(State::Auth { future })
+        match entry {
+            Ok(entry) => {
+                entry.mark_used();
+                if self.replay {
+                    // The ready service goes with this request; the next call readies a clone.
+                    let clone = self.inner.clone();
+                    let ready = std::mem::replace(&mut self.inner, clone);
+                    let shared = entry.shared.clone();
+                    let future =
+                        AuthReplayService::with_shared(ready, shared).call_checked(request, true);
+                    UserAuthFuture::new(State::Replay { future })
+                } else {
+                    // Within the map's guard: the user's state is borrowed, not counted.
+                    let future = attach(&mut self.inner, &entry.shared, request, true);
+                    UserAuthFuture::new(State::Attach { future })
+                }
             }
             Err(error) => {
                 self.lookup.refused.fetch_add(1, Ordering::Relaxed);
@@ -663,8 +712,10 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
+        // With the user's token, replayed once after a 401.
+        Replay { #[pin] future: AuthReplayFuture<S, B> },
         // With the user's token.
-        Auth { #[pin] future: AuthReplayFuture<S, B> },
+        Attach { #[pin] future: ResponseFuture<S, B> },
         // Not for the API: passed through.
         Pass { #[pin] future: S::Future },
         // Not sent; the error is taken when polled.
@@ -691,7 +742,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            Projected::Auth { future } => future.poll(cx),
+            Projected::Replay { future } => future.poll(cx),
+            Projected::Attach { future } => future.poll(cx),
             Projected::Pass { future } => Poll::Ready(ready!(future.poll(cx)).map_err(Into::into)),
             Projected::Refused { error } => Poll::Ready(Err(match error.take() {
                 Some(error) => error.into(),
@@ -707,7 +759,8 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Auth { .. } => "Auth",
+            State::Replay { .. } => "Replay",
+            State::Attach { .. } => "Attach",
             State::Pass { .. } => "Pass",
             State::Refused { .. } => "Refused",
         };

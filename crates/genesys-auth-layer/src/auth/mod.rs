@@ -21,6 +21,7 @@ pub use future::ResponseFuture;
 pub use layer::AuthLayer;
 pub use replay::{AuthReplayFuture, AuthReplayLayer, AuthReplayService};
 pub use scope::Scope;
+pub(crate) use service::attach;
 pub use service::AuthService;
 
 use crate::cache::TokenCache;

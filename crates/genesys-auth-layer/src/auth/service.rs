@@ -84,58 +84,73 @@ impl<S> AuthService<S> {
     #[inline]
     pub(crate) fn call_checked<B, ResBody>(
         &mut self,
-        mut request: Request<B>,
+        request: Request<B>,
         applies: bool,
     ) -> ResponseFuture<S, B>
     where
         S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     {
-        let cache = &self.shared.cache;
-        if !applies {
-            return ResponseFuture::called(self.inner.call(request), None);
-        }
-        if let Some(refused) = take_refused(&mut request, cache.id()) {
-            return self.wait_for_token(request, Some(refused));
-        }
-        match cache.header() {
-            Some((header, generation)) => {
-                request.headers_mut().insert(AUTHORIZATION, header);
-                let attached = Attached {
-                    cache: cache.clone(),
-                    generation,
-                    replay: false,
-                };
-                ResponseFuture::called(self.inner.call(request), Some(attached))
-            }
-            None => self.wait_for_token(request, None),
-        }
+        attach(&mut self.inner, &self.shared, request, applies)
     }
 }
 
-impl<S> AuthService<S> {
-    /// The request waits for a token (one newer than `refused`, for a replay), then for a
-    /// clone of the inner service to be ready. The ready service is dropped now, which
-    /// gives back what its `poll_ready` reserved (a concurrency permit, a buffer slot): the
-    /// token request may need that capacity.
-    fn wait_for_token<B>(
-        &mut self,
-        request: Request<B>,
-        refused: Option<TokenGeneration>,
-    ) -> ResponseFuture<S, B>
-    where
-        S: Service<Request<B>> + Clone,
-    {
-        let unready = self.inner.clone();
-        drop(std::mem::replace(&mut self.inner, unready));
-        if refused.is_none() {
-            tracing::debug!(
-                target: "genesys_auth_layer::auth",
-                "no valid token cached; request waits for one"
-            );
-        }
-        let service = self.inner.clone();
-        ResponseFuture::waiting(self.shared.cache.clone(), service, request, refused)
+/// What [`AuthService`] does with a request, on a ready `inner` and the shared state of the
+/// cache whose token it attaches (also used per request by the users' layer, which picks
+/// `shared` by the request's user).
+#[inline]
+pub(crate) fn attach<S, B, ResBody>(
+    inner: &mut S,
+    shared: &Shared,
+    mut request: Request<B>,
+    applies: bool,
+) -> ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+{
+    let cache = &shared.cache;
+    if !applies {
+        return ResponseFuture::called(inner.call(request), None);
     }
+    if let Some(refused) = take_refused(&mut request, cache.id()) {
+        return wait_for_token(inner, shared, request, Some(refused));
+    }
+    match cache.header() {
+        Some((header, generation)) => {
+            request.headers_mut().insert(AUTHORIZATION, header);
+            let attached = Attached {
+                cache: cache.clone(),
+                generation,
+                replay: false,
+            };
+            ResponseFuture::called(inner.call(request), Some(attached))
+        }
+        None => wait_for_token(inner, shared, request, None),
+    }
+}
+
+/// The request waits for a token (one newer than `refused`, for a replay), then for a
+/// clone of the inner service to be ready. The ready service is dropped now, which gives
+/// back what its `poll_ready` reserved (a concurrency permit, a buffer slot): the token
+/// request may need that capacity.
+fn wait_for_token<S, B>(
+    inner: &mut S,
+    shared: &Shared,
+    request: Request<B>,
+    refused: Option<TokenGeneration>,
+) -> ResponseFuture<S, B>
+where
+    S: Service<Request<B>> + Clone,
+{
+    let unready = inner.clone();
+    drop(std::mem::replace(inner, unready));
+    if refused.is_none() {
+        tracing::debug!(
+            target: "genesys_auth_layer::auth",
+            "no valid token cached; request waits for one"
+        );
+    }
+    let service = inner.clone();
+    ResponseFuture::waiting(shared.cache.clone(), service, request, refused)
 }
 
 /// The generation the API refused, if `request` is a replay for cache `cache` (marked by

@@ -457,13 +457,18 @@ enum Slot {
 /// # Ok::<(), tower::BoxError>(()) }).unwrap();
 /// ```
 pub struct RefreshTokenSource<S> {
-    grant: UserGrant<S>,
+    grant: Arc<UserGrant<S>>,
     slot: Arc<tokio::sync::Mutex<Slot>>,
 }
 
 impl<S> RefreshTokenSource<S> {
     /// A source that refreshes with `refresh_token` through `grant`.
     pub fn new(grant: UserGrant<S>, refresh_token: RefreshToken) -> Self {
+        Self::shared(Arc::new(grant), refresh_token)
+    }
+
+    /// A source over a grant shared with other users' sources (one copy for them all).
+    pub(crate) fn shared(grant: Arc<UserGrant<S>>, refresh_token: RefreshToken) -> Self {
         Self {
             grant,
             slot: Arc::new(tokio::sync::Mutex::new(Slot::Held(refresh_token))),
@@ -538,7 +543,7 @@ pub const DETACHED_REFRESH_BOUND: Duration = Duration::from_secs(120);
 /// sends it, and puts back the one the answer brings, or the one sent if the server did not
 /// refuse it.
 async fn refresh_with<S: TokenHttpService>(
-    grant: UserGrant<S>,
+    grant: Arc<UserGrant<S>>,
     slot: Arc<tokio::sync::Mutex<Slot>>,
 ) -> Result<IssuedToken, LoginError> {
     let mut slot = slot.lock_owned().await;
