@@ -73,6 +73,7 @@ mod reqwest;
 mod retry;
 mod rotation;
 mod source;
+mod store;
 #[cfg(test)]
 mod test_support;
 mod token;
@@ -122,6 +123,7 @@ pub use source::{
     PkceChallenge, PkceVerifier, RefreshToken, RefreshTokenSource, UserGrant, UserTokens,
     DETACHED_REFRESH_BOUND, PKCE_VERIFIER_MAX_LEN, PKCE_VERIFIER_MIN_LEN,
 };
+pub use store::{Lease, MemoryStore, StoreError, StoredTokens, TokenStore};
 pub use token::{IssuedToken, Token, TokenGeneration};
 pub use users::{
     UserAuthError, UserAuthFuture, UserAuthLayer, UserAuthService, UserCacheConfig, UserCacheStats,
