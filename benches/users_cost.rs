@@ -147,6 +147,15 @@ fn session_id(n: usize) -> UserKey {
 }
 
 /// A user cache of `count` users whose token endpoint counts the calls it gets.
+/// The output of a future that needs no waiting (a `UserTokenCache` without a shared store
+/// inserts at once).
+fn at_once<F: Future>(future: F) -> F::Output {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the future waited"),
+    }
+}
+
 fn users(count: usize, token_calls: &Arc<AtomicUsize>) -> UserTokenCache<impl TokenHttpService> {
     let calls = token_calls.clone();
     let endpoint = tower::service_fn(move |_: Request<Full<Bytes>>| {
@@ -168,7 +177,7 @@ fn users(count: usize, token_calls: &Arc<AtomicUsize>) -> UserTokenCache<impl To
     let cache = UserTokenCache::new(grant, Uri::from_static(API), UserCacheConfig::new())
         .expect("user cache");
     for n in 0..count {
-        cache.insert(session_id(n), login(n)).expect("insert");
+        at_once(cache.insert(session_id(n), login(n))).expect("insert");
     }
     cache
 }

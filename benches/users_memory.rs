@@ -160,8 +160,7 @@ fn main() {
 
     let cache = UserTokenCache::new(grant.clone(), api, UserCacheConfig::new()).expect("cache");
     // Warm what a first insert sets up once (the collector's thread state, the runtime's).
-    cache
-        .insert(UserKey::new("warm-up"), tokens(&mut random, token_len))
+    rt.block_on(cache.insert(UserKey::new("warm-up"), tokens(&mut random, token_len)))
         .expect("insert");
     cache.remove(&UserKey::new("warm-up"));
 
@@ -170,8 +169,7 @@ fn main() {
     let started = Instant::now();
     for _ in 0..n {
         let key = UserKey::new(random.string(32, HEX));
-        cache
-            .insert(key, tokens(&mut random, token_len))
+        rt.block_on(cache.insert(key, tokens(&mut random, token_len)))
             .expect("insert");
     }
     let elapsed = started.elapsed();

@@ -152,7 +152,7 @@ async fn log_in(
 
     let users = UserTokenCache::new(grant, genesys.api_uri.clone(), UserCacheConfig::new())?;
     let key = UserKey::new("cli");
-    users.insert(key.clone(), tokens)?;
+    users.insert(key.clone(), tokens).await?;
     let client = users.layers().layer(https_client::<Full<Bytes>>());
     let mut me = Request::get(format!(
         "{}/api/v2/users/me",

@@ -364,6 +364,7 @@ async fn start_session(app: &App, headers: &HeaderMap, query: &str) -> Result<St
     let session = random_id().map_err(|_| "no random numbers".to_owned())?;
     app.users
         .insert(UserKey::new(session.as_str()), tokens)
+        .await
         .map_err(|e| format!("The tokens could not be cached: {e}"))?;
     tracing::info!(target: "web_login", "a user logged in");
     Ok(session)

@@ -43,7 +43,7 @@ async fn log_in(fake: &FakeGenesys, users: &UserTokenCache<HttpClient>, user_id:
     let (_, query) = location.split_once('?').unwrap();
     let code = request.into_state().verify_callback(query).unwrap();
     let tokens = grant(fake).exchange(&code, REDIRECT).await.unwrap();
-    users.insert(UserKey::new(key), tokens).unwrap();
+    users.insert(UserKey::new(key), tokens).await.unwrap();
 }
 
 fn me(fake: &FakeGenesys, key: Option<&str>) -> Request<Full<bytes::Bytes>> {
@@ -281,8 +281,11 @@ async fn idle_users_are_evicted() {
         let token = IssuedToken::bearer(&format!("t{n}"), Duration::from_secs(3600)).unwrap();
         UserTokens::new(token, None, tokio::time::Instant::now())
     };
-    users.insert(UserKey::new("idle"), tokens(1)).unwrap();
-    users.insert(UserKey::new("active"), tokens(2)).unwrap();
+    users.insert(UserKey::new("idle"), tokens(1)).await.unwrap();
+    users
+        .insert(UserKey::new("active"), tokens(2))
+        .await
+        .unwrap();
     // A login counts as a use: the first sweep evicts nobody.
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(users.evict_idle(), 0);
@@ -300,10 +303,13 @@ async fn idle_users_are_evicted() {
 
     // Adding a user sweeps when an idle time has passed since the last sweep.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    users.insert(UserKey::new("early"), tokens(3)).unwrap();
+    users
+        .insert(UserKey::new("early"), tokens(3))
+        .await
+        .unwrap();
     assert_eq!(users.len(), 2, "no sweep yet");
     tokio::time::sleep(Duration::from_secs(31)).await;
-    users.insert(UserKey::new("new"), tokens(4)).unwrap();
+    users.insert(UserKey::new("new"), tokens(4)).await.unwrap();
     assert!(
         !users.contains(&UserKey::new("active")),
         "unused for a whole idle time"
@@ -344,7 +350,10 @@ async fn a_kept_refresh_token_restores_the_user() {
 
     // A restart: a new cache, the user restored from the kept refresh token.
     let restored = self::users(&fake);
-    restored.insert_refresh_token(key.clone(), kept);
+    restored
+        .insert_refresh_token(key.clone(), kept)
+        .await
+        .unwrap();
     let client = self::client(&restored);
     assert_eq!(
         name(client, me(&fake, Some("session-ada"))).await.unwrap(),

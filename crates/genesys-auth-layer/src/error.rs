@@ -238,6 +238,12 @@ pub enum AuthError {
     /// A token was needed outside a Tokio runtime, so no refresh could be started.
     #[error("a token refresh needs a Tokio runtime")]
     NoRuntime,
+    /// A user's tokens live in a shared [`TokenStore`](crate::TokenStore) (a fleet's) and it
+    /// failed: unreachable, an unreadable entry, or another replica's refresh that did not
+    /// come in time. No token request was sent: without the store's lease, refreshing could
+    /// send a rotated refresh token twice.
+    #[error("no token: the shared token store failed")]
+    Store(#[source] crate::store::StoreError),
 }
 
 impl AuthError {
@@ -269,6 +275,7 @@ impl AuthError {
             Self::BothSecretsRejected { .. } => "secrets_rejected",
             Self::RefreshAborted => "aborted",
             Self::NoRuntime => "no_runtime",
+            Self::Store(_) => "store",
         }
     }
 

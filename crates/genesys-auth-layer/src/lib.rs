@@ -64,6 +64,7 @@ mod credentials;
 #[cfg_attr(docsrs, doc(cfg(feature = "default-client")))]
 pub mod default_client;
 mod error;
+mod fleet;
 mod genesys;
 mod observe;
 mod pool;

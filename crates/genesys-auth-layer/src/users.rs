@@ -11,9 +11,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
@@ -26,6 +26,7 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::auth::{attach, AuthReplayFuture, AuthReplayService, ResponseFuture, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
 use crate::error::{AuthError, ConfigError, OAuthErrorCode};
+use crate::fleet::{adoptable, to_stored, Fleet, FleetSettings, StoreSource};
 use crate::observe::{CacheStats, Counters};
 use crate::region::join;
 use crate::retry::ReplayableBody;
@@ -33,10 +34,16 @@ use crate::source::{
     BoxFuture, RefreshToken, RefreshTokenSource, TokenHttpService, TokenSource, UserGrant,
     UserTokens,
 };
+use crate::store::{StoreError, StoredTokens, TokenStore};
 use crate::token::IssuedToken;
 
 /// How long a user's entry stays cached without a request, unless told otherwise.
 pub const DEFAULT_USER_IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 60 * 60);
+/// How long a shared [`TokenStore`] keeps a user's tokens after her last login or refresh,
+/// unless told otherwise.
+pub const DEFAULT_STORE_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// How long a refresh waits for the lease or the store, unless told otherwise.
+pub const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(10);
 
 /// The application's key for one user's tokens: a session id, or a user id. Insert it in
 /// each request's extensions; [`UserAuthService`] attaches that user's token.
@@ -102,6 +109,8 @@ pub enum UserAuthError {
 pub struct UserCacheConfig {
     cache: CacheConfig,
     idle_timeout: Duration,
+    store_ttl: Duration,
+    store_wait: Duration,
 }
 
 impl Default for UserCacheConfig {
@@ -109,6 +118,8 @@ impl Default for UserCacheConfig {
         Self {
             cache: CacheConfig::default(),
             idle_timeout: DEFAULT_USER_IDLE_TIMEOUT,
+            store_ttl: DEFAULT_STORE_TTL,
+            store_wait: DEFAULT_STORE_WAIT,
         }
     }
 }
@@ -138,6 +149,21 @@ impl UserCacheConfig {
     /// How long an entry stays without a request.
     pub fn idle_timeout_value(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// With a shared [`TokenStore`]: how long it keeps a user's tokens after her last
+    /// login or refresh (at least a minute); a user idle longer must log in again.
+    pub fn store_ttl(mut self, ttl: Duration) -> Self {
+        self.store_ttl = ttl.max(Duration::from_secs(60));
+        self
+    }
+
+    /// With a shared [`TokenStore`]: how long a refresh waits for the user's lease,
+    /// another replica's new token, or an unreachable store, before it fails (at least
+    /// 100 ms, at most 10 minutes). It never refreshes without the lease.
+    pub fn store_wait(mut self, wait: Duration) -> Self {
+        self.store_wait = wait.clamp(Duration::from_millis(100), Duration::from_secs(600));
+        self
     }
 }
 
@@ -182,7 +208,7 @@ pub struct UserCacheStats {
 /// let users = UserTokenCache::new(grant.clone(), Region::EuWest1.api_uri(), UserCacheConfig::new())?;
 /// // On the login callback:
 /// let tokens = grant.exchange(&code, "https://app.example.com/callback").await?;
-/// users.insert(UserKey::new("session-4f9c"), tokens)?;
+/// users.insert(UserKey::new("session-4f9c"), tokens).await?;
 /// // For each request the application sends for that user:
 /// let client = ServiceBuilder::new()
 ///     .layer(users.layers())
@@ -208,6 +234,8 @@ impl<S> Clone for UserTokenCache<S> {
 struct Users<S> {
     /// One grant for every user's refresh source.
     grant: Arc<UserGrant<S>>,
+    /// With a shared store: the store, and what every user's `StoreSource` shares.
+    fleet: Option<Arc<Fleet<S>>>,
     /// One configuration for every user's cache.
     cache_config: Arc<CacheConfig>,
     /// One set of counters for every user's cache: [`UserTokenCache::cache_stats`].
@@ -231,7 +259,14 @@ struct Lookup {
     /// The instant `Users::last_sweep` counts from.
     epoch: Instant,
     refused: AtomicU64,
+    /// With a shared store: loads a user this replica does not know yet.
+    loader: Option<Loader>,
 }
+
+/// Loads a user from the shared store into the entries: `None` if the store has none.
+type Loader = Arc<
+    dyn Fn(UserKey) -> BoxFuture<'static, Result<Option<Arc<Shared>>, StoreError>> + Send + Sync,
+>;
 
 struct Entry {
     /// The user's cache, with an empty scope: the layer checks the scope once.
@@ -302,20 +337,71 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         api_uri: Uri,
         config: UserCacheConfig,
     ) -> Result<Self, ConfigError> {
+        Self::build(grant, api_uri, config, None)
+    }
+
+    /// A cache as [`new`](Self::new) makes, whose users' tokens also live in `store`,
+    /// shared by the replicas of a fleet: a user who logged in on one replica is found by
+    /// the others, and one replica at a time refreshes her (the store's lease), with the
+    /// newest refresh token. Reads stay in process: the store is asked on a login, a
+    /// refresh, a logout, and for a user this replica does not know yet. If the store is
+    /// unreachable, cached tokens keep serving; a refresh waits up to
+    /// [`UserCacheConfig::store_wait`] for it, then fails, rather than refresh without the
+    /// lease (a rotating refresh token sent twice logs the user out).
+    pub fn with_store(
+        grant: UserGrant<S>,
+        api_uri: Uri,
+        config: UserCacheConfig,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<Self, ConfigError> {
+        Self::build(grant, api_uri, config, Some(store))
+    }
+
+    fn build(
+        grant: UserGrant<S>,
+        api_uri: Uri,
+        config: UserCacheConfig,
+        store: Option<Arc<dyn TokenStore>>,
+    ) -> Result<Self, ConfigError> {
         let scope = Scope::new([api_uri.clone()])?;
+        let grant = Arc::new(grant);
+        let cache_config = Arc::new(config.cache.clone());
+        let counters = Arc::new(Counters::new(config.cache.name_value()));
+        let fleet = store.map(|store| {
+            Arc::new(Fleet {
+                grant: grant.clone(),
+                store,
+                settings: FleetSettings {
+                    lease_ttl: config.cache.fetch_timeout_value() + Duration::from_secs(5),
+                    wait: config.store_wait,
+                    poll: Duration::from_millis(50),
+                    entry_ttl: config.store_ttl,
+                },
+            })
+        });
+        let shared = Arc::new_cyclic(|lookup| Lookup {
+            entries: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            scope,
+            epoch: Instant::now(),
+            refused: AtomicU64::new(0),
+            loader: fleet.as_ref().map(|fleet| {
+                loader(
+                    fleet.clone(),
+                    lookup.clone(),
+                    cache_config.clone(),
+                    counters.clone(),
+                )
+            }),
+        });
         Ok(Self {
             inner: Arc::new(Users {
-                grant: Arc::new(grant),
-                cache_config: Arc::new(config.cache.clone()),
-                counters: Arc::new(Counters::new(config.cache.name_value())),
+                grant,
+                fleet,
+                cache_config,
+                counters,
                 api_uri,
                 config,
-                shared: Arc::new(Lookup {
-                    entries: papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()),
-                    scope,
-                    epoch: Instant::now(),
-                    refused: AtomicU64::new(0),
-                }),
+                shared,
                 logins: AtomicU64::new(0),
                 logouts: AtomicU64::new(0),
                 evicted: AtomicU64::new(0),
@@ -329,10 +415,23 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     /// the refresh token. An access token already (nearly) expired is dropped and the first
     /// request refreshes with the refresh token; without a refresh token that is an error,
     /// and nothing is cached: the user must log in again.
-    pub fn insert(&self, key: UserKey, tokens: UserTokens) -> Result<(), AuthError> {
-        let (cache, refresh) = self.new_cache(tokens.refresh_token);
+    pub async fn insert(&self, key: UserKey, tokens: UserTokens) -> Result<(), AuthError> {
+        if let Some(fleet) = &self.inner.fleet {
+            let stored = to_stored(
+                &tokens.access_token,
+                tokens.refresh_token.clone(),
+                tokens.requested_at,
+                1,
+            );
+            fleet
+                .store
+                .save(&key, &stored, fleet.settings.entry_ttl)
+                .await
+                .map_err(AuthError::Store)?;
+        }
+        let (cache, refresh) = self.new_cache(&key, tokens.refresh_token, 1);
         if let Err(e) = cache.seed(tokens.access_token, tokens.requested_at) {
-            if refresh.is_none() {
+            if refresh.is_none() && self.inner.fleet.is_none() {
                 return Err(e);
             }
         }
@@ -341,16 +440,36 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     }
 
     /// Caches a user from a refresh token alone (one the application kept, read with
-    /// [`refresh_token`](Self::refresh_token)): her first request refreshes with it.
-    pub fn insert_refresh_token(&self, key: UserKey, refresh_token: RefreshToken) {
-        let (cache, refresh) = self.new_cache(Some(refresh_token));
+    /// [`refresh_token`](Self::refresh_token)): her first request refreshes with it. With
+    /// a shared store, the store keeps it (an error if it cannot).
+    pub async fn insert_refresh_token(
+        &self,
+        key: UserKey,
+        refresh_token: RefreshToken,
+    ) -> Result<(), AuthError> {
+        if let Some(fleet) = &self.inner.fleet {
+            let stored =
+                StoredTokens::new("", SystemTime::UNIX_EPOCH, Some(refresh_token.clone()), 1);
+            fleet
+                .store
+                .save(&key, &stored, fleet.settings.entry_ttl)
+                .await
+                .map_err(AuthError::Store)?;
+        }
+        let (cache, refresh) = self.new_cache(&key, Some(refresh_token), 0);
         self.put(key, cache, refresh);
+        Ok(())
     }
 
     /// The refresh token the user under `key` will refresh with next, for the
     /// application to keep (it changes when the server rotates it); waits for a refresh in
     /// flight. `None` if no user is cached under `key`, she has none, or it was refused.
+    /// With a shared store, the store's (the newest, whichever replica rotated it).
     pub async fn refresh_token(&self, key: &UserKey) -> Option<RefreshToken> {
+        if let Some(fleet) = &self.inner.fleet {
+            let stored = fleet.store.load(key).await.ok()??;
+            return stored.refresh_token().cloned();
+        }
         let holder = {
             let entries = self.inner.shared.entries.pin();
             entries.get(key)?.refresh.clone()?
@@ -358,12 +477,23 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         holder.refresh_token().await
     }
 
+    /// A user's cache: over the shared store (as of version `seen`) in a fleet, else over
+    /// her refresh token (or none).
     fn new_cache(
         &self,
+        key: &UserKey,
         refresh_token: Option<RefreshToken>,
+        seen: u64,
     ) -> (TokenCache, Option<Arc<dyn HoldsRefreshToken>>) {
         let config = self.inner.cache_config.clone();
         let counters = self.inner.counters.clone();
+        if let Some(fleet) = &self.inner.fleet {
+            let source = StoreSource::new(fleet.clone(), key.clone(), seen);
+            return (
+                TokenCache::with_source(Arc::new(source), config, counters),
+                None,
+            );
+        }
         match refresh_token {
             Some(refresh) => {
                 let source = Arc::new(RefreshTokenSource::shared(
@@ -446,6 +576,13 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         };
         self.inner.logouts.fetch_add(1, Ordering::Relaxed);
         let bound = self.inner.config.cache.fetch_timeout_value();
+        // The other replicas drop her at their next refresh, which finds no entry.
+        if let Some(fleet) = &self.inner.fleet {
+            match tokio::time::timeout(bound, fleet.store.remove(key)).await {
+                Ok(result) => result.map_err(AuthError::Store)?,
+                Err(_) => return Err(AuthError::Timeout(bound)),
+            }
+        }
         let valid = shared
             .cache
             .current()
@@ -562,6 +699,42 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     }
 }
 
+/// The loader of a cache with a shared store: a user this replica does not know yet is
+/// read from the store and cached (her stored token adopted if still valid).
+fn loader<S: TokenHttpService>(
+    fleet: Arc<Fleet<S>>,
+    lookup: Weak<Lookup>,
+    config: Arc<CacheConfig>,
+    counters: Arc<Counters>,
+) -> Loader {
+    Arc::new(move |key: UserKey| {
+        let (fleet, lookup) = (fleet.clone(), lookup.clone());
+        let (config, counters) = (config.clone(), counters.clone());
+        Box::pin(async move {
+            let Some(stored) = fleet.store.load(&key).await? else {
+                return Ok(None);
+            };
+            let Some(lookup) = lookup.upgrade() else {
+                return Ok(None);
+            };
+            let source = StoreSource::new(fleet, key.clone(), stored.version());
+            let cache = TokenCache::with_source(Arc::new(source), config, counters);
+            if let Some(token) = adoptable(&stored) {
+                // An unusable one is refreshed by the first request instead.
+                let _ = cache.seed(token, Instant::now());
+            }
+            let entry = Entry {
+                shared: Arc::new(Shared::new(cache, Scope::empty())),
+                refresh: None,
+                used: AtomicBool::new(true),
+            };
+            let entries = lookup.entries.pin();
+            // Requests that loaded her at the same time keep the first entry.
+            Ok(Some(entries.get_or_insert(key, entry).shared.clone()))
+        })
+    })
+}
+
 impl<S> fmt::Debug for UserTokenCache<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UserTokenCache")
@@ -667,7 +840,20 @@ where
         let entries = self.lookup.entries.pin();
         let entry = match request.extensions().get::<UserKey>() {
             None => Err(UserAuthError::MissingKey),
-            Some(key) => entries.get(key).ok_or(UserAuthError::NotLoggedIn),
+            Some(key) => match (entries.get(key), &self.lookup.loader) {
+                (Some(entry), _) => Ok(entry),
+                // A user this replica does not know: she may be in the shared store. The
+                // ready service stays for the next call; this request readies a clone.
+                (None, Some(load)) => {
+                    return UserAuthFuture::new(State::Loading {
+                        load: load(key.clone()),
+                        request: Some(request),
+                        service: Some(self.inner.clone()),
+                        replay: self.replay,
+                    });
+                }
+                (None, None) => Err(UserAuthError::NotLoggedIn),
+            },
         };
         match entry {
             Ok(entry) => {
@@ -718,6 +904,20 @@ pin_project! {
         Attach { #[pin] future: ResponseFuture<S, B> },
         // Not for the API: passed through.
         Pass { #[pin] future: S::Future },
+        // A user this replica does not know yet, read from the shared store.
+        Loading {
+            load: BoxFuture<'static, Result<Option<Arc<Shared>>, StoreError>>,
+            request: Option<Request<B>>,
+            service: Option<S>,
+            replay: bool,
+        },
+        // Loaded: the service is made ready, then the request goes as for a cached user.
+        Ready {
+            shared: Arc<Shared>,
+            request: Option<Request<B>>,
+            service: Option<S>,
+            replay: bool,
+        },
         // Not sent; the error is taken when polled.
         Refused { error: Option<UserAuthError> },
     }
@@ -741,14 +941,63 @@ where
     type Output = Result<Response<ResBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            Projected::Replay { future } => future.poll(cx),
-            Projected::Attach { future } => future.poll(cx),
-            Projected::Pass { future } => Poll::Ready(ready!(future.poll(cx)).map_err(Into::into)),
-            Projected::Refused { error } => Poll::Ready(Err(match error.take() {
-                Some(error) => error.into(),
-                None => "UserAuthFuture polled after it completed".into(),
-            })),
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                Projected::Replay { future } => return future.poll(cx),
+                Projected::Attach { future } => return future.poll(cx),
+                Projected::Pass { future } => {
+                    return Poll::Ready(ready!(future.poll(cx)).map_err(Into::into))
+                }
+                Projected::Refused { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => error.into(),
+                        None => "UserAuthFuture polled after it completed".into(),
+                    }))
+                }
+                Projected::Loading {
+                    load,
+                    request,
+                    service,
+                    replay,
+                } => match ready!(load.as_mut().poll(cx)) {
+                    Ok(Some(shared)) => State::Ready {
+                        shared,
+                        request: request.take(),
+                        service: service.take(),
+                        replay: *replay,
+                    },
+                    Ok(None) => State::Refused {
+                        error: Some(UserAuthError::NotLoggedIn),
+                    },
+                    Err(error) => return Poll::Ready(Err(error.into())),
+                },
+                Projected::Ready {
+                    shared,
+                    request,
+                    service,
+                    replay,
+                } => {
+                    let Some(unready) = service.as_mut() else {
+                        return Poll::Ready(Err("UserAuthFuture polled after it completed".into()));
+                    };
+                    if let Err(e) = ready!(unready.poll_ready(cx)) {
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    let (Some(mut ready), Some(request)) = (service.take(), request.take()) else {
+                        return Poll::Ready(Err("UserAuthFuture polled after it completed".into()));
+                    };
+                    if *replay {
+                        let future = AuthReplayService::with_shared(ready, shared.clone())
+                            .call_checked(request, true);
+                        State::Replay { future }
+                    } else {
+                        let future = attach(&mut ready, shared, request, true);
+                        State::Attach { future }
+                    }
+                }
+            };
+            state.set(next);
         }
     }
 }
@@ -759,6 +1008,8 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Loading { .. } => "Loading",
+            State::Ready { .. } => "Ready",
             State::Replay { .. } => "Replay",
             State::Attach { .. } => "Attach",
             State::Pass { .. } => "Pass",

@@ -196,6 +196,15 @@ impl<S> UserGrant<S> {
         &self.token_url
     }
 
+    /// A number that changes when the client's credentials rotate (see
+    /// [`TokenSource::credentials_version`]).
+    pub(crate) fn credentials_version(&self) -> u64 {
+        match &self.client {
+            ClientAuth::Confidential(store) => store.rotations(),
+            ClientAuth::Public(_) => 0,
+        }
+    }
+
     /// The HTTP service token requests go through.
     pub(crate) fn http(&self) -> &S {
         &self.http
@@ -275,7 +284,7 @@ impl<S: TokenHttpService> UserGrant<S> {
     /// One refresh-token request: the access token of the answer, and its refresh token
     /// apart, so that a new refresh token is kept even when the access token beside it is
     /// unusable (the server superseded the one sent either way).
-    async fn refresh_once(
+    pub(crate) async fn refresh_once(
         &self,
         refresh_token: &RefreshToken,
     ) -> (Result<IssuedToken, LoginError>, Option<RefreshToken>) {

@@ -1,0 +1,326 @@
+//! A fleet of replicas sharing users' tokens through a `TokenStore` (issue #16), with the
+//! in-process `MemoryStore` standing for the shared store: four `UserTokenCache`s, each
+//! with its own HTTP clients, against genesys-fake over loopback. The same logic runs over
+//! Redis in `redis_store.rs`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use genesys_auth_layer::{
+    AuthError, AuthorizeUrl, BoxFuture, Credentials, Lease, MemoryStore, OAuthErrorCode,
+    StoreError, StoredTokens, TokenStore, UserCacheConfig, UserGrant, UserKey, UserTokenCache,
+};
+use genesys_fake::FakeGenesys;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+use common::{base, h1_client, h2_client, HttpClient};
+
+const REDIRECT: &str = "http://127.0.0.1:7/callback";
+
+fn grant(fake: &FakeGenesys) -> UserGrant<HttpClient> {
+    let creds = Credentials::new(fake.client_id(), fake.client_secret()).unwrap();
+    UserGrant::confidential(h1_client(), fake.token_url(), creds).unwrap()
+}
+
+fn replica(
+    fake: &FakeGenesys,
+    store: Arc<dyn TokenStore>,
+    config: UserCacheConfig,
+) -> UserTokenCache<HttpClient> {
+    UserTokenCache::with_store(grant(fake), fake.api_uri(), config, store).unwrap()
+}
+
+/// Logs the fake's first user in (auto-approved) and caches her tokens under `key` on
+/// `replica`; her user id.
+async fn log_in(fake: &FakeGenesys, replica: &UserTokenCache<HttpClient>, key: &str) -> String {
+    let user = fake.users()[0].clone();
+    fake.set_auto_approve(Some(&user.id));
+    let request = AuthorizeUrl::new(fake.login_uri(), fake.client_id(), REDIRECT)
+        .build()
+        .unwrap();
+    let browse = Request::get(request.url()).body(Full::default()).unwrap();
+    let response = h1_client().request(browse).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let (_, query) = location.split_once('?').unwrap();
+    let code = request.into_state().verify_callback(query).unwrap();
+    let tokens = grant(fake).exchange(&code, REDIRECT).await.unwrap();
+    replica.insert(UserKey::new(key), tokens).await.unwrap();
+    user.name
+}
+
+type Client = tower::util::BoxCloneSyncService<
+    Request<Full<bytes::Bytes>>,
+    http::Response<hyper::body::Incoming>,
+    BoxError,
+>;
+
+fn client(replica: &UserTokenCache<HttpClient>) -> Client {
+    Client::new(
+        ServiceBuilder::new()
+            .layer(replica.layers())
+            .service(h2_client()),
+    )
+}
+
+/// `GET /api/v2/users/me` for `key`: the name, or the error.
+async fn name(fake: &FakeGenesys, client: Client, key: &str) -> Result<String, BoxError> {
+    let mut request = Request::get(format!("{}/api/v2/users/me", base(&fake.api_uri())))
+        .body(Full::default())
+        .unwrap();
+    request.extensions_mut().insert(UserKey::new(key));
+    let response = client.oneshot(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if status != 200 {
+        return Err(format!("HTTP {status}").into());
+    }
+    let me: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(me["name"].as_str().unwrap_or_default().to_owned())
+}
+
+/// She logs in on one replica; the other three find her in the store. After her token is
+/// revoked, 4 replicas × 250 concurrent requests cost exactly one refresh fleet-wide, and
+/// no replica ever sends a superseded refresh token (the fake rotates them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_replicas_refresh_a_user_once() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let replicas: Vec<_> = (0..4)
+        .map(|_| replica(&fake, store.clone(), UserCacheConfig::new()))
+        .collect();
+    let her = log_in(&fake, &replicas[0], "session-ada").await;
+    for replica in &replicas {
+        assert_eq!(
+            name(&fake, client(replica), "session-ada").await.unwrap(),
+            her
+        );
+    }
+    assert_eq!(fake.refreshes(), 0, "the others adopted her stored token");
+
+    fake.revoke_all_tokens();
+    let mut tasks = Vec::new();
+    for replica in &replicas {
+        let client = client(replica);
+        for _ in 0..250 {
+            let (fake_api, client) = (fake.api_uri(), client.clone());
+            let fake = FakeGenesysRef(fake_api);
+            tasks.push(tokio::spawn(async move {
+                fake.name(client, "session-ada").await
+            }));
+        }
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), her);
+    }
+    assert_eq!(fake.refreshes(), 1, "one refresh fleet-wide");
+    assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
+
+    // Again: the rotated refresh token is the one every replica uses next.
+    fake.revoke_all_tokens();
+    for replica in replicas.iter().rev() {
+        assert_eq!(
+            name(&fake, client(replica), "session-ada").await.unwrap(),
+            her
+        );
+    }
+    assert_eq!(fake.refreshes(), 2);
+    assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
+}
+
+/// The API base of a fake, to move into tasks.
+#[derive(Clone)]
+struct FakeGenesysRef(http::Uri);
+
+impl FakeGenesysRef {
+    async fn name(&self, client: Client, key: &str) -> Result<String, BoxError> {
+        let mut request = Request::get(format!("{}/api/v2/users/me", base(&self.0)))
+            .body(Full::default())
+            .unwrap();
+        request.extensions_mut().insert(UserKey::new(key));
+        let response = client.oneshot(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if status != 200 {
+            return Err(format!("HTTP {status}").into());
+        }
+        let me: serde_json::Value = serde_json::from_slice(&body)?;
+        Ok(me["name"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+/// Logout on one replica removes her from the store: another replica that still caches her
+/// token gets a 401 (revoked), finds no stored entry, and gives the typed `invalid_grant`.
+#[tokio::test]
+async fn logout_on_one_replica_logs_her_out_everywhere() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let a = replica(&fake, store.clone(), UserCacheConfig::new());
+    let b = replica(&fake, store.clone(), UserCacheConfig::new());
+    let her = log_in(&fake, &a, "session-ada").await;
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+
+    assert!(a.logout(&UserKey::new("session-ada")).await.unwrap());
+    let key = UserKey::new("session-ada");
+    assert!(store.load(&key).await.unwrap().is_none());
+    let err = name(&fake, client(&b), "session-ada").await.unwrap_err();
+    let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
+    assert_eq!(
+        auth.oauth_code(),
+        Some(&OAuthErrorCode::InvalidGrant),
+        "{auth}"
+    );
+    assert_eq!(fake.refreshes(), 0, "nothing sent");
+}
+
+/// A store that can be switched off (Redis down), around a `MemoryStore`.
+#[derive(Default)]
+struct Switchable {
+    store: MemoryStore,
+    down: AtomicBool,
+}
+
+impl Switchable {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::unavailable("the store is down (test)"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl TokenStore for Switchable {
+    fn load<'a>(
+        &'a self,
+        key: &'a UserKey,
+    ) -> BoxFuture<'a, Result<Option<StoredTokens>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.store.load(key).await
+        })
+    }
+    fn save<'a>(
+        &'a self,
+        key: &'a UserKey,
+        tokens: &'a StoredTokens,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.store.save(key, tokens, ttl).await
+        })
+    }
+    fn remove<'a>(&'a self, key: &'a UserKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.store.remove(key).await
+        })
+    }
+    fn try_lease<'a>(
+        &'a self,
+        key: &'a UserKey,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<Lease>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.store.try_lease(key, ttl).await
+        })
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a UserKey,
+        lease: &'a Lease,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.store.release(key, lease).await
+        })
+    }
+}
+
+/// The store down: cached tokens keep serving every replica; a refresh does not run blind
+/// (no request to the token endpoint) and fails with the store's typed error after the
+/// bound; once the store is back, the fleet refreshes by itself.
+#[tokio::test]
+async fn with_the_store_down_tokens_serve_and_no_refresh_runs_blind() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let switch = Arc::new(Switchable::default());
+    let store: Arc<dyn TokenStore> = switch.clone();
+    let config = UserCacheConfig::new().store_wait(Duration::from_millis(300));
+    let a = replica(&fake, store.clone(), config.clone());
+    let b = replica(&fake, store.clone(), config);
+    let her = log_in(&fake, &a, "session-ada").await;
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+
+    switch.down.store(true, Ordering::SeqCst);
+    for replica in [&a, &b] {
+        for _ in 0..20 {
+            assert_eq!(
+                name(&fake, client(replica), "session-ada").await.unwrap(),
+                her
+            );
+        }
+    }
+    fake.revoke_all_tokens();
+    let before = fake.token_requests();
+    let err = name(&fake, client(&a), "session-ada").await.unwrap_err();
+    let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
+    let cause = std::error::Error::source(auth).expect("the store's error");
+    assert!(
+        cause.downcast_ref::<StoreError>().is_some(),
+        "{auth}: {cause}"
+    );
+    assert_eq!(
+        fake.token_requests(),
+        before,
+        "no refresh without the lease"
+    );
+
+    switch.down.store(false, Ordering::SeqCst);
+    // The failed refresh left a backoff; past it, the next request refreshes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut ok = false;
+    for _ in 0..40 {
+        if name(&fake, client(&a), "session-ada").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ok, "the fleet recovered once the store was back");
+    assert_eq!(fake.refreshes(), 1);
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(fake.refreshes(), 1, "the other replica adopted it");
+    assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
+}
+
+/// A replica that took the lease and died: its lease expires and the next replica
+/// refreshes.
+#[tokio::test]
+async fn a_dead_holders_lease_expires() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let a = replica(&fake, store.clone(), UserCacheConfig::new());
+    let her = log_in(&fake, &a, "session-ada").await;
+    fake.revoke_all_tokens();
+    let key = UserKey::new("session-ada");
+    let dead = store
+        .try_lease(&key, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(dead.is_some(), "the dead replica's lease");
+
+    let started = std::time::Instant::now();
+    assert_eq!(name(&fake, client(&a), "session-ada").await.unwrap(), her);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "waited for the lease"
+    );
+    assert_eq!(fake.refreshes(), 1);
+}
