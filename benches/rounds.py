@@ -58,6 +58,7 @@ USER_BARS = [
     ("cc_auth_layers / cc_auth_layer", "(context)"),
     ("user_100k_spread / cc_auth_layer", "(context: a cold entry each call)"),
     ("user_100k_spread / user_1", "(context)"),
+    ("user_1_store / user_1", "(context: a fleet's cache hit, #16)"),
 ]
 
 

@@ -31,6 +31,8 @@
 //!   the request carrying her key;
 //! - `user_1`: `users.layer()` (attach only, like (3)) with 1 user cached, the request
 //!   carrying her key: the bar's numerator, against `auth.layer()`;
+//! - `user_1_store`: `user_1` on a fleet's cache (`UserTokenCache::with_store`, a
+//!   `MemoryStore`): a hit never touches the store (issue #16's benchmark row);
 //! - `user_100k_same`: 100,000 users cached, always the same user's key;
 //! - `user_100k_spread`: 100,000 users cached, each call for the next user in a shuffled
 //!   order of all of them (a lookup that misses the CPU caches, as many users would).
@@ -51,8 +53,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use genesys_auth_layer::{
-    AuthError, BoxFuture, CacheConfig, Credentials, GenesysAuth, IssuedToken, RefreshToken, Scope,
-    TokenHttpService, TokenSource, UserCacheConfig, UserGrant, UserKey, UserTokenCache, UserTokens,
+    AuthError, BoxFuture, CacheConfig, Credentials, GenesysAuth, IssuedToken, MemoryStore,
+    RefreshToken, Scope, TokenHttpService, TokenSource, TokenStore, UserCacheConfig, UserGrant,
+    UserKey, UserTokenCache, UserTokens,
 };
 use http::{Request, Response, Uri};
 use http_body_util::Full;
@@ -156,7 +159,11 @@ fn at_once<F: Future>(future: F) -> F::Output {
     }
 }
 
-fn users(count: usize, token_calls: &Arc<AtomicUsize>) -> UserTokenCache<impl TokenHttpService> {
+fn users(
+    count: usize,
+    token_calls: &Arc<AtomicUsize>,
+    store: Option<Arc<dyn TokenStore>>,
+) -> UserTokenCache<impl TokenHttpService> {
     let calls = token_calls.clone();
     let endpoint = tower::service_fn(move |_: Request<Full<Bytes>>| {
         calls.fetch_add(1, Ordering::Relaxed);
@@ -174,8 +181,12 @@ fn users(count: usize, token_calls: &Arc<AtomicUsize>) -> UserTokenCache<impl To
         creds,
     )
     .expect("grant");
-    let cache = UserTokenCache::new(grant, Uri::from_static(API), UserCacheConfig::new())
-        .expect("user cache");
+    let api = Uri::from_static(API);
+    let cache = match store {
+        Some(store) => UserTokenCache::with_store(grant, api, UserCacheConfig::new(), store),
+        None => UserTokenCache::new(grant, api, UserCacheConfig::new()),
+    }
+    .expect("user cache");
     for n in 0..count {
         at_once(cache.insert(session_id(n), login(n))).expect("insert");
     }
@@ -196,7 +207,13 @@ fn shuffled_keys(count: usize) -> Vec<UserKey> {
 }
 
 /// The ratios reported: (label, numerator, denominator, bar).
-const RATIOS: [(&str, &str, &str, &str); 9] = [
+const RATIOS: [(&str, &str, &str, &str); 10] = [
+    (
+        "user_1_store / user_1",
+        "user_1_store",
+        "user_1",
+        "(context: a fleet's cache hit, #16)",
+    ),
     (
         "user_1 / cc_auth_layer",
         "user_1",
@@ -278,8 +295,11 @@ fn main() {
     rt.block_on(auth.token()).expect("token");
 
     let token_calls = Arc::new(AtomicUsize::new(0));
-    let one = users(1, &token_calls);
-    let many = users(USERS, &token_calls);
+    let one = users(1, &token_calls, None);
+    let many = users(USERS, &token_calls, None);
+    // A fleet's cache (its users in a shared store; `MemoryStore` here): a hit is served in
+    // process, by the same code.
+    let fleet = users(1, &token_calls, Some(Arc::new(MemoryStore::new())));
     let one_key = session_id(0);
     let same_key = session_id(USERS / 2);
     let spread = shuffled_keys(USERS);
@@ -322,6 +342,14 @@ fn main() {
         let (uri, key) = (uri.clone(), one_key.clone());
         callers.push((
             "user_layers_1",
+            Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
+        ));
+    }
+    {
+        let mut svc = ServiceBuilder::new().layer(fleet.layer()).service(inner());
+        let (uri, key) = (uri.clone(), one_key.clone());
+        callers.push((
+            "user_1_store",
             Box::new(move |cx| one_call(&mut svc, user_request(&uri, &key), cx)),
         ));
     }
@@ -393,7 +421,7 @@ fn main() {
     let elapsed = started.elapsed();
 
     let calls = token_calls.load(Ordering::Relaxed);
-    let refused = one.stats().refused + many.stats().refused;
+    let refused = one.stats().refused + many.stats().refused + fleet.stats().refused;
     assert_eq!(calls, 0, "no token request during the run");
     assert_eq!(refused, 0, "no request refused");
 
