@@ -24,11 +24,13 @@ use crate::store::{Lease, StoreError, StoredTokens, TokenStore};
 use crate::users::UserKey;
 
 /// The default prefix of [`RedisStore`]'s key names (`genesys-auth:tok:…`).
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub const DEFAULT_REDIS_PREFIX: &str = "genesys-auth";
 
 /// The default bound on each Redis command of a [`RedisStore`]: a Redis on the same network
 /// answers in a millisecond; a second means it is down or overloaded, and a request that
 /// waits for the store should learn so while its own caller still waits.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub const DEFAULT_REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The longest TTL sent to Redis (100 years, as `MemoryStore`'s): `Duration::MAX` in
@@ -53,6 +55,7 @@ const RELEASE_SCRIPT: &str =
 /// use ([`RedisStoreBuilder::old_key`]): rotate by deploying the new key as an old one
 /// everywhere, then as the current one, then dropping the oldest once its values expired.
 /// The bytes are zeroized when dropped and never shown by `Debug`.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct EncryptionKey {
     id: u32,
@@ -95,6 +98,7 @@ impl fmt::Debug for EncryptionKey {
 /// (HMAC-SHA-256). It is separate from the encryption keys and must stay the same across
 /// the fleet and across encryption-key rotations: a new hash key makes every stored entry
 /// unfindable (its users log in again). Zeroized when dropped, never shown by `Debug`.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct HashKey(Zeroizing<[u8; 32]>);
 
@@ -150,6 +154,7 @@ impl fmt::Debug for HashKey {
 /// let store: Arc<dyn TokenStore> = Arc::new(store);
 /// # let _ = store; Ok(()) }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStore {
     connection: ConnectionManager,
     keys: Keys,
@@ -224,6 +229,7 @@ impl fmt::Debug for RedisStore {
 /// Builds a [`RedisStore`]: [`RedisStore::builder`], then at least
 /// [`encryption_key`](Self::encryption_key) and [`hash_key`](Self::hash_key), then
 /// [`connect`](Self::connect).
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStoreBuilder {
     url: Zeroizing<String>,
     current: Option<EncryptionKey>,
