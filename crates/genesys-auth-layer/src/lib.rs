@@ -68,6 +68,8 @@ mod fleet;
 mod genesys;
 mod observe;
 mod pool;
+#[cfg(feature = "redis")]
+mod redis_store;
 mod region;
 #[cfg(feature = "reqwest")]
 mod reqwest;
@@ -112,6 +114,12 @@ pub use pool::{
     DEFAULT_BUDGET_WINDOW, DEFAULT_GROWTH_HOLD, DEFAULT_MAX_BUDGET_WAIT, DEFAULT_MAX_QUEUED,
     DEFAULT_PARK, DEFAULT_POOL_MAX_TOKENS, DEFAULT_TOKEN_BUDGET, METRIC_POOL_BUDGET_WAIT,
     METRIC_POOL_RATE_LIMITED, METRIC_POOL_REJECTED, METRIC_POOL_REPLAYS, METRIC_POOL_TOKENS,
+};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis_store::{
+    EncryptionKey, HashKey, RedisStore, RedisStoreBuilder, DEFAULT_REDIS_COMMAND_TIMEOUT,
+    DEFAULT_REDIS_PREFIX,
 };
 pub use region::{Region, UnknownRegion};
 pub use retry::{RefreshOn401, ReplayableBody};
