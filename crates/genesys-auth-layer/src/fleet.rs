@@ -21,7 +21,7 @@
 //! timeout) does not lose a rotated refresh token between the answer and the save.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -56,6 +56,9 @@ pub(crate) struct StoreSource<S> {
     key: UserKey,
     /// The version of the stored entry this replica last used; a newer one is adopted.
     seen: Arc<AtomicU64>,
+    /// The newest refresh token this replica saw: if the store loses the entry (a restart
+    /// without persistence), the lease holder puts the user back with it.
+    last: Arc<Mutex<Option<RefreshToken>>>,
 }
 
 /// What every user's [`StoreSource`] of one cache shares.
@@ -66,13 +69,30 @@ pub(crate) struct Fleet<S> {
 }
 
 impl<S> StoreSource<S> {
-    pub(crate) fn new(shared: Arc<Fleet<S>>, key: UserKey, seen: u64) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Fleet<S>>,
+        key: UserKey,
+        seen: u64,
+        last: Option<RefreshToken>,
+    ) -> Self {
         Self {
             shared,
             key,
             seen: Arc::new(AtomicU64::new(seen)),
+            last: Arc::new(Mutex::new(last)),
         }
     }
+}
+
+/// What a logout (or a refused refresh token) leaves in the store: an entry with no token,
+/// so that the other replicas tell "logged out" from "the store lost it".
+pub(crate) fn tombstone() -> StoredTokens {
+    StoredTokens::new("", SystemTime::UNIX_EPOCH, None, u64::MAX)
+}
+
+/// Whether `stored` is what a logout left.
+pub(crate) fn is_tombstone(stored: &StoredTokens) -> bool {
+    stored.refresh_token().is_none() && stored.version() == u64::MAX
 }
 
 /// `tokens` as the store keeps them, as version `version`.
@@ -97,10 +117,6 @@ pub(crate) fn adoptable(stored: &StoredTokens) -> Option<IssuedToken> {
     IssuedToken::bearer(stored.access_token(), left)
 }
 
-fn store_error(e: StoreError) -> AuthError {
-    AuthError::Store(e)
-}
-
 fn logged_out() -> AuthError {
     AuthError::OAuth {
         status: http::StatusCode::BAD_REQUEST,
@@ -109,9 +125,24 @@ fn logged_out() -> AuthError {
     }
 }
 
+fn lock(last: &Mutex<Option<RefreshToken>>) -> MutexGuard<'_, Option<RefreshToken>> {
+    last.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn remember(last: &Mutex<Option<RefreshToken>>, refresh: Option<&RefreshToken>) {
+    if let Some(refresh) = refresh {
+        *lock(last) = Some(refresh.clone());
+    }
+}
+
 impl<S: TokenHttpService> TokenSource for StoreSource<S> {
     fn fetch(&self) -> BoxFuture<'_, Result<IssuedToken, AuthError>> {
-        let work = refresh(self.shared.clone(), self.key.clone(), self.seen.clone());
+        let work = refresh(
+            self.shared.clone(),
+            self.key.clone(),
+            self.seen.clone(),
+            self.last.clone(),
+        );
         Box::pin(async move {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => runtime
@@ -133,6 +164,7 @@ async fn refresh<S: TokenHttpService>(
     fleet: Arc<Fleet<S>>,
     key: UserKey,
     seen: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<RefreshToken>>>,
 ) -> Result<IssuedToken, AuthError> {
     let settings = &fleet.settings;
     let deadline = Instant::now() + settings.wait;
@@ -140,20 +172,22 @@ async fn refresh<S: TokenHttpService>(
     loop {
         match fleet.store.try_lease(&key, settings.lease_ttl).await {
             Ok(Some(lease)) => {
-                let result = under_lease(&fleet, &key, &seen).await;
+                let result = under_lease(&fleet, &key, &seen, &last).await;
                 // A release that fails leaves the lease to expire.
                 let _ = fleet.store.release(&key, &lease).await;
                 return result;
             }
             Ok(None) => match fleet.store.load(&key).await {
+                Ok(Some(stored)) if is_tombstone(&stored) => return Err(logged_out()),
                 Ok(Some(stored)) if stored.version() > seen.load(Ordering::Acquire) => {
                     if let Some(token) = adoptable(&stored) {
                         seen.store(stored.version(), Ordering::Release);
+                        remember(&last, stored.refresh_token());
                         return Ok(token);
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(logged_out()),
+                // Not newer yet, or lost by the store: the lease holder decides.
+                Ok(_) => {}
                 Err(e) => last_error = Some(e),
             },
             Err(e) => last_error = Some(e),
@@ -165,7 +199,7 @@ async fn refresh<S: TokenHttpService>(
                 %error,
                 "no token for the user: the store's lease or entry did not come in time"
             );
-            return Err(store_error(error));
+            return Err(AuthError::Store(error));
         }
         tokio::time::sleep(settings.poll).await;
     }
@@ -177,15 +211,30 @@ async fn under_lease<S: TokenHttpService>(
     fleet: &Fleet<S>,
     key: &UserKey,
     seen: &AtomicU64,
+    last: &Mutex<Option<RefreshToken>>,
 ) -> Result<IssuedToken, AuthError> {
     let stored = match fleet.store.load(key).await {
+        Ok(Some(stored)) if is_tombstone(&stored) => return Err(logged_out()),
         Ok(Some(stored)) => stored,
-        Ok(None) => return Err(logged_out()),
-        Err(e) => return Err(store_error(e)),
+        // The store lost her (a restart without persistence): put her back with the newest
+        // refresh token this replica saw, if any.
+        Ok(None) => match lock(last).clone() {
+            Some(refresh) => {
+                tracing::warn!(
+                    target: "genesys_auth_layer::fleet",
+                    "the store lost a user's entry; restored from this replica's last refresh token"
+                );
+                let version = seen.load(Ordering::Acquire);
+                StoredTokens::new("", SystemTime::UNIX_EPOCH, Some(refresh), version)
+            }
+            None => return Err(logged_out()),
+        },
+        Err(e) => return Err(AuthError::Store(e)),
     };
     if stored.version() > seen.load(Ordering::Acquire) {
         if let Some(token) = adoptable(&stored) {
             seen.store(stored.version(), Ordering::Release);
+            remember(last, stored.refresh_token());
             return Ok(token);
         }
     }
@@ -194,35 +243,31 @@ async fn under_lease<S: TokenHttpService>(
     };
     let requested_at = Instant::now();
     let (result, next) = fleet.grant.refresh_once(&refresh_token).await;
+    let ttl = fleet.settings.entry_ttl;
     let access = match result {
         Ok(access) => access,
         Err(error @ LoginError::RefreshTokenRejected { .. }) => {
             // Refused for good: the user is logged out, on every replica.
-            let _ = fleet.store.remove(key).await;
+            let _ = fleet.store.save(key, &tombstone(), ttl).await;
+            *lock(last) = None;
             return Err(error.into_auth_error());
         }
         Err(error) => {
             if let Some(next) = next {
                 // The server rotated the token though the access token is unusable: keep it.
+                remember(last, Some(&next));
                 let keep =
                     StoredTokens::new("", SystemTime::UNIX_EPOCH, Some(next), stored.version());
-                let _ = fleet.store.save(key, &keep, fleet.settings.entry_ttl).await;
+                let _ = fleet.store.save(key, &keep, ttl).await;
             }
             return Err(error.into_auth_error());
         }
     };
     let version = stored.version() + 1;
-    let tokens = to_stored(
-        &access,
-        Some(next.unwrap_or(refresh_token)),
-        requested_at,
-        version,
-    );
-    if let Err(e) = fleet
-        .store
-        .save(key, &tokens, fleet.settings.entry_ttl)
-        .await
-    {
+    let refresh_token = next.unwrap_or(refresh_token);
+    remember(last, Some(&refresh_token));
+    let tokens = to_stored(&access, Some(refresh_token), requested_at, version);
+    if let Err(e) = fleet.store.save(key, &tokens, ttl).await {
         // This replica has the new token; the others will find the old refresh token,
         // superseded if the server rotates them. Said loudly: it may log the user out.
         tracing::warn!(

@@ -26,7 +26,9 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::auth::{attach, AuthReplayFuture, AuthReplayService, ResponseFuture, Scope, Shared};
 use crate::cache::{CacheConfig, TokenCache};
 use crate::error::{AuthError, ConfigError, OAuthErrorCode};
-use crate::fleet::{adoptable, to_stored, Fleet, FleetSettings, StoreSource};
+use crate::fleet::{
+    adoptable, is_tombstone, to_stored, tombstone, Fleet, FleetSettings, StoreSource,
+};
 use crate::observe::{CacheStats, Counters};
 use crate::region::join;
 use crate::retry::ReplayableBody;
@@ -488,7 +490,7 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         let config = self.inner.cache_config.clone();
         let counters = self.inner.counters.clone();
         if let Some(fleet) = &self.inner.fleet {
-            let source = StoreSource::new(fleet.clone(), key.clone(), seen);
+            let source = StoreSource::new(fleet.clone(), key.clone(), seen, refresh_token);
             return (
                 TokenCache::with_source(Arc::new(source), config, counters),
                 None,
@@ -576,9 +578,11 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         };
         self.inner.logouts.fetch_add(1, Ordering::Relaxed);
         let bound = self.inner.config.cache.fetch_timeout_value();
-        // The other replicas drop her at their next refresh, which finds no entry.
+        // The other replicas drop her at their next refresh, which finds this tombstone.
         if let Some(fleet) = &self.inner.fleet {
-            match tokio::time::timeout(bound, fleet.store.remove(key)).await {
+            let dead = tombstone();
+            let gone = fleet.store.save(key, &dead, fleet.settings.entry_ttl);
+            match tokio::time::timeout(bound, gone).await {
                 Ok(result) => result.map_err(AuthError::Store)?,
                 Err(_) => return Err(AuthError::Timeout(bound)),
             }
@@ -714,10 +718,14 @@ fn loader<S: TokenHttpService>(
             let Some(stored) = fleet.store.load(&key).await? else {
                 return Ok(None);
             };
+            if is_tombstone(&stored) {
+                return Ok(None);
+            }
             let Some(lookup) = lookup.upgrade() else {
                 return Ok(None);
             };
-            let source = StoreSource::new(fleet, key.clone(), stored.version());
+            let last = stored.refresh_token().cloned();
+            let source = StoreSource::new(fleet, key.clone(), stored.version(), last);
             let cache = TokenCache::with_source(Arc::new(source), config, counters);
             if let Some(token) = adoptable(&stored) {
                 // An unusable one is refreshed by the first request instead.
