@@ -37,8 +37,11 @@ use crate::users::UserKey;
 /// How the replicas of a fleet take turns refreshing a user.
 #[derive(Clone, Debug)]
 pub(crate) struct FleetSettings {
-    /// How long a lease holds: longer than a refresh takes.
+    /// How long a lease holds: longer than `refresh_bound`, so that no other replica takes
+    /// it while the holder's refresh may still be answered.
     pub(crate) lease_ttl: Duration,
+    /// How long the lease holder waits for the token endpoint.
+    pub(crate) refresh_bound: Duration,
     /// How long a refresh waits for the lease, another replica's token, or the store.
     pub(crate) wait: Duration,
     /// How often a waiting replica reads the store.
@@ -173,8 +176,12 @@ async fn refresh<S: TokenHttpService>(
         match fleet.store.try_lease(&key, settings.lease_ttl).await {
             Ok(Some(lease)) => {
                 let result = under_lease(&fleet, &key, &seen, &last).await;
-                // A release that fails leaves the lease to expire.
-                let _ = fleet.store.release(&key, &lease).await;
+                // After a refresh that timed out, its answer may still rotate the token:
+                // the lease is left to expire rather than released. A release that fails
+                // leaves it to expire too.
+                if !matches!(result, Err(AuthError::Timeout(_))) {
+                    let _ = fleet.store.release(&key, &lease).await;
+                }
                 return result;
             }
             Ok(None) => match fleet.store.load(&key).await {
@@ -242,7 +249,12 @@ async fn under_lease<S: TokenHttpService>(
         return Err(logged_out());
     };
     let requested_at = Instant::now();
-    let (result, next) = fleet.grant.refresh_once(&refresh_token).await;
+    let bound = fleet.settings.refresh_bound;
+    let sent = fleet.grant.refresh_once(&refresh_token);
+    let Ok((result, next)) = tokio::time::timeout(bound, sent).await else {
+        // The answer may still come and rotate the token: the lease is kept to its TTL.
+        return Err(AuthError::Timeout(bound));
+    };
     let ttl = fleet.settings.entry_ttl;
     let access = match result {
         Ok(access) => access,

@@ -375,6 +375,7 @@ impl<S: TokenHttpService> UserTokenCache<S> {
                 store,
                 settings: FleetSettings {
                     lease_ttl: config.cache.fetch_timeout_value() + Duration::from_secs(5),
+                    refresh_bound: config.cache.fetch_timeout_value(),
                     wait: config.store_wait,
                     poll: Duration::from_millis(50),
                     entry_ttl: config.store_ttl,
