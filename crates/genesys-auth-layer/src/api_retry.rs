@@ -19,6 +19,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::{Policy, RetryLayer};
 
 use crate::cache::equal_jitter_backoff;
+use crate::observe::Count;
 use crate::retry::{copy_request, ReplayableBody};
 use crate::source::parse::parse_retry_after;
 
@@ -429,37 +430,6 @@ pub const METRIC_API_GIVEN_UP: &str = "genesys_auth_api_retries_given_up_total";
 /// `genesys_auth_api_retry_wait_ms_total`: the waits before retries, summed, in
 /// milliseconds.
 pub const METRIC_API_RETRY_WAIT: &str = "genesys_auth_api_retry_wait_ms_total";
-
-/// One counter of [`ApiRetryStats`], and its `metrics` series with the `metrics` feature.
-struct Count {
-    value: AtomicU64,
-    #[cfg(feature = "metrics")]
-    metric: metrics::Counter,
-}
-
-impl Count {
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    fn new(name: &'static str, label: Option<(&'static str, &'static str)>) -> Self {
-        Self {
-            value: AtomicU64::new(0),
-            #[cfg(feature = "metrics")]
-            metric: match label {
-                Some((key, value)) => metrics::counter!(name, key => value),
-                None => metrics::counter!(name),
-            },
-        }
-    }
-
-    fn add(&self, n: u64) {
-        self.value.fetch_add(n, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        self.metric.increment(n);
-    }
-
-    fn get(&self) -> u64 {
-        self.value.load(Ordering::Relaxed)
-    }
-}
 
 /// The counters of an [`ApiRetry`] and its clones; their `metrics` series are registered
 /// when it is built (install the recorder first).

@@ -326,6 +326,38 @@ impl Health {
     }
 }
 
+/// One counter of `ApiRetryStats` or `PoolStats`, and its `metrics` series with the
+/// `metrics` feature.
+pub(crate) struct Count {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Count {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: &'static str, label: Option<(&'static str, &'static str)>) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: match label {
+                Some((key, value)) => metrics::counter!(name, key => value),
+                None => metrics::counter!(name),
+            },
+        }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

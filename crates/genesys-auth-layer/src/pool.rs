@@ -22,6 +22,7 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::api_retry::MIN_RETRY_WAIT;
 use crate::auth::{AuthReplayLayer, Scope};
 use crate::cache::TokenCache;
+use crate::observe::Count;
 use crate::retry::{replayable_copy, ReplayableBody};
 use crate::source::parse::parse_retry_after;
 use crate::source::BoxFuture;
@@ -850,34 +851,6 @@ fn park_for<R>(response: &Response<R>) -> Duration {
         .unwrap_or(DEFAULT_PARK)
 }
 
-/// One counter of [`PoolStats`], and its `metrics` series with the `metrics` feature.
-struct Count {
-    value: AtomicU64,
-    #[cfg(feature = "metrics")]
-    metric: metrics::Counter,
-}
-
-impl Count {
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    fn new(name: &'static str) -> Self {
-        Self {
-            value: AtomicU64::new(0),
-            #[cfg(feature = "metrics")]
-            metric: metrics::counter!(name),
-        }
-    }
-
-    fn add(&self, n: u64) {
-        self.value.fetch_add(n, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        self.metric.increment(n);
-    }
-
-    fn get(&self) -> u64 {
-        self.value.load(Ordering::Relaxed)
-    }
-}
-
 struct Counters {
     rate_limited: Count,
     replays: Count,
@@ -894,9 +867,9 @@ struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         Self {
-            rate_limited: Count::new(METRIC_POOL_RATE_LIMITED),
-            replays: Count::new(METRIC_POOL_REPLAYS),
-            rejected: Count::new(METRIC_POOL_REJECTED),
+            rate_limited: Count::new(METRIC_POOL_RATE_LIMITED, None),
+            replays: Count::new(METRIC_POOL_REPLAYS, None),
+            rejected: Count::new(METRIC_POOL_REJECTED, None),
             wider: AtomicU64::new(0),
             waits: AtomicU64::new(0),
             waited_micros: AtomicU64::new(0),
