@@ -10,46 +10,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use genesys_auth_layer::{
-    AuthError, AuthorizeUrl, BoxFuture, Credentials, Lease, MemoryStore, OAuthErrorCode,
-    StoreError, StoredTokens, TokenStore, UserCacheConfig, UserGrant, UserKey, UserTokenCache,
+    AuthError, BoxFuture, Lease, MemoryStore, OAuthErrorCode, StoreError, StoredTokens, TokenStore,
+    UserCacheConfig, UserKey, UserTokenCache,
 };
 use genesys_fake::FakeGenesys;
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-use common::{base, h1_client, h2_client, HttpClient};
-
-const REDIRECT: &str = "http://127.0.0.1:7/callback";
-
-fn grant(fake: &FakeGenesys) -> UserGrant<HttpClient> {
-    let creds = Credentials::new(fake.client_id(), fake.client_secret()).unwrap();
-    UserGrant::confidential(h1_client(), fake.token_url(), creds).unwrap()
-}
+use common::{base, h2_client, log_in_user, user_grant, HttpClient};
 
 fn replica(
     fake: &FakeGenesys,
     store: Arc<dyn TokenStore>,
     config: UserCacheConfig,
 ) -> UserTokenCache<HttpClient> {
-    UserTokenCache::with_store(grant(fake), fake.api_uri(), config, store).unwrap()
+    UserTokenCache::with_store(user_grant(fake), fake.api_uri(), config, store).unwrap()
 }
 
 /// Logs the fake's first user in (auto-approved) and caches her tokens under `key` on
-/// `replica`; her user id.
+/// `replica`; her name.
 async fn log_in(fake: &FakeGenesys, replica: &UserTokenCache<HttpClient>, key: &str) -> String {
     let user = fake.users()[0].clone();
-    fake.set_auto_approve(Some(&user.id));
-    let request = AuthorizeUrl::new(fake.login_uri(), fake.client_id(), REDIRECT)
-        .build()
-        .unwrap();
-    let browse = Request::get(request.url()).body(Full::default()).unwrap();
-    let response = h1_client().request(browse).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FOUND);
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    let (_, query) = location.split_once('?').unwrap();
-    let code = request.into_state().verify_callback(query).unwrap();
-    let tokens = grant(fake).exchange(&code, REDIRECT).await.unwrap();
+    let tokens = log_in_user(fake, &user.id).await;
     replica.insert(UserKey::new(key), tokens).await.unwrap();
     user.name
 }

@@ -16,18 +16,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use genesys_auth_layer::{
-    AuthorizeUrl, Credentials, EncryptionKey, HashKey, RedisStore, TokenStore, UserCacheConfig,
-    UserGrant, UserKey, UserTokenCache,
+    EncryptionKey, HashKey, RedisStore, TokenStore, UserCacheConfig, UserKey, UserTokenCache,
 };
 use genesys_fake::FakeGenesys;
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use redis_server::RedisServer;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-use common::{base, h1_client, h2_client, HttpClient};
+use common::{base, h2_client, log_in_user, user_grant, HttpClient};
 
-const REDIRECT: &str = "http://127.0.0.1:7/callback";
 const KEY: &str = "session-ada-4f9c1e";
 
 type Client = tower::util::BoxCloneSyncService<
@@ -35,11 +33,6 @@ type Client = tower::util::BoxCloneSyncService<
     http::Response<hyper::body::Incoming>,
     BoxError,
 >;
-
-fn grant(fake: &FakeGenesys) -> UserGrant<HttpClient> {
-    let creds = Credentials::new(fake.client_id(), fake.client_secret()).unwrap();
-    UserGrant::confidential(h1_client(), fake.token_url(), creds).unwrap()
-}
 
 async fn replica(fake: &FakeGenesys, redis: &RedisServer) -> UserTokenCache<HttpClient> {
     let store = RedisStore::builder(redis.url())
@@ -49,7 +42,13 @@ async fn replica(fake: &FakeGenesys, redis: &RedisServer) -> UserTokenCache<Http
         .await
         .expect("connect to redis-server");
     let store: Arc<dyn TokenStore> = Arc::new(store);
-    UserTokenCache::with_store(grant(fake), fake.api_uri(), UserCacheConfig::new(), store).unwrap()
+    UserTokenCache::with_store(
+        user_grant(fake),
+        fake.api_uri(),
+        UserCacheConfig::new(),
+        store,
+    )
+    .unwrap()
 }
 
 fn client(replica: &UserTokenCache<HttpClient>) -> Client {
@@ -60,20 +59,10 @@ fn client(replica: &UserTokenCache<HttpClient>) -> Client {
     )
 }
 
-/// Logs the fake's first user in on `replica`: her (id, name, refresh token).
+/// Logs the fake's first user in on `replica`: her (id, name).
 async fn log_in(fake: &FakeGenesys, replica: &UserTokenCache<HttpClient>) -> (String, String) {
     let user = fake.users()[0].clone();
-    fake.set_auto_approve(Some(&user.id));
-    let request = AuthorizeUrl::new(fake.login_uri(), fake.client_id(), REDIRECT)
-        .build()
-        .unwrap();
-    let browse = Request::get(request.url()).body(Full::default()).unwrap();
-    let response = h1_client().request(browse).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FOUND);
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    let (_, query) = location.split_once('?').unwrap();
-    let code = request.into_state().verify_callback(query).unwrap();
-    let tokens = grant(fake).exchange(&code, REDIRECT).await.unwrap();
+    let tokens = log_in_user(fake, &user.id).await;
     replica.insert(UserKey::new(KEY), tokens).await.unwrap();
     (user.id, user.name)
 }

@@ -8,41 +8,24 @@ mod common;
 use std::time::Duration;
 
 use genesys_auth_layer::{
-    AuthorizeUrl, Credentials, IssuedToken, UserAuthError, UserCacheConfig, UserGrant, UserKey,
-    UserTokenCache, UserTokens,
+    Credentials, IssuedToken, UserAuthError, UserCacheConfig, UserGrant, UserKey, UserTokenCache,
+    UserTokens,
 };
 use genesys_fake::{FakeGenesys, FakeUser};
-use http::{Request, StatusCode};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
-use common::{base, h1_client, h2_client, HttpClient};
-
-const REDIRECT: &str = "http://127.0.0.1:7/callback";
-
-fn grant(fake: &FakeGenesys) -> UserGrant<HttpClient> {
-    let creds = Credentials::new(fake.client_id(), fake.client_secret()).unwrap();
-    UserGrant::confidential(h1_client(), fake.token_url(), creds).unwrap()
-}
+use common::{base, h2_client, log_in_user, user_grant, HttpClient};
 
 fn users(fake: &FakeGenesys) -> UserTokenCache<HttpClient> {
-    UserTokenCache::new(grant(fake), fake.api_uri(), UserCacheConfig::new()).unwrap()
+    UserTokenCache::new(user_grant(fake), fake.api_uri(), UserCacheConfig::new()).unwrap()
 }
 
 /// Logs `user_id` in through the fake's authorize endpoint (auto-approved) and caches her
 /// tokens under `key`.
 async fn log_in(fake: &FakeGenesys, users: &UserTokenCache<HttpClient>, user_id: &str, key: &str) {
-    fake.set_auto_approve(Some(user_id));
-    let request = AuthorizeUrl::new(fake.login_uri(), fake.client_id(), REDIRECT)
-        .build()
-        .unwrap();
-    let browse = Request::get(request.url()).body(Full::default()).unwrap();
-    let response = h1_client().request(browse).await.unwrap();
-    assert_eq!(response.status(), StatusCode::FOUND);
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    let (_, query) = location.split_once('?').unwrap();
-    let code = request.into_state().verify_callback(query).unwrap();
-    let tokens = grant(fake).exchange(&code, REDIRECT).await.unwrap();
+    let tokens = log_in_user(fake, user_id).await;
     users.insert(UserKey::new(key), tokens).await.unwrap();
 }
 

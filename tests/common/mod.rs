@@ -329,3 +329,44 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
         self.clone()
     }
 }
+
+/// Where the fake sends the browser back after a login (nothing listens: the tests read the
+/// redirect's `Location`).
+pub const LOGIN_REDIRECT: &str = "http://127.0.0.1:7/callback";
+
+/// The confidential user grant of the fake's client.
+pub fn user_grant(fake: &FakeGenesys) -> genesys_auth_layer::UserGrant<HttpClient> {
+    let creds = genesys_auth_layer::Credentials::new(fake.client_id(), fake.client_secret())
+        .expect("credentials");
+    genesys_auth_layer::UserGrant::confidential(h1_client(), fake.token_url(), creds)
+        .expect("grant")
+}
+
+/// Logs `user_id` in through the fake's authorize endpoint (auto-approved, as a browser
+/// following the redirect would), checks the callback's state and exchanges the code: her
+/// tokens.
+pub async fn log_in_user(fake: &FakeGenesys, user_id: &str) -> genesys_auth_layer::UserTokens {
+    fake.set_auto_approve(Some(user_id));
+    let request =
+        genesys_auth_layer::AuthorizeUrl::new(fake.login_uri(), fake.client_id(), LOGIN_REDIRECT)
+            .build()
+            .expect("authorize URL");
+    let browse = Request::get(request.url())
+        .body(Full::default())
+        .expect("request");
+    let response = h1_client().request(browse).await.expect("authorize");
+    assert_eq!(response.status(), http::StatusCode::FOUND);
+    let location = response.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let (_, query) = location.split_once('?').expect("a query");
+    let code = request
+        .into_state()
+        .verify_callback(query)
+        .expect("callback");
+    user_grant(fake)
+        .exchange(&code, LOGIN_REDIRECT)
+        .await
+        .expect("code exchange")
+}
