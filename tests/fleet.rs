@@ -308,3 +308,67 @@ async fn a_dead_holders_lease_expires() {
     );
     assert_eq!(fake.refreshes(), 1);
 }
+
+/// Logout on a replica whose token is older than the fleet's newest (another replica
+/// refreshed since): both tokens are revoked, so the other replica stops serving her at once.
+#[tokio::test]
+async fn logout_revokes_the_fleets_newest_token_too() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let a = replica(&fake, store.clone(), UserCacheConfig::new());
+    let b = replica(&fake, store.clone(), UserCacheConfig::new());
+    let her = log_in(&fake, &a, "session-ada").await;
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    // B refreshes (its token revoked behind its back); A still caches the old one.
+    fake.revoke_all_tokens();
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    let key = UserKey::new("session-ada");
+    let newest = b.token_cache(&key).unwrap().current().unwrap();
+    let newest = newest
+        .header()
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    assert!(fake.token_is_valid(&newest));
+
+    assert!(a.logout(&key).await.unwrap());
+    assert!(
+        !fake.token_is_valid(&newest),
+        "the fleet's newest token was revoked too"
+    );
+    let err = name(&fake, client(&b), "session-ada").await.unwrap_err();
+    let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
+    assert_eq!(
+        auth.oauth_code(),
+        Some(&OAuthErrorCode::InvalidGrant),
+        "{auth}"
+    );
+}
+
+/// A request for a user this replica does not know yet waits for the store without
+/// holding the capacity of the service below (a concurrency limit of 1 here): it does not
+/// hang, and the next request goes too.
+#[tokio::test]
+async fn loading_a_user_holds_no_capacity_below() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let a = replica(&fake, store.clone(), UserCacheConfig::new());
+    let b = replica(&fake, store.clone(), UserCacheConfig::new());
+    let her = log_in(&fake, &a, "session-ada").await;
+    let limited = Client::new(
+        ServiceBuilder::new()
+            .layer(b.layers())
+            .concurrency_limit(1)
+            .service(h2_client()),
+    );
+    for _ in 0..3 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            name(&fake, limited.clone(), "session-ada"),
+        )
+        .await
+        .expect("no hang");
+        assert_eq!(got.unwrap(), her);
+    }
+}

@@ -185,7 +185,10 @@ async fn refresh<S: TokenHttpService>(
                 return result;
             }
             Ok(None) => match fleet.store.load(&key).await {
-                Ok(Some(stored)) if is_tombstone(&stored) => return Err(logged_out()),
+                Ok(Some(stored)) if is_tombstone(&stored) => {
+                    *lock(&last) = None;
+                    return Err(logged_out());
+                }
                 Ok(Some(stored)) if stored.version() > seen.load(Ordering::Acquire) => {
                     if let Some(token) = adoptable(&stored) {
                         seen.store(stored.version(), Ordering::Release);
@@ -220,8 +223,12 @@ async fn under_lease<S: TokenHttpService>(
     seen: &AtomicU64,
     last: &Mutex<Option<RefreshToken>>,
 ) -> Result<IssuedToken, AuthError> {
+    let mut restored = false;
     let stored = match fleet.store.load(key).await {
-        Ok(Some(stored)) if is_tombstone(&stored) => return Err(logged_out()),
+        Ok(Some(stored)) if is_tombstone(&stored) => {
+            *lock(last) = None;
+            return Err(logged_out());
+        }
         Ok(Some(stored)) => stored,
         // The store lost her (a restart without persistence): put her back with the newest
         // refresh token this replica saw, if any.
@@ -232,6 +239,7 @@ async fn under_lease<S: TokenHttpService>(
                     "the store lost a user's entry; restored from this replica's last refresh token"
                 );
                 let version = seen.load(Ordering::Acquire);
+                restored = true;
                 StoredTokens::new("", SystemTime::UNIX_EPOCH, Some(refresh), version)
             }
             None => return Err(logged_out()),
@@ -259,8 +267,12 @@ async fn under_lease<S: TokenHttpService>(
     let access = match result {
         Ok(access) => access,
         Err(error @ LoginError::RefreshTokenRejected { .. }) => {
-            // Refused for good: the user is logged out, on every replica.
-            let _ = fleet.store.save(key, &tombstone(), ttl).await;
+            // Refused for good: the user is logged out, on every replica. Unless the token
+            // came from this replica's memory after the store lost her: another replica
+            // may hold a newer one, so the store is left for it.
+            if !restored {
+                let _ = fleet.store.save(key, &tombstone(), ttl).await;
+            }
             *lock(last) = None;
             return Err(error.into_auth_error());
         }
@@ -279,7 +291,17 @@ async fn under_lease<S: TokenHttpService>(
     let refresh_token = next.unwrap_or(refresh_token);
     remember(last, Some(&refresh_token));
     let tokens = to_stored(&access, Some(refresh_token), requested_at, version);
-    if let Err(e) = fleet.store.save(key, &tokens, ttl).await {
+    // The rotated refresh token must reach the store before the lease goes: tried again
+    // a few times, within the lease.
+    let mut saved = fleet.store.save(key, &tokens, ttl).await;
+    for _ in 0..3 {
+        if saved.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        saved = fleet.store.save(key, &tokens, ttl).await;
+    }
+    if let Err(e) = saved {
         // This replica has the new token; the others will find the old refresh token,
         // superseded if the server rotates them. Said loudly: it may log the user out.
         tracing::warn!(

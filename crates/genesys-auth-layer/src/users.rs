@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -45,7 +45,10 @@ pub const DEFAULT_USER_IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 60 * 60)
 /// unless told otherwise.
 pub const DEFAULT_STORE_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// How long a refresh waits for the lease or the store, unless told otherwise.
-pub const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(10);
+pub const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(8);
+/// How long a user's lease holds in the shared store: its holder's token request is bounded
+/// 5 s under it, so the lease outlives any answer it could still get.
+const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// The application's key for one user's tokens: a session id, or a user id. Insert it in
 /// each request's extensions; [`UserAuthService`] attaches that user's token.
@@ -374,9 +377,17 @@ impl<S: TokenHttpService> UserTokenCache<S> {
                 grant: grant.clone(),
                 store,
                 settings: FleetSettings {
-                    lease_ttl: config.cache.fetch_timeout_value() + Duration::from_secs(5),
-                    refresh_bound: config.cache.fetch_timeout_value(),
-                    wait: config.store_wait,
+                    lease_ttl: LEASE_TTL,
+                    refresh_bound: LEASE_TTL - Duration::from_secs(5),
+                    // Under the cache's fetch timeout, so that a caller sees the store's
+                    // error rather than a timeout.
+                    wait: config.store_wait.min(
+                        config
+                            .cache
+                            .fetch_timeout_value()
+                            .saturating_sub(Duration::from_millis(500))
+                            .max(Duration::from_millis(100)),
+                    ),
                     poll: Duration::from_millis(50),
                     entry_ttl: config.store_ttl,
                 },
@@ -419,12 +430,13 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     /// request refreshes with the refresh token; without a refresh token that is an error,
     /// and nothing is cached: the user must log in again.
     pub async fn insert(&self, key: UserKey, tokens: UserTokens) -> Result<(), AuthError> {
+        let version = login_version();
         if let Some(fleet) = &self.inner.fleet {
             let stored = to_stored(
                 &tokens.access_token,
                 tokens.refresh_token.clone(),
                 tokens.requested_at,
-                1,
+                version,
             );
             fleet
                 .store
@@ -432,7 +444,7 @@ impl<S: TokenHttpService> UserTokenCache<S> {
                 .await
                 .map_err(AuthError::Store)?;
         }
-        let (cache, refresh) = self.new_cache(&key, tokens.refresh_token, 1);
+        let (cache, refresh) = self.new_cache(&key, tokens.refresh_token, version);
         if let Err(e) = cache.seed(tokens.access_token, tokens.requested_at) {
             if refresh.is_none() && self.inner.fleet.is_none() {
                 return Err(e);
@@ -451,8 +463,12 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         refresh_token: RefreshToken,
     ) -> Result<(), AuthError> {
         if let Some(fleet) = &self.inner.fleet {
-            let stored =
-                StoredTokens::new("", SystemTime::UNIX_EPOCH, Some(refresh_token.clone()), 1);
+            let stored = StoredTokens::new(
+                "",
+                SystemTime::UNIX_EPOCH,
+                Some(refresh_token.clone()),
+                login_version(),
+            );
             fleet
                 .store
                 .save(&key, &stored, fleet.settings.entry_ttl)
@@ -561,14 +577,18 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     }
 
     /// Logs the user under `key` out: removes the entry at once, then revokes her access
-    /// token with `DELETE /api/v2/tokens/me` (with a fresh one first, if hers was withdrawn
-    /// or expired, so that the revocation is never skipped). Returns `false` if no user was
-    /// cached under `key`.
+    /// token with `DELETE /api/v2/tokens/me`: the one cached here and, with a shared store,
+    /// the fleet's newest if another replica refreshed since (a fresh one first if neither
+    /// is valid, so that the revocation is never skipped), and leaves a tombstone in the
+    /// store, which the other replicas find at their next refresh. Returns `false` if no
+    /// user was cached under `key`.
     ///
     /// Each step is bounded by the cache's fetch timeout. A token the API already refuses
-    /// (401) counts as revoked. Errors: no token could be had (the refresh's
-    /// [`AuthError`]), the API answered something else ([`AuthError::UnexpectedStatus`]),
-    /// or did not answer ([`AuthError::Timeout`]); the entry stays removed either way.
+    /// (401) counts as revoked. Errors (the first, after every step was tried): no token
+    /// could be had (the refresh's [`AuthError`]), the store failed
+    /// ([`AuthError::Store`]), the API answered something else
+    /// ([`AuthError::UnexpectedStatus`]), or did not answer ([`AuthError::Timeout`]); the
+    /// entry stays removed either way.
     pub async fn logout(&self, key: &UserKey) -> Result<bool, AuthError> {
         let shared = {
             let entries = self.inner.shared.entries.pin();
@@ -579,33 +599,62 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         };
         self.inner.logouts.fetch_add(1, Ordering::Relaxed);
         let bound = self.inner.config.cache.fetch_timeout_value();
+        let now = Instant::now();
+        // The tokens to revoke: hers on this replica, and the fleet's newest (another
+        // replica may have refreshed since); a fresh one if neither is valid. All before the
+        // tombstone, which ends refreshes.
+        let mut tokens: Vec<HeaderValue> = Vec::new();
+        if let Some(token) = shared.cache.current().filter(|t| t.is_valid_at(now)) {
+            tokens.push(token.header().clone());
+        }
+        if let Some(fleet) = &self.inner.fleet {
+            if let Ok(Ok(Some(stored))) = tokio::time::timeout(bound, fleet.store.load(key)).await {
+                let newest = adoptable(&stored).map(|issued| issued.header().clone());
+                if let Some(newest) = newest.filter(|h| !tokens.contains(h)) {
+                    tokens.push(newest);
+                }
+            }
+        }
+        let mut failed = None;
+        if tokens.is_empty() {
+            match tokio::time::timeout(bound, shared.cache.token()).await {
+                Ok(Ok(token)) => tokens.push(token.header().clone()),
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(AuthError::Timeout(bound)),
+            }
+        }
         // The other replicas drop her at their next refresh, which finds this tombstone.
         if let Some(fleet) = &self.inner.fleet {
             let dead = tombstone();
             let gone = fleet.store.save(key, &dead, fleet.settings.entry_ttl);
             match tokio::time::timeout(bound, gone).await {
-                Ok(result) => result.map_err(AuthError::Store)?,
-                Err(_) => return Err(AuthError::Timeout(bound)),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(AuthError::Store(e))),
+                Err(_) => failed = failed.or(Some(AuthError::Timeout(bound))),
             }
         }
-        let valid = shared
-            .cache
-            .current()
-            .filter(|token| token.is_valid_at(Instant::now()));
-        let token = match valid {
-            Some(token) => token,
-            None => match tokio::time::timeout(bound, shared.cache.token()).await {
-                Ok(token) => token?,
-                Err(_) => return Err(AuthError::Timeout(bound)),
-            },
-        };
+        for token in tokens {
+            if let Err(e) = self.revoke(token, bound).await {
+                failed = failed.or(Some(e));
+            }
+        }
+        match failed {
+            None => {
+                tracing::info!(target: "genesys_auth_layer::users", "user logged out; token revoked");
+                Ok(true)
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /api/v2/tokens/me` with `token`, within `bound`; a 401 (already invalid)
+    /// counts as done.
+    async fn revoke(&self, token: HeaderValue, bound: Duration) -> Result<(), AuthError> {
         let uri = join(&self.inner.api_uri, "/api/v2/tokens/me");
         let mut request = Request::delete(uri)
             .body(Full::<Bytes>::default())
             .map_err(|e| AuthError::Transport(Arc::new(e)))?;
-        request
-            .headers_mut()
-            .insert(AUTHORIZATION, token.header().clone());
+        request.headers_mut().insert(AUTHORIZATION, token);
         let sent = self.inner.grant.http().clone().oneshot(request);
         let response = match tokio::time::timeout(bound, sent).await {
             Ok(response) => response.map_err(|e| AuthError::Transport(Arc::from(e.into())))?,
@@ -613,8 +662,7 @@ impl<S: TokenHttpService> UserTokenCache<S> {
         };
         let status = response.status();
         if status.is_success() || status == StatusCode::UNAUTHORIZED {
-            tracing::info!(target: "genesys_auth_layer::users", "user logged out; token revoked");
-            Ok(true)
+            Ok(())
         } else {
             Err(AuthError::UnexpectedStatus {
                 status,
@@ -704,6 +752,15 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     }
 }
 
+/// The version of a login's stored entry: the login's time in microseconds since the Unix
+/// epoch, so that a new login (after a logout, or on another replica) is newer than any
+/// version a replica saw before it (each refresh adds one).
+fn login_version() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1))
+}
+
 /// The loader of a cache with a shared store: a user this replica does not know yet is
 /// read from the store and cached (her stored token adopted if still valid).
 fn loader<S: TokenHttpService>(
@@ -716,7 +773,9 @@ fn loader<S: TokenHttpService>(
         let (fleet, lookup) = (fleet.clone(), lookup.clone());
         let (config, counters) = (config.clone(), counters.clone());
         Box::pin(async move {
-            let Some(stored) = fleet.store.load(&key).await? else {
+            let bound = fleet.settings.wait;
+            let loaded = tokio::time::timeout(bound, fleet.store.load(&key)).await;
+            let Some(stored) = loaded.map_err(|_| StoreError::LeaseWait(bound))?? else {
                 return Ok(None);
             };
             if is_tombstone(&stored) {
@@ -851,11 +910,16 @@ where
             None => Err(UserAuthError::MissingKey),
             Some(key) => match (entries.get(key), &self.lookup.loader) {
                 (Some(entry), _) => Ok(entry),
-                // A user this replica does not know: she may be in the shared store. The
-                // ready service stays for the next call; this request readies a clone.
+                // A user this replica does not know: she may be in the shared store. What
+                // `poll_ready` reserved is given back while the store answers (the ready
+                // service is dropped), and this request readies a clone afterwards.
                 (None, Some(load)) => {
+                    let load = load(key.clone());
+                    drop(entries);
+                    let unready = self.inner.clone();
+                    drop(std::mem::replace(&mut self.inner, unready));
                     return UserAuthFuture::new(State::Loading {
-                        load: load(key.clone()),
+                        load,
                         request: Some(request),
                         service: Some(self.inner.clone()),
                         replay: self.replay,
@@ -979,7 +1043,10 @@ where
                     Ok(None) => State::Refused {
                         error: Some(UserAuthError::NotLoggedIn),
                     },
-                    Err(error) => return Poll::Ready(Err(error.into())),
+                    Err(error) => {
+                        state.set(State::Refused { error: None });
+                        return Poll::Ready(Err(AuthError::Store(error).into()));
+                    }
                 },
                 Projected::Ready {
                     shared,
