@@ -919,10 +919,13 @@ where
                     let unready = self.inner.clone();
                     drop(std::mem::replace(&mut self.inner, unready));
                     return UserAuthFuture::new(State::Loading {
-                        load,
-                        request: Some(request),
-                        service: Some(self.inner.clone()),
-                        replay: self.replay,
+                        pending: Box::new(Pending {
+                            load,
+                            shared: None,
+                            request: Some(request),
+                            service: Some(self.inner.clone()),
+                            replay: self.replay,
+                        }),
                     });
                 }
                 (None, None) => Err(UserAuthError::NotLoggedIn),
@@ -978,22 +981,22 @@ pin_project! {
         // Not for the API: passed through.
         Pass { #[pin] future: S::Future },
         // A user this replica does not know yet, read from the shared store.
-        Loading {
-            load: BoxFuture<'static, Result<Option<Arc<Shared>>, StoreError>>,
-            request: Option<Request<B>>,
-            service: Option<S>,
-            replay: bool,
-        },
-        // Loaded: the service is made ready, then the request goes as for a cached user.
-        Ready {
-            shared: Arc<Shared>,
-            request: Option<Request<B>>,
-            service: Option<S>,
-            replay: bool,
-        },
+        // A user this replica does not know yet, read from the shared store, then the
+        // inner service made ready (boxed: a cached user's future stays small).
+        Loading { pending: Box<Pending<S, B>> },
         // Not sent; the error is taken when polled.
         Refused { error: Option<UserAuthError> },
     }
+}
+
+/// A request for a user being read from the shared store: the load, then her state, the
+/// request, and a clone of the inner service to make ready.
+struct Pending<S, B> {
+    load: BoxFuture<'static, Result<Option<Arc<Shared>>, StoreError>>,
+    shared: Option<Arc<Shared>>,
+    request: Option<Request<B>>,
+    service: Option<S>,
+    replay: bool,
 }
 
 impl<S, B> UserAuthFuture<S, B>
@@ -1028,47 +1031,43 @@ where
                         None => "UserAuthFuture polled after it completed".into(),
                     }))
                 }
-                Projected::Loading {
-                    load,
-                    request,
-                    service,
-                    replay,
-                } => match ready!(load.as_mut().poll(cx)) {
-                    Ok(Some(shared)) => State::Ready {
-                        shared,
-                        request: request.take(),
-                        service: service.take(),
-                        replay: *replay,
-                    },
-                    Ok(None) => State::Refused {
-                        error: Some(UserAuthError::NotLoggedIn),
-                    },
-                    Err(error) => {
-                        state.set(State::Refused { error: None });
-                        return Poll::Ready(Err(AuthError::Store(error).into()));
+                Projected::Loading { pending } => {
+                    let pending = &mut **pending;
+                    if pending.shared.is_none() {
+                        match ready!(pending.load.as_mut().poll(cx)) {
+                            Ok(Some(shared)) => pending.shared = Some(shared),
+                            Ok(None) => {
+                                state.set(State::Refused {
+                                    error: Some(UserAuthError::NotLoggedIn),
+                                });
+                                continue;
+                            }
+                            Err(error) => {
+                                state.set(State::Refused { error: None });
+                                return Poll::Ready(Err(AuthError::Store(error).into()));
+                            }
+                        }
                     }
-                },
-                Projected::Ready {
-                    shared,
-                    request,
-                    service,
-                    replay,
-                } => {
-                    let Some(unready) = service.as_mut() else {
+                    let Some(unready) = pending.service.as_mut() else {
                         return Poll::Ready(Err("UserAuthFuture polled after it completed".into()));
                     };
                     if let Err(e) = ready!(unready.poll_ready(cx)) {
+                        state.set(State::Refused { error: None });
                         return Poll::Ready(Err(e.into()));
                     }
-                    let (Some(mut ready), Some(request)) = (service.take(), request.take()) else {
+                    let (Some(mut ready), Some(request), Some(shared)) = (
+                        pending.service.take(),
+                        pending.request.take(),
+                        pending.shared.take(),
+                    ) else {
                         return Poll::Ready(Err("UserAuthFuture polled after it completed".into()));
                     };
-                    if *replay {
-                        let future = AuthReplayService::with_shared(ready, shared.clone())
+                    if pending.replay {
+                        let future = AuthReplayService::with_shared(ready, shared)
                             .call_checked(request, true);
                         State::Replay { future }
                     } else {
-                        let future = attach(&mut ready, shared, request, true);
+                        let future = attach(&mut ready, &shared, request, true);
                         State::Attach { future }
                     }
                 }
@@ -1085,7 +1084,6 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Loading { .. } => "Loading",
-            State::Ready { .. } => "Ready",
             State::Replay { .. } => "Replay",
             State::Attach { .. } => "Attach",
             State::Pass { .. } => "Pass",
