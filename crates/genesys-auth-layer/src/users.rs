@@ -164,8 +164,10 @@ impl UserCacheConfig {
     }
 
     /// With a shared [`TokenStore`]: how long a refresh waits for the user's lease,
-    /// another replica's new token, or an unreachable store, before it fails (at least
-    /// 100 ms, at most 10 minutes). It never refreshes without the lease.
+    /// another replica's new token, or an unreachable store, before it fails with
+    /// [`AuthError::Store`] (at least 100 ms, at most 10 minutes; kept half a second under
+    /// the cache's fetch timeout, so that callers see the store's error). It never refreshes
+    /// without the lease.
     pub fn store_wait(mut self, wait: Duration) -> Self {
         self.store_wait = wait.clamp(Duration::from_millis(100), Duration::from_secs(600));
         self
