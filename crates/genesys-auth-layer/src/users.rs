@@ -777,7 +777,8 @@ fn loader<S: TokenHttpService>(
         Box::pin(async move {
             let bound = fleet.settings.wait;
             let loaded = tokio::time::timeout(bound, fleet.store.load(&key)).await;
-            let Some(stored) = loaded.map_err(|_| StoreError::LeaseWait(bound))?? else {
+            let timed_out = |_| StoreError::unavailable(format!("no answer within {bound:?}"));
+            let Some(stored) = loaded.map_err(timed_out)?? else {
                 return Ok(None);
             };
             if is_tombstone(&stored) {
