@@ -372,3 +372,50 @@ async fn loading_a_user_holds_no_capacity_below() {
         assert_eq!(got.unwrap(), her);
     }
 }
+
+/// Logout while another replica's refresh is in flight (a slow token endpoint): the
+/// tombstone is written after that refresh's save, under her lease, so the refresh cannot
+/// bring her back; the other replica's next requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_is_not_undone_by_a_refresh_in_flight() {
+    let fake = FakeGenesys::start().await.unwrap();
+    let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+    let a = replica(&fake, store.clone(), UserCacheConfig::new());
+    let b = replica(&fake, store.clone(), UserCacheConfig::new());
+    let her = log_in(&fake, &a, "session-ada").await;
+    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+
+    fake.revoke_all_tokens();
+    fake.set_token_latency(Duration::from_millis(600));
+    let refreshing = tokio::spawn({
+        let (api, client) = (fake.api_uri(), client(&b));
+        async move { FakeGenesysRef(api).name(client, "session-ada").await }
+    });
+    // B's refresh holds the lease and waits for the token endpoint.
+    let key = UserKey::new("session-ada");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(store
+        .try_lease(&key, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_none());
+    a.logout(&key).await.unwrap();
+    let _ = refreshing.await.unwrap();
+    fake.set_token_latency(Duration::ZERO);
+
+    let left = store.load(&key).await.unwrap().expect("an entry");
+    assert!(
+        left.refresh_token().is_none(),
+        "a tombstone, not the refresh's save"
+    );
+    // B's token from that refresh was revoked too (the fleet's newest at logout, or hers);
+    // either way B refuses her now.
+    let mut refused = false;
+    for _ in 0..3 {
+        if name(&fake, client(&b), "session-ada").await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "she stays logged out on B");
+}

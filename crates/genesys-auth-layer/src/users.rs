@@ -36,7 +36,7 @@ use crate::source::{
     BoxFuture, RefreshToken, RefreshTokenSource, TokenHttpService, TokenSource, UserGrant,
     UserTokens,
 };
-use crate::store::{StoreError, StoredTokens, TokenStore};
+use crate::store::{Lease, StoreError, StoredTokens, TokenStore};
 use crate::token::IssuedToken;
 
 /// How long a user's entry stays cached without a request, unless told otherwise.
@@ -582,8 +582,9 @@ impl<S: TokenHttpService> UserTokenCache<S> {
     /// token with `DELETE /api/v2/tokens/me`: the one cached here and, with a shared store,
     /// the fleet's newest if another replica refreshed since (a fresh one first if neither
     /// is valid, so that the revocation is never skipped), and leaves a tombstone in the
-    /// store, which the other replicas find at their next refresh. Returns `false` if no
-    /// user was cached under `key`.
+    /// store, which the other replicas find at their next refresh. With a store, the newest
+    /// token and the tombstone are taken under her lease, after any refresh in flight.
+    /// Returns `false` if no user was cached under `key`.
     ///
     /// Each step is bounded by the cache's fetch timeout. A token the API already refuses
     /// (401) counts as revoked. Errors (the first, after every step was tried): no token
@@ -626,13 +627,27 @@ impl<S: TokenHttpService> UserTokenCache<S> {
             }
         }
         // The other replicas drop her at their next refresh, which finds this tombstone.
+        // It is written under her lease, so that a refresh in flight (which saves before it
+        // lets the lease go) cannot write over it; if the lease does not come in time (its
+        // holder died), it is written anyway.
         if let Some(fleet) = &self.inner.fleet {
+            let lease = take_lease(fleet, key).await;
+            // A refresh that held the lease has saved by now: its token is revoked too.
+            if let Ok(Ok(Some(stored))) = tokio::time::timeout(bound, fleet.store.load(key)).await {
+                let newest = adoptable(&stored).map(|issued| issued.header().clone());
+                if let Some(newest) = newest.filter(|h| !tokens.contains(h)) {
+                    tokens.push(newest);
+                }
+            }
             let dead = tombstone();
             let gone = fleet.store.save(key, &dead, fleet.settings.entry_ttl);
             match tokio::time::timeout(bound, gone).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed = failed.or(Some(AuthError::Store(e))),
                 Err(_) => failed = failed.or(Some(AuthError::Timeout(bound))),
+            }
+            if let Some(lease) = lease {
+                let _ = tokio::time::timeout(bound, fleet.store.release(key, &lease)).await;
             }
         }
         for token in tokens {
@@ -751,6 +766,25 @@ impl<S: TokenHttpService> UserTokenCache<S> {
             evicted: self.inner.evicted.load(Ordering::Relaxed),
             refused: self.inner.shared.refused.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// `key`'s lease, waiting for it (polling) up to the fleet's wait; `None` if it did not come.
+async fn take_lease<S>(fleet: &Fleet<S>, key: &UserKey) -> Option<Lease> {
+    let settings = &fleet.settings;
+    let deadline = Instant::now() + settings.wait;
+    loop {
+        let attempt = tokio::time::timeout(
+            settings.wait,
+            fleet.store.try_lease(key, settings.lease_ttl),
+        );
+        if let Ok(Ok(Some(lease))) = attempt.await {
+            return Some(lease);
+        }
+        if Instant::now() + settings.poll > deadline {
+            return None;
+        }
+        tokio::time::sleep(settings.poll).await;
     }
 }
 
