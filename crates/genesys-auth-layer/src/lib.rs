@@ -43,6 +43,7 @@
 //! | [`ApiRetry`] | a `tower::retry::Policy`: wait out 429s (`Retry-After`) and 502/503/504s, within a time and a retry budget; outside the auth layers |
 //! | [`ReplayableBody`], [`BufferedBody`] | which request bodies can be replayed; a streaming body made replayable |
 //! | [`UserTokenCache`], [`UserAuthLayer`] | one token per logged-in user (authorization code or PKCE, refreshed with the user's refresh token), picked by the request's [`UserKey`] |
+//! | [`TokenStore`], [`MemoryStore`], `RedisStore` (feature `redis`) | users' tokens shared by a fleet of replicas, one refresh at a time fleet-wide ([`UserTokenCache::with_store`]) |
 //! | [`GenesysAuth`] | all of the above, built in a few lines |
 //! | `AuthMiddleware` (feature `reqwest`) | the same for a `reqwest` client, as a `reqwest_middleware::Middleware` |
 //!
@@ -136,7 +137,7 @@ pub use store::{Lease, MemoryStore, StoreError, StoredTokens, TokenStore};
 pub use token::{IssuedToken, Token, TokenGeneration};
 pub use users::{
     UserAuthError, UserAuthFuture, UserAuthLayer, UserAuthService, UserCacheConfig, UserCacheStats,
-    UserKey, UserTokenCache, DEFAULT_USER_IDLE_TIMEOUT,
+    UserKey, UserTokenCache, DEFAULT_STORE_TTL, DEFAULT_STORE_WAIT, DEFAULT_USER_IDLE_TIMEOUT,
 };
 
 /// The README's code blocks, compiled as doc tests.
