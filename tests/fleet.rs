@@ -15,10 +15,10 @@ use genesys_auth_layer::{
 };
 use genesys_fake::FakeGenesys;
 use http::Request;
-use http_body_util::{BodyExt, Full};
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use http_body_util::Full;
+use tower::{BoxError, ServiceBuilder};
 
-use common::{base, h2_client, log_in_user, user_grant, HttpClient};
+use common::{h2_client, log_in_user, user_grant, user_name, HttpClient};
 
 fn replica(
     fake: &FakeGenesys,
@@ -51,22 +51,6 @@ fn client(replica: &UserTokenCache<HttpClient>) -> Client {
     )
 }
 
-/// `GET /api/v2/users/me` for `key`: the name, or the error.
-async fn name(fake: &FakeGenesys, client: Client, key: &str) -> Result<String, BoxError> {
-    let mut request = Request::get(format!("{}/api/v2/users/me", base(&fake.api_uri())))
-        .body(Full::default())
-        .unwrap();
-    request.extensions_mut().insert(UserKey::new(key));
-    let response = client.oneshot(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if status != 200 {
-        return Err(format!("HTTP {status}").into());
-    }
-    let me: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok(me["name"].as_str().unwrap_or_default().to_owned())
-}
-
 /// She logs in on one replica; the other three find her in the store. After her token is
 /// revoked, 4 replicas × 250 concurrent requests cost exactly one refresh fleet-wide, and
 /// no replica ever sends a superseded refresh token (the fake rotates them).
@@ -80,7 +64,9 @@ async fn four_replicas_refresh_a_user_once() {
     let her = log_in(&fake, &replicas[0], "session-ada").await;
     for replica in &replicas {
         assert_eq!(
-            name(&fake, client(replica), "session-ada").await.unwrap(),
+            user_name(&fake.api_uri(), client(replica), "session-ada")
+                .await
+                .unwrap(),
             her
         );
     }
@@ -91,10 +77,9 @@ async fn four_replicas_refresh_a_user_once() {
     for replica in &replicas {
         let client = client(replica);
         for _ in 0..250 {
-            let (fake_api, client) = (fake.api_uri(), client.clone());
-            let fake = FakeGenesysRef(fake_api);
+            let (api, client) = (fake.api_uri(), client.clone());
             tasks.push(tokio::spawn(async move {
-                fake.name(client, "session-ada").await
+                user_name(&api, client, "session-ada").await
             }));
         }
     }
@@ -108,33 +93,14 @@ async fn four_replicas_refresh_a_user_once() {
     fake.revoke_all_tokens();
     for replica in replicas.iter().rev() {
         assert_eq!(
-            name(&fake, client(replica), "session-ada").await.unwrap(),
+            user_name(&fake.api_uri(), client(replica), "session-ada")
+                .await
+                .unwrap(),
             her
         );
     }
     assert_eq!(fake.refreshes(), 2);
     assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
-}
-
-/// The API base of a fake, to move into tasks.
-#[derive(Clone)]
-struct FakeGenesysRef(http::Uri);
-
-impl FakeGenesysRef {
-    async fn name(&self, client: Client, key: &str) -> Result<String, BoxError> {
-        let mut request = Request::get(format!("{}/api/v2/users/me", base(&self.0)))
-            .body(Full::default())
-            .unwrap();
-        request.extensions_mut().insert(UserKey::new(key));
-        let response = client.oneshot(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        if status != 200 {
-            return Err(format!("HTTP {status}").into());
-        }
-        let me: serde_json::Value = serde_json::from_slice(&body)?;
-        Ok(me["name"].as_str().unwrap_or_default().to_owned())
-    }
 }
 
 /// Logout on one replica removes her from the store: another replica that still caches her
@@ -146,13 +112,20 @@ async fn logout_on_one_replica_logs_her_out_everywhere() {
     let a = replica(&fake, store.clone(), UserCacheConfig::new());
     let b = replica(&fake, store.clone(), UserCacheConfig::new());
     let her = log_in(&fake, &a, "session-ada").await;
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
 
     assert!(a.logout(&UserKey::new("session-ada")).await.unwrap());
     let key = UserKey::new("session-ada");
     let left = store.load(&key).await.unwrap().expect("a tombstone");
     assert!(left.refresh_token().is_none() && left.access_token().is_empty());
-    let err = name(&fake, client(&b), "session-ada").await.unwrap_err();
+    let err = user_name(&fake.api_uri(), client(&b), "session-ada")
+        .await
+        .unwrap_err();
     let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
     assert_eq!(
         auth.oauth_code(),
@@ -240,20 +213,29 @@ async fn with_the_store_down_tokens_serve_and_no_refresh_runs_blind() {
     let a = replica(&fake, store.clone(), config.clone());
     let b = replica(&fake, store.clone(), config);
     let her = log_in(&fake, &a, "session-ada").await;
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
 
     switch.down.store(true, Ordering::SeqCst);
     for replica in [&a, &b] {
         for _ in 0..20 {
             assert_eq!(
-                name(&fake, client(replica), "session-ada").await.unwrap(),
+                user_name(&fake.api_uri(), client(replica), "session-ada")
+                    .await
+                    .unwrap(),
                 her
             );
         }
     }
     fake.revoke_all_tokens();
     let before = fake.token_requests();
-    let err = name(&fake, client(&a), "session-ada").await.unwrap_err();
+    let err = user_name(&fake.api_uri(), client(&a), "session-ada")
+        .await
+        .unwrap_err();
     let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
     let cause = std::error::Error::source(auth).expect("the store's error");
     assert!(
@@ -271,7 +253,10 @@ async fn with_the_store_down_tokens_serve_and_no_refresh_runs_blind() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut ok = false;
     for _ in 0..40 {
-        if name(&fake, client(&a), "session-ada").await.is_ok() {
+        if user_name(&fake.api_uri(), client(&a), "session-ada")
+            .await
+            .is_ok()
+        {
             ok = true;
             break;
         }
@@ -279,7 +264,12 @@ async fn with_the_store_down_tokens_serve_and_no_refresh_runs_blind() {
     }
     assert!(ok, "the fleet recovered once the store was back");
     assert_eq!(fake.refreshes(), 1);
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
     assert_eq!(fake.refreshes(), 1, "the other replica adopted it");
     assert_eq!(fake.superseded_refresh_tokens_seen(), 0);
 }
@@ -301,7 +291,12 @@ async fn a_dead_holders_lease_expires() {
     assert!(dead.is_some(), "the dead replica's lease");
 
     let started = std::time::Instant::now();
-    assert_eq!(name(&fake, client(&a), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&a), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(400),
         "waited for the lease"
@@ -318,10 +313,20 @@ async fn logout_revokes_the_fleets_newest_token_too() {
     let a = replica(&fake, store.clone(), UserCacheConfig::new());
     let b = replica(&fake, store.clone(), UserCacheConfig::new());
     let her = log_in(&fake, &a, "session-ada").await;
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
     // B refreshes (its token revoked behind its back); A still caches the old one.
     fake.revoke_all_tokens();
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
     let key = UserKey::new("session-ada");
     let newest = b.token_cache(&key).unwrap().current().unwrap();
     let newest = newest
@@ -337,7 +342,9 @@ async fn logout_revokes_the_fleets_newest_token_too() {
         !fake.token_is_valid(&newest),
         "the fleet's newest token was revoked too"
     );
-    let err = name(&fake, client(&b), "session-ada").await.unwrap_err();
+    let err = user_name(&fake.api_uri(), client(&b), "session-ada")
+        .await
+        .unwrap_err();
     let auth = err.downcast_ref::<AuthError>().expect("an AuthError");
     assert_eq!(
         auth.oauth_code(),
@@ -365,7 +372,7 @@ async fn loading_a_user_holds_no_capacity_below() {
     for _ in 0..3 {
         let got = tokio::time::timeout(
             Duration::from_secs(20),
-            name(&fake, limited.clone(), "session-ada"),
+            user_name(&fake.api_uri(), limited.clone(), "session-ada"),
         )
         .await
         .expect("no hang");
@@ -383,17 +390,31 @@ async fn a_logout_is_not_undone_by_a_refresh_in_flight() {
     let a = replica(&fake, store.clone(), UserCacheConfig::new());
     let b = replica(&fake, store.clone(), UserCacheConfig::new());
     let her = log_in(&fake, &a, "session-ada").await;
-    assert_eq!(name(&fake, client(&b), "session-ada").await.unwrap(), her);
+    assert_eq!(
+        user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .unwrap(),
+        her
+    );
 
     fake.revoke_all_tokens();
-    fake.set_token_latency(Duration::from_millis(600));
+    fake.set_token_latency(Duration::from_secs(2));
+    let sent = fake.token_requests();
     let refreshing = tokio::spawn({
         let (api, client) = (fake.api_uri(), client(&b));
-        async move { FakeGenesysRef(api).name(client, "session-ada").await }
+        async move { user_name(&api, client, "session-ada").await }
     });
-    // B's refresh holds the lease and waits for the token endpoint.
+    // B's refresh holds the lease and waits for the token endpoint (which counts a request
+    // when it arrives, then waits its latency).
     let key = UserKey::new("session-ada");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fake.token_requests() == sent {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's refresh never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(store
         .try_lease(&key, Duration::from_secs(1))
         .await
@@ -412,7 +433,10 @@ async fn a_logout_is_not_undone_by_a_refresh_in_flight() {
     // either way B refuses her now.
     let mut refused = false;
     for _ in 0..3 {
-        if name(&fake, client(&b), "session-ada").await.is_err() {
+        if user_name(&fake.api_uri(), client(&b), "session-ada")
+            .await
+            .is_err()
+        {
             refused = true;
             break;
         }

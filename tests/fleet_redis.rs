@@ -20,11 +20,11 @@ use genesys_auth_layer::{
 };
 use genesys_fake::FakeGenesys;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use redis_server::RedisServer;
-use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower::{BoxError, ServiceBuilder};
 
-use common::{base, h2_client, log_in_user, user_grant, HttpClient};
+use common::{h2_client, log_in_user, user_grant, user_name, HttpClient};
 
 const KEY: &str = "session-ada-4f9c1e";
 
@@ -67,19 +67,9 @@ async fn log_in(fake: &FakeGenesys, replica: &UserTokenCache<HttpClient>) -> (St
     (user.id, user.name)
 }
 
-async fn name(api: http::Uri, client: Client) -> Result<String, BoxError> {
-    let mut request = Request::get(format!("{}/api/v2/users/me", base(&api)))
-        .body(Full::default())
-        .unwrap();
-    request.extensions_mut().insert(UserKey::new(KEY));
-    let response = client.oneshot(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if status != 200 {
-        return Err(format!("HTTP {status}").into());
-    }
-    let me: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok(me["name"].as_str().unwrap_or_default().to_owned())
+/// Her name from `GET /api/v2/users/me` through `client` (owned arguments: spawned).
+async fn her_name(api: http::Uri, client: Client) -> Result<String, BoxError> {
+    user_name(&api, client, KEY).await
 }
 
 /// Every key and value in Redis, as text.
@@ -118,7 +108,10 @@ async fn four_replicas_over_redis_refresh_a_user_once() {
     }
     let (user_id, her) = log_in(&fake, &replicas[0]).await;
     for replica in &replicas {
-        assert_eq!(name(fake.api_uri(), client(replica)).await.unwrap(), her);
+        assert_eq!(
+            her_name(fake.api_uri(), client(replica)).await.unwrap(),
+            her
+        );
     }
 
     fake.revoke_all_tokens();
@@ -126,7 +119,7 @@ async fn four_replicas_over_redis_refresh_a_user_once() {
     for replica in &replicas {
         let client = client(replica);
         for _ in 0..250 {
-            tasks.push(tokio::spawn(name(fake.api_uri(), client.clone())));
+            tasks.push(tokio::spawn(her_name(fake.api_uri(), client.clone())));
         }
     }
     for task in tasks {
@@ -183,7 +176,7 @@ async fn redis_killed_under_load_fails_no_request_and_the_fleet_resumes() {
     let (_, her) = log_in(&fake, &replicas[0]).await;
     let clients: Vec<Client> = replicas.iter().map(client).collect();
     for client in &clients {
-        assert_eq!(name(fake.api_uri(), client.clone()).await.unwrap(), her);
+        assert_eq!(her_name(fake.api_uri(), client.clone()).await.unwrap(), her);
     }
 
     // Load on every replica while Redis dies.
@@ -201,7 +194,7 @@ async fn redis_killed_under_load_fails_no_request_and_the_fleet_resumes() {
             );
             load.push(tokio::spawn(async move {
                 while !stop.load(Ordering::SeqCst) {
-                    let got = name(api.clone(), client.clone()).await;
+                    let got = her_name(api.clone(), client.clone()).await;
                     assert_eq!(got.unwrap(), her, "a request failed with Redis down");
                     done.fetch_add(1, Ordering::SeqCst);
                 }
@@ -234,7 +227,7 @@ async fn redis_killed_under_load_fails_no_request_and_the_fleet_resumes() {
     // cache's backoff then passes, and the next request refreshes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match name(fake.api_uri(), clients[1].clone()).await {
+        match her_name(fake.api_uri(), clients[1].clone()).await {
             Ok(got) => {
                 assert_eq!(got, her);
                 break;
@@ -249,7 +242,7 @@ async fn redis_killed_under_load_fails_no_request_and_the_fleet_resumes() {
     let mut tasks = Vec::new();
     for client in &clients {
         for _ in 0..50 {
-            tasks.push(tokio::spawn(name(fake.api_uri(), client.clone())));
+            tasks.push(tokio::spawn(her_name(fake.api_uri(), client.clone())));
         }
     }
     for task in tasks {

@@ -13,10 +13,10 @@ use genesys_auth_layer::{
 };
 use genesys_fake::{FakeGenesys, FakeUser};
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
-use common::{base, h2_client, log_in_user, user_grant, HttpClient};
+use common::{base, h2_client, log_in_user, user_grant, users_me, HttpClient};
 
 fn users(fake: &FakeGenesys) -> UserTokenCache<HttpClient> {
     UserTokenCache::new(user_grant(fake), fake.api_uri(), UserCacheConfig::new()).unwrap()
@@ -37,25 +37,6 @@ fn me(fake: &FakeGenesys, key: Option<&str>) -> Request<Full<bytes::Bytes>> {
         request.extensions_mut().insert(UserKey::new(key));
     }
     request
-}
-
-/// The name `GET /api/v2/users/me` answered, or the error.
-async fn name<S>(client: S, request: Request<Full<bytes::Bytes>>) -> Result<String, BoxError>
-where
-    S: Service<
-        Request<Full<bytes::Bytes>>,
-        Response = http::Response<hyper::body::Incoming>,
-        Error = BoxError,
-    >,
-{
-    let response = client.oneshot(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if status != 200 {
-        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)).into());
-    }
-    let me: serde_json::Value = serde_json::from_slice(&body)?;
-    Ok(me["name"].as_str().unwrap_or_default().to_owned())
 }
 
 fn client(
@@ -84,8 +65,8 @@ async fn each_request_carries_its_users_token() {
     let client = client(&users);
 
     let (a, g) = tokio::join!(
-        name(client.clone(), me(&fake, Some("session-ada"))),
-        name(client.clone(), me(&fake, Some("session-grace"))),
+        users_me(client.clone(), me(&fake, Some("session-ada"))),
+        users_me(client.clone(), me(&fake, Some("session-grace"))),
     );
     assert_eq!(a.unwrap(), ada.name);
     assert_eq!(g.unwrap(), grace.name);
@@ -104,12 +85,12 @@ async fn a_request_without_its_user_is_not_sent() {
     let client = client(&users);
     let before = fake.api_requests();
 
-    let err = name(client.clone(), me(&fake, None)).await.unwrap_err();
+    let err = users_me(client.clone(), me(&fake, None)).await.unwrap_err();
     assert_eq!(
         err.downcast_ref::<UserAuthError>(),
         Some(&UserAuthError::MissingKey)
     );
-    let err = name(client.clone(), me(&fake, Some("session-eve")))
+    let err = users_me(client.clone(), me(&fake, Some("session-eve")))
         .await
         .unwrap_err();
     assert_eq!(
@@ -138,7 +119,7 @@ async fn a_thousand_401s_for_one_user_cost_one_refresh() {
     log_in(&fake, &users, &ada.id, "session-ada").await;
     let client = client(&users);
     assert_eq!(
-        name(client.clone(), me(&fake, Some("session-ada")))
+        users_me(client.clone(), me(&fake, Some("session-ada")))
             .await
             .unwrap(),
         ada.name
@@ -146,7 +127,7 @@ async fn a_thousand_401s_for_one_user_cost_one_refresh() {
 
     fake.revoke_all_tokens();
     let tasks: Vec<_> = (0..1_000)
-        .map(|_| tokio::spawn(name(client.clone(), me(&fake, Some("session-ada")))))
+        .map(|_| tokio::spawn(users_me(client.clone(), me(&fake, Some("session-ada")))))
         .collect();
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap(), ada.name);
@@ -186,7 +167,7 @@ async fn a_hundred_users_storm_costs_one_refresh_each() {
             let expected = person.name.clone();
             let client = client.clone();
             tasks.push(tokio::spawn(async move {
-                (expected, name(client, request).await)
+                (expected, users_me(client, request).await)
             }));
         }
     }
@@ -232,7 +213,7 @@ async fn logout_removes_the_user_and_revokes_her_token() {
     assert!(users.logout(&UserKey::new("session-ada")).await.unwrap());
     assert!(!fake.token_is_valid(&bearer), "revoked at Genesys");
     assert!(!users.contains(&UserKey::new("session-ada")));
-    let err = name(client(&users), me(&fake, Some("session-ada")))
+    let err = users_me(client(&users), me(&fake, Some("session-ada")))
         .await
         .unwrap_err();
     assert_eq!(
@@ -319,7 +300,7 @@ async fn a_kept_refresh_token_restores_the_user() {
     let client = client(&users);
     fake.revoke_all_tokens();
     assert_eq!(
-        name(client.clone(), me(&fake, Some("session-ada")))
+        users_me(client.clone(), me(&fake, Some("session-ada")))
             .await
             .unwrap(),
         ada.name
@@ -339,7 +320,9 @@ async fn a_kept_refresh_token_restores_the_user() {
         .unwrap();
     let client = self::client(&restored);
     assert_eq!(
-        name(client, me(&fake, Some("session-ada"))).await.unwrap(),
+        users_me(client, me(&fake, Some("session-ada")))
+            .await
+            .unwrap(),
         ada.name
     );
     assert_eq!(fake.refreshes(), 2);
@@ -359,7 +342,7 @@ async fn a_refused_refresh_token_is_a_typed_error() {
     let before = fake.token_requests();
 
     for _ in 0..3 {
-        let err = name(client.clone(), me(&fake, Some("session-ada")))
+        let err = users_me(client.clone(), me(&fake, Some("session-ada")))
             .await
             .unwrap_err();
         let auth = err
@@ -391,7 +374,7 @@ async fn logout_revokes_even_after_the_token_was_withdrawn() {
     // Her token is revoked behind the cache's back and a request sees the 401 and refreshes.
     fake.revoke_all_tokens();
     assert_eq!(
-        name(client(&users), me(&fake, Some("session-ada")))
+        users_me(client(&users), me(&fake, Some("session-ada")))
             .await
             .unwrap(),
         ada.name

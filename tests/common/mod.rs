@@ -370,3 +370,33 @@ pub async fn log_in_user(fake: &FakeGenesys, user_id: &str) -> genesys_auth_laye
         .await
         .expect("code exchange")
 }
+
+/// The name `GET /api/v2/users/me` answered to `request`, or the error (a status other than
+/// 200 included, with the body).
+pub async fn users_me<S>(client: S, request: Request<Full<Bytes>>) -> Result<String, BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<hyper::body::Incoming>, Error = BoxError>,
+{
+    let response = client.oneshot(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if status != 200 {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)).into());
+    }
+    let me: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(me["name"].as_str().unwrap_or_default().to_owned())
+}
+
+/// [`users_me`] for the user under `key` (a `UserKey` extension), on the API at `api`.
+pub async fn user_name<S>(api: &http::Uri, client: S, key: &str) -> Result<String, BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<hyper::body::Incoming>, Error = BoxError>,
+{
+    let mut request = Request::get(format!("{}/api/v2/users/me", base(api)))
+        .body(Full::default())
+        .expect("request");
+    request
+        .extensions_mut()
+        .insert(genesys_auth_layer::UserKey::new(key));
+    users_me(client, request).await
+}
